@@ -1,0 +1,38 @@
+# Two entry points: `make demo` (the main flow on the bundled sample) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+# No network here but the package registries: no telemetry attempts.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install tiny-model demo test test-quick sample clean
+
+install: $(VENV)/.installed
+
+# One pip call resolves everything (a second one that moves prefect breaks vLLM's pins).
+# PyPI's torchvision, torchaudio and torchcodec are built against another torch and break
+# `import transformers` / `import vllm` beside the CPU build; text models need none of them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -e '.[cpu,dev]'
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+tiny-model: install
+	$(BIN)/python scripts/build_tiny_model.py
+
+demo: tiny-model
+	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/python -m flows.batch_inference
+
+test: tiny-model
+	$(BIN)/python -m pytest
+
+test-quick: tiny-model
+	$(BIN)/python -m pytest -m "not slow"
+
+sample: install
+	$(BIN)/python datasets/sample/make_sample.py
+
+clean:
+	rm -rf results .cache

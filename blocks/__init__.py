@@ -1,0 +1,1 @@
+"""Prefect Block classes: configuration and secrets only, no workflow logic."""

@@ -1,0 +1,1 @@
+"""Prefect flows: one flow per file; a flow body only calls tasks."""

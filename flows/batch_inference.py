@@ -1,0 +1,94 @@
+"""batch_inference: a dataset of prompts in, one versioned, scored output per unique request in DuckDB.
+
+    python -m flows.batch_inference                       # the bundled sample on the tiny CPU model
+    python -m flows.batch_inference --spec my/spec.yaml --model /models/llama --max-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime, timezone
+
+from prefect import flow, task
+from prefect.futures import wait
+from prefect.runtime import flow_run
+
+from tasks import files
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+from tasks.infer import fingerprint_model, generate_shard, result_storage
+from tasks.prepare import write_requests, write_shards
+from tasks.report import RunSummary, format_summary, publish_summary, summarize_run
+from tasks.score import DEFAULT_SCORERS, write_scores
+from tasks.store import commit_results
+
+SAMPLE_DATASET = DatasetSpec(
+    name="sample",
+    source="datasets/sample/prompts.parquet",
+    id_column="id",
+    prompt_column="prompt",
+    system_prompt="You are a helpful assistant.",
+)
+TINY_CPU_MODEL = ModelConfig(model=".cache/models/tiny-llama", max_model_len=1024, gpu_memory_utilization=0.15)
+
+
+@task(name="remove-work-files")
+def remove_work_files(work_dir: str) -> None:
+    files.remove_tree(work_dir)
+
+
+@flow(name="batch-inference", log_prints=True)
+def batch_inference(
+    dataset: DatasetSpec = SAMPLE_DATASET,
+    model: ModelConfig = TINY_CPU_MODEL,
+    sampling: SamplingConfig = SamplingConfig(),
+    sharding: ShardingConfig = ShardingConfig(),
+    store: StoreConfig = StoreConfig(),
+    scorers: list[str] = DEFAULT_SCORERS,
+) -> RunSummary:
+    started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
+    work_dir = files.join(store.storage, "work", run_id)
+
+    request_set = write_requests(dataset, model.mode, work_dir)
+    shards = write_shards(request_set, sharding.shard_size, store.storage)
+    fingerprint = fingerprint_model(model)
+
+    generate = generate_shard.with_options(result_storage=result_storage(store.storage))
+    futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
+    wait(futures)
+    outputs = [future.result() for future in futures]
+    cached = [future.state.name == "Cached" for future in futures]
+
+    score_files = write_scores(outputs, scorers, store.storage)
+    summary = summarize_run(
+        run_id, dataset.name, model.model, fingerprint, request_set, outputs, cached,
+        time.perf_counter() - started, store.duckdb_path,
+    )  # fmt: skip
+    commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
+    publish_summary(summary)
+    remove_work_files(work_dir)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", help="dataset spec YAML (default: the bundled sample)")
+    parser.add_argument("--model", default=TINY_CPU_MODEL.model, help="local model folder")
+    parser.add_argument("--max-tokens", type=int, default=SamplingConfig().max_tokens)
+    parser.add_argument("--shard-size", type=int, default=ShardingConfig().shard_size)
+    parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
+    args = parser.parse_args()
+
+    summary = batch_inference(
+        dataset=DatasetSpec.from_yaml(args.spec) if args.spec else SAMPLE_DATASET,
+        model=TINY_CPU_MODEL.model_copy(update={"model": args.model}),
+        sampling=SamplingConfig(max_tokens=args.max_tokens),
+        sharding=ShardingConfig(shard_size=args.shard_size),
+        store=StoreConfig(duckdb_path=args.duckdb),
+    )
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Infer: one cached task per shard; the cache key is the content of the work, never the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import task
+from pydantic import BaseModel
+
+from tasks import files
+from tasks.config import ModelConfig, SamplingConfig, SpecError
+from tasks.engine import generate_with_engine, model_fingerprint, sampling_hash
+from tasks.render import content_hash
+from tasks.shard import Shard
+
+
+class ShardOutput(BaseModel):
+    shard_key: str
+    output_key: str
+    path: str
+    requests: int
+    outputs: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    generate_seconds: float
+
+    @property
+    def engine_requests(self) -> int:
+        """Requests that reached the engine (the rest failed their checks before it)."""
+        return self.requests - self.errors
+
+
+def output_key(shard_key: str, model_fingerprint: str, sampling: SamplingConfig) -> str:
+    """What a shard's outputs depend on: its requests, the model as loaded, the sampling."""
+    return content_hash(
+        {"task": "generate-shard", "shard": shard_key, "model": model_fingerprint, "sampling": sampling_hash(sampling)}
+    )
+
+
+def shard_cache_key(_context, parameters: dict) -> str:
+    return output_key(parameters["shard"].shard_key, parameters["model_fingerprint"], parameters["sampling"])
+
+
+def summarize_outputs(shard: Shard, key: str, path: str, outputs: pa.Table, seconds: float) -> ShardOutput:
+    ok = outputs.filter(pc.is_null(outputs["error_code"]))
+    return ShardOutput(
+        shard_key=shard.shard_key,
+        output_key=key,
+        path=path,
+        requests=shard.requests,
+        outputs=outputs.num_rows,
+        errors=outputs.num_rows - ok.num_rows,
+        prompt_tokens=pc.sum(ok["prompt_tokens"]).as_py() or 0,
+        completion_tokens=pc.sum(ok["completion_tokens"]).as_py() or 0,
+        generate_seconds=seconds,
+    )
+
+
+@task(
+    name="generate-shard",
+    cache_key_fn=shard_cache_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[10, 60],
+)
+def generate_shard(
+    shard: Shard, model: ModelConfig, sampling: SamplingConfig, model_fingerprint: str, storage: str
+) -> ShardOutput:
+    key = output_key(shard.shard_key, model_fingerprint, sampling)
+    outputs, seconds = generate_with_engine(model, files.read_parquet(shard.path), sampling)
+    outputs = outputs.append_column("shard_key", pa.array([shard.shard_key] * outputs.num_rows, pa.string()))
+    outputs = outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))
+    path = files.join(storage, "outputs", f"{key}.parquet")
+    files.write_parquet(outputs, path)
+    return summarize_outputs(shard, key, path, outputs, seconds)
+
+
+def check_model(model: ModelConfig) -> None:
+    """A local model folder that is not there is a configuration mistake: say so before any work."""
+    looks_local = model.model.startswith((".", "/", "~")) or Path(model.model).exists()
+    if looks_local and not (Path(model.model).expanduser() / "config.json").is_file():
+        raise SpecError(
+            f"model {model.model}: no model folder with a config.json there "
+            "(for the bundled tiny model run `make tiny-model`)"
+        )
+
+
+@task(name="fingerprint-model")
+def fingerprint_model(model: ModelConfig) -> str:
+    check_model(model)
+    return model_fingerprint(model)
+
+
+def result_storage(storage: str) -> Path:
+    """Where Prefect persists shard results (the cache records), next to the shard files."""
+    if "://" in storage:
+        raise SpecError(f"storage {storage}: only a local folder is supported in this version")
+    return Path(storage, "prefect-results").resolve()

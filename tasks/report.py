@@ -1,0 +1,139 @@
+"""Report: the run summary, as a pydantic record, a Prefect table artifact and a terminal table."""
+
+from __future__ import annotations
+
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from tasks.infer import ShardOutput
+from tasks.prepare import RequestSet
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    dataset_name: str
+    dataset_version: str
+    model: str
+    model_fingerprint: str
+    rows_read: int
+    rejected: int
+    requests: int
+    unique_requests: int
+    duplicates: int
+    shards: int
+    cached_shards: int
+    engine_requests: int
+    outputs: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    generated_tokens: int  # completion tokens computed by this run (not from cache)
+    tokens_per_second: float  # generated tokens per second of the run's wall time
+    wall_seconds: float
+    duckdb_path: str
+
+
+def summarize_run(
+    run_id: str,
+    dataset_name: str,
+    model: str,
+    model_fingerprint: str,
+    request_set: RequestSet,
+    outputs: list[ShardOutput],
+    cached: list[bool],
+    wall_seconds: float,
+    duckdb_path: str,
+) -> RunSummary:
+    computed = [output for output, was_cached in zip(outputs, cached) if not was_cached]
+    generated = sum(output.completion_tokens for output in computed)
+    return RunSummary(
+        run_id=run_id,
+        dataset_name=dataset_name,
+        dataset_version=request_set.dataset_version,
+        model=model,
+        model_fingerprint=model_fingerprint,
+        rows_read=request_set.rows_read,
+        rejected=request_set.rejected,
+        requests=request_set.requests,
+        unique_requests=request_set.unique_requests,
+        duplicates=request_set.duplicates,
+        shards=len(outputs),
+        cached_shards=sum(cached),
+        engine_requests=sum(output.engine_requests for output in computed),
+        outputs=sum(output.outputs for output in outputs),
+        errors=sum(output.errors for output in outputs),
+        prompt_tokens=sum(output.prompt_tokens for output in outputs),
+        completion_tokens=sum(output.completion_tokens for output in outputs),
+        generated_tokens=generated,
+        tokens_per_second=generated / wall_seconds if wall_seconds > 0 else 0.0,
+        wall_seconds=wall_seconds,
+        duckdb_path=duckdb_path,
+    )
+
+
+SUMMARY_LABELS = {
+    "requests": "requests",
+    "unique_requests": "unique requests",
+    "duplicates": "duplicates",
+    "rejected": "rejected rows",
+    "shards": "shards",
+    "cached_shards": "cached shards",
+    "engine_requests": "requests sent to the engine",
+    "outputs": "outputs",
+    "errors": "errors",
+    "prompt_tokens": "prompt tokens",
+    "completion_tokens": "completion tokens",
+    "tokens_per_second": "generated tokens/s",
+    "wall_seconds": "wall time (s)",
+}
+
+
+def summary_rows(summary: RunSummary) -> list[dict]:
+    values = summary.model_dump()
+    return [
+        {"metric": label, "value": round(values[field], 1) if isinstance(values[field], float) else values[field]}
+        for field, label in SUMMARY_LABELS.items()
+    ]
+
+
+def format_summary(summary: RunSummary) -> str:
+    width = max(len(label) for label in SUMMARY_LABELS.values())
+    lines = [f"run {summary.run_id} — {summary.dataset_name} ({summary.dataset_version[:12]}) on {summary.model}"]
+    lines += [f"  {row['metric']:<{width}}  {row['value']}" for row in summary_rows(summary)]
+    lines += [
+        "",
+        "Try next:",
+        f"  .venv/bin/python scripts/sql.py --db {summary.duckdb_path} \"SELECT custom_id, finish_reason, "
+        f"completion_tokens, left(text, 40) AS text FROM run_outputs WHERE run_id = '{summary.run_id}' LIMIT 10\"",
+    ]
+    return "\n".join(lines)
+
+
+@task(name="publish-summary")
+def publish_summary(summary: RunSummary) -> None:
+    create_table_artifact(
+        key="batch-inference-summary",
+        table=summary_rows(summary),
+        description=f"Run {summary.run_id} of {summary.dataset_name} on {summary.model}",
+    )
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = metadata.version("vllm-batch-flows")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return f"{version}+{commit}" if commit else version

@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from flows.batch_inference import batch_inference
+from tasks import engine as engine_module
+from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, SpecError, StoreConfig
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
+TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores", "schema_migrations"]
+
+
+@pytest.fixture
+def sample_slice(tmp_path) -> DatasetSpec:
+    """The first 400 rows of the bundled sample: duplicates, null and empty prompts included."""
+    path = tmp_path / "slice.parquet"
+    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 400), path)
+    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt", system_prompt="Be brief.")
+
+
+@pytest.fixture
+def store(tmp_path) -> StoreConfig:
+    return StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"), storage=str(tmp_path / "storage"))
+
+
+def run(dataset, model, store):
+    return batch_inference(
+        dataset=dataset,
+        model=model,
+        sampling=SamplingConfig(max_tokens=8),
+        sharding=ShardingConfig(shard_size=64),
+        store=store,
+    )
+
+
+def snapshot(path) -> dict:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall())) for t in TABLES}
+
+
+def query(store, sql, params=()):
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        return con.execute(sql, list(params)).fetchall()
+
+
+def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
+    prefect_harness, tiny_model, sample_slice, store
+):
+    source = pq.read_table(sample_slice.source).to_pylist()
+    blank = sum(1 for row in source if not (row["prompt"] or "").strip())
+    distinct = len({row["prompt"] for row in source if (row["prompt"] or "").strip()})
+
+    first = run(sample_slice, tiny_model, store)
+
+    assert (first.rows_read, first.rejected, first.requests) == (400, blank, 400 - blank)
+    assert first.unique_requests == distinct and first.duplicates == first.requests - distinct > 0
+    assert first.shards == -(-distinct // 64) and first.cached_shards == 0
+    assert first.engine_requests == distinct == first.outputs and first.errors == 0
+    # one output per unique request, each tied to its canonical custom_id
+    assert query(store, "SELECT count(*), count(DISTINCT request_key) FROM outputs") == [(distinct, distinct)]
+    assert query(
+        store,
+        "SELECT count(*) FROM outputs o JOIN requests q USING (request_key, custom_id) WHERE q.duplicate_of IS NULL",
+    ) == [(distinct,)]
+    # every duplicate points at a canonical request with the same content
+    assert query(
+        store,
+        """SELECT count(*) FROM requests d JOIN requests c
+           ON c.dataset_version = d.dataset_version AND c.custom_id = d.duplicate_of
+           WHERE c.request_key = d.request_key AND c.duplicate_of IS NULL""",
+    ) == [(first.duplicates,)]
+    assert query(store, "SELECT count(*) FROM rejected_rows WHERE field = 'prompt'") == [(blank,)]
+    # counts on the run row match the rows
+    (run_row,) = query(store, "SELECT outputs, errors, unique_requests, duplicates, shards, completion_tokens FROM runs")
+    assert run_row == (
+        query(store, "SELECT count(*) FROM run_outputs WHERE duplicate_of IS NULL")[0][0],
+        0,
+        query(store, "SELECT count(*) FROM requests WHERE duplicate_of IS NULL")[0][0],
+        query(store, "SELECT count(*) FROM requests WHERE duplicate_of IS NOT NULL")[0][0],
+        query(store, "SELECT count(*) FROM run_shards")[0][0],
+        query(store, "SELECT sum(completion_tokens) FROM outputs")[0][0],
+    )
+    assert query(store, "SELECT count(*) FROM scores")[0][0] == 3 * distinct
+
+    before = snapshot(store.duckdb_path)
+    sent_before = engine_module.get_engine(tiny_model).requests_sent
+    second = run(sample_slice, tiny_model, store)
+
+    assert second.cached_shards == second.shards == first.shards
+    assert second.engine_requests == 0
+    assert engine_module.get_engine(tiny_model).requests_sent == sent_before  # the engine saw nothing
+    assert second.outputs == first.outputs and second.dataset_version == first.dataset_version
+    after = snapshot(store.duckdb_path)
+    assert {t for t in TABLES if after[t] != before[t]} == {"runs", "run_shards"}  # only its own run
+    assert len(after["runs"]) == 2
+    assert query(store, "SELECT bool_and(cached) FROM run_shards WHERE run_id = ?", [second.run_id]) == [(True,)]
+
+
+def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefect_harness, tiny_model, tmp_path, store):
+    missing_file = DatasetSpec(name="x", source=str(tmp_path / "nope.parquet"), id_column="id", prompt_column="prompt")
+    with pytest.raises(SpecError, match=r"nope\.parquet: no such file"):
+        run(missing_file, tiny_model, store)
+    assert not Path(store.duckdb_path).exists()
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 10), path)
+    wrong_column = DatasetSpec(name="x", source=str(path), id_column="id", prompt_column="question")
+    with pytest.raises(SpecError, match=r"data\.parquet has no column 'question'"):
+        run(wrong_column, tiny_model, store)
+    assert not Path(store.duckdb_path).exists()
+    assert not list(Path(store.storage).rglob("*.parquet"))

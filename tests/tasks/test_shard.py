@@ -1,0 +1,27 @@
+import pyarrow as pa
+
+from tasks.shard import cut_shards, shard_key
+
+
+def table(keys: list[str]) -> pa.Table:
+    return pa.table({"request_key": keys, "prompt": keys, "messages": [None] * len(keys), "custom_id": keys})
+
+
+def test_shards_have_the_configured_size_across_input_batches():
+    batches = [table([f"k{i}" for i in range(0, 5)]), table([f"k{i}" for i in range(5, 12)])]
+    shards = list(cut_shards(batches, shard_size=4))
+    assert [s.num_rows for s in shards] == [4, 4, 4]
+    assert sum((s["request_key"].to_pylist() for s in shards), []) == [f"k{i}" for i in range(12)]
+    assert shards[0].column_names == ["request_key", "prompt", "messages"]  # nothing dataset-specific
+
+
+def test_shard_key_is_content_addressed():
+    assert shard_key(["a", "b"]) == shard_key(["a", "b"])
+    assert shard_key(["a", "b"]) != shard_key(["b", "a"])
+    assert shard_key(["a"]) != shard_key(["a", "b"])
+
+
+def test_appending_rows_keeps_the_earlier_full_shards():
+    before = [s["request_key"].to_pylist() for s in cut_shards([table(list("abcdefg"))], 3)]
+    after = [s["request_key"].to_pylist() for s in cut_shards([table(list("abcdefgh"))], 3)]
+    assert before[:2] == after[:2]
