@@ -54,7 +54,11 @@ def batch_inference(
         shards = write_shards(request_set, sharding.shard_size, store.storage)
     fingerprint = fingerprint_model(model)
     with clock("infer"):
-        generate = generate_shard.with_options(result_storage=result_storage(store.storage))
+        generate = generate_shard.with_options(
+            result_storage=result_storage(store.storage),
+            retries=sharding.retries,
+            retry_delay_seconds=sharding.retry_delay_seconds,
+        )
         futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
         outputs, cached = collect_shard_outputs(futures, f"{len(shards)} shards of {dataset.name} on {model.model}")
     with clock("score"):

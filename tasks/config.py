@@ -177,6 +177,10 @@ class StoreConfig(BaseModel):
 
 
 class ShardingConfig(BaseModel):
+    """How the work is cut into inference tasks, and how a failed task is retried."""
+
     model_config = ConfigDict(extra="forbid")
 
     shard_size: int = Field(512, ge=1, description="Unique requests per shard (one inference task each).")
+    retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])

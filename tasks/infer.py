@@ -99,8 +99,6 @@ def is_transient(_task, _task_run, state) -> bool:
     name="generate-shard",
     cache_key_fn=shard_cache_key,
     persist_result=True,
-    retries=3,
-    retry_delay_seconds=[5, 30, 120],
     retry_condition_fn=is_transient,
 )
 def generate_shard(
