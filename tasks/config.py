@@ -181,6 +181,8 @@ class ShardingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shard_size: int = Field(512, ge=1, description="Unique requests per shard (one inference task each).")
+    shard_size: int = Field(
+        1024, ge=1, description="Unique requests per shard: one inference task and one generate call each."
+    )
     retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])

@@ -113,3 +113,26 @@ def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefec
         run(wrong_column, tiny_model, store)
     assert not Path(store.duckdb_path).exists()
     assert not list(Path(store.storage).rglob("*.parquet"))
+
+
+def test_n_samples_with_logprobs_land_as_one_row_per_sample(prefect_harness, tiny_model, sample_slice, store):
+    summary = batch_inference(
+        dataset=sample_slice,
+        model=tiny_model,
+        # logprobs=0 with n > 1 and a seed crashes vLLM's CPU worker ("CPU Generator does not use offset")
+        sampling=SamplingConfig(max_tokens=4, n=2, temperature=0.8, seed=5, logprobs=1),
+        sharding=ShardingConfig(shard_size=200),
+        store=store,
+    )
+    assert summary.outputs == 2 * summary.unique_requests
+    rows = query(
+        store,
+        """SELECT count(*), count(DISTINCT request_key), min(sample_index), max(sample_index),
+                  count(mean_logprob), max(mean_logprob), count(latency_seconds)
+           FROM outputs""",
+    )
+    unique = summary.unique_requests
+    assert rows[0][:4] == (2 * unique, unique, 0, 1)
+    assert rows[0][4] == 2 * unique and rows[0][5] < 0 and rows[0][6] == 2 * unique
+    # duplicates see both samples of their canonical request
+    assert query(store, "SELECT count(*) FROM run_outputs")[0][0] == 2 * summary.requests
