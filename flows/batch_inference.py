@@ -19,7 +19,7 @@ from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfi
 from tasks.infer import fingerprint_model, generate_shard, result_storage
 from tasks.prepare import write_requests, write_shards
 from tasks.report import RunSummary, format_summary, publish_summary, summarize_run
-from tasks.score import DEFAULT_SCORERS, write_scores
+from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
 from tasks.store import commit_results
 
 SAMPLE_DATASET = DatasetSpec(
@@ -44,7 +44,7 @@ def batch_inference(
     sampling: SamplingConfig = SamplingConfig(),
     sharding: ShardingConfig = ShardingConfig(),
     store: StoreConfig = StoreConfig(),
-    scorers: list[str] = DEFAULT_SCORERS,
+    scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
 ) -> RunSummary:
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
@@ -60,7 +60,7 @@ def batch_inference(
     outputs = [future.result() for future in futures]
     cached = [future.state.name == "Cached" for future in futures]
 
-    score_files = write_scores(outputs, scorers, store.storage)
+    score_files = write_scores(outputs, request_set, scorers, store.storage)
     summary = summarize_run(
         run_id, dataset.name, model.model, fingerprint, request_set, outputs, cached,
         time.perf_counter() - started, store.duckdb_path,

@@ -9,8 +9,8 @@ import pytest
 
 from tasks import files
 from tasks.engine import OUTPUT_SCHEMA
-from tasks.score import DEFAULT_SCORERS, score_outputs
-from tasks.store import LATEST_VERSION, CommitFiles, StoreError, commit_run, connect, migrate
+from tasks.score import DEFAULT_SCORERS, resolve_scorers, score_outputs
+from tasks.store import LATEST_VERSION, MIGRATIONS, CommitFiles, StoreError, commit_run, connect, migrate
 
 TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores"]
 
@@ -30,6 +30,7 @@ def commit_inputs(tmp_path):
             "source_file": ["f"] * 3,
             "source_row": [0, 1, 2],
             "duplicate_of": [None, None, "a"],
+            "reference": [None, "r2", None],
         }
     )
     outputs = pa.Table.from_pylist(
@@ -41,7 +42,7 @@ def commit_inputs(tmp_path):
         ],
         schema=OUTPUT_SCHEMA,
     )
-    scores = score_outputs(outputs, DEFAULT_SCORERS)
+    scores = score_outputs(outputs, resolve_scorers(["completion_tokens", "finish_reason", "empty_output"]))
     outputs = outputs.append_column("shard_key", pa.array(["s1", "s1"])).append_column("output_key", pa.array(["o1", "o1"]))
     paths = {name: str(tmp_path / f"{name}.parquet") for name in ("requests", "outputs", "scores")}
     files.write_parquet(requests, paths["requests"])
@@ -67,9 +68,9 @@ def test_migrations_are_recorded_and_run_once(tmp_path):
     con = connect(tmp_path / "r.duckdb")
     assert migrate(con) == LATEST_VERSION
     assert migrate(con) == LATEST_VERSION
-    assert con.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [(v,) for v, _, _ in sorted(MIGRATIONS)]
     names = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    assert set(TABLES) | {"schema_migrations", "run_outputs", "run_summary"} <= names
+    assert set(TABLES) | {"schema_migrations", "run_outputs", "run_summary", "latest_outputs", "output_lineage"} <= names
 
 
 def test_a_file_from_a_newer_version_is_refused(tmp_path):
