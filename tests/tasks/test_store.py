@@ -10,7 +10,7 @@ import pytest
 from tasks import files
 from tasks.engine import OUTPUT_SCHEMA
 from tasks.score import DEFAULT_SCORERS, resolve_scorers, score_outputs
-from tasks.store import LATEST_VERSION, MIGRATIONS, CommitFiles, StoreError, commit_run, connect, migrate
+from tasks.store import LATEST_VERSION, MIGRATIONS, CommitFiles, StoreError, commit_run, connect, insert_row, migrate
 
 TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores"]
 
@@ -142,3 +142,145 @@ def test_connect_waits_for_another_process_then_says_what_holds_the_file(tmp_pat
         connect(path, lock_timeout_seconds=30).close()  # waits until the holder lets go
     finally:
         holder.wait()
+
+
+def apply_first_migration_only(con) -> None:
+    version, name, sql = MIGRATIONS[0]
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp)")  # fmt: skip
+    con.execute(sql)
+    con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+
+
+def test_a_file_from_migration_1_is_upgraded_in_place_and_keeps_its_rows(tmp_path, commit_inputs):
+    run, dataset, shards, commit_files = commit_inputs
+    path = tmp_path / "old.duckdb"
+    con = connect(path)
+    apply_first_migration_only(con)
+    insert_row(con, "dataset_versions", dataset)
+    con.execute("INSERT INTO requests SELECT 'dv1', custom_id, request_key, prompt, messages, duplicate_of, source_file, "
+                "source_row FROM read_parquet(?)", [commit_files.requests[0]])  # fmt: skip
+    con.execute("INSERT INTO outputs SELECT md5(request_key), request_key, 'fp', 'sh', sample_index, 'r1', 'dv1', "
+                "CASE request_key WHEN 'k1' THEN 'a' ELSE 'b' END, shard_key, output_key, text, finish_reason, "
+                "prompt_tokens, completion_tokens, error_code, error, current_timestamp FROM read_parquet(?)",
+                [commit_files.outputs[0]])  # fmt: skip
+    insert_row(con, "runs", run)
+    before = snapshot(con)
+    con.close()
+
+    con = connect(path)
+    assert migrate(con) == LATEST_VERSION
+    after = snapshot(con)
+    assert {t: after[t] for t in TABLES if t != "requests"} == {t: before[t] for t in TABLES if t != "requests"}
+    assert sorted(map(repr, con.execute("SELECT * EXCLUDE (reference) FROM requests").fetchall())) == before["requests"]
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [(v,) for v, _, _ in sorted(MIGRATIONS)]
+    assert con.execute("SELECT count(*), count(reference) FROM requests").fetchone() == (3, 0)
+    assert con.execute("SELECT custom_id, source_file, source_row, shard_key FROM output_lineage ORDER BY 1").fetchall() == [
+        ("a", "f", 0, "s1"), ("b", "f", 1, "s1")
+    ]
+    commit_run(con, *commit_inputs)  # the upgraded file takes new commits
+    assert con.execute("SELECT count(reference) FROM requests").fetchone() == (0,)  # existing rows are not rewritten
+
+
+def test_migrations_numbered_in_parallel_all_apply(tmp_path, monkeypatch):
+    """A file that has 1 and 3 still gets a 2 merged in later."""
+    import tasks.store as store
+
+    con = connect(tmp_path / "r.duckdb")
+    migrate(con)
+    monkeypatch.setattr(store, "MIGRATIONS", [*MIGRATIONS, (2, "merged later", "CREATE TABLE later (x INTEGER)")])
+    store.migrate(con)
+    assert (2,) in con.execute("SELECT version FROM schema_migrations").fetchall()
+    assert con.execute("SELECT count(*) FROM later").fetchone() == (0,)
+
+
+def second_run(run: dict, run_id: str, started_at: str) -> dict:
+    return {**run, "run_id": run_id, "started_at": started_at, "finished_at": started_at, "cached_shards": 1}
+
+
+def test_views_summarize_trace_and_compare_runs(tmp_path, commit_inputs):
+    run, dataset, shards, commit_files = commit_inputs
+    con = connect(tmp_path / "r.duckdb")
+    migrate(con)
+    commit_run(con, *commit_inputs)
+    commit_run(con, second_run(run, "r2", "2026-01-02 00:00:00+00"), dataset, shards, commit_files)
+
+    error_rate, mean_scores = con.execute("SELECT error_rate, mean_scores FROM run_summary WHERE run_id = 'r1'").fetchone()
+    assert error_rate == 0.5
+    assert mean_scores == {"completion_tokens@1": 4.0, "empty_output@1": 0.0, "finish_reason@1": 1.0}
+    assert con.execute("SELECT n, unscored, mean FROM run_scores WHERE run_id = 'r1' AND scorer = 'completion_tokens'").fetchone() == (1, 0, 4.0)
+    # the newest run's answer per custom_id and model; the duplicate 'c' gets its canonical's answer
+    assert con.execute("SELECT custom_id, run_id, produced_by_run_id FROM latest_outputs ORDER BY 1").fetchall() == [
+        ("a", "r2", "r1"), ("b", "r2", "r1"), ("c", "r2", "r1")
+    ]
+    (row,) = con.execute("SELECT scorer, pairs, mean_a, mean_b, mean_diff FROM compare_runs('r1', 'r2') WHERE scorer = 'completion_tokens'").fetchall()
+    assert row == ("completion_tokens", 1, 4.0, 4.0, 0.0)
+    insert_row(con, "runs", {**second_run(run, "r3", "2026-01-03 00:00:00+00"), "dataset_version": "other"})
+    with pytest.raises(duckdb.Error, match="r1 and r3 are on different dataset versions"):
+        con.execute("SELECT * FROM compare_runs('r1', 'r3')").fetchall()
+
+
+COMMIT_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from datetime import datetime, timezone
+    from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, StoreConfig
+    from tasks.infer import ShardOutput
+    from tasks.prepare import RequestSet
+    from tasks.report import RunSummary
+    from tasks.store import commit_results
+
+    db, inputs, prefix, runs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    request_set = RequestSet(dataset_version=inputs["dataset_version"], template_hash="th", request_files=inputs["requests"],
+                             rejected_files=[], rows_read=3, requests=3, unique_requests=2, rejected=0)
+    output = ShardOutput(shard_key="s1", output_key="o1", path=inputs["outputs"], requests=2, outputs=2, errors=1,
+                         prompt_tokens=3, completion_tokens=4, generate_seconds=1.0)
+    scorers = ["completion_tokens", "finish_reason", "empty_output"]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for i in range(runs):
+        summary = RunSummary(run_id=f"{prefix}-{i}", dataset_name="t", dataset_version=inputs["dataset_version"],
+                             model="m", model_fingerprint="fp", rows_read=3, rejected=0, requests=3, unique_requests=2,
+                             duplicates=1, shards=1, cached_shards=0, engine_requests=1, outputs=2, errors=1,
+                             prompt_tokens=3, completion_tokens=4, generated_tokens=4, tokens_per_second=1.0,
+                             wall_seconds=1.0, duckdb_path=db)
+        commit_results.fn(summary, DatasetSpec(name="t", source="f", id_column="id", prompt_column="prompt"),
+                          ModelConfig(model="m"), SamplingConfig(), scorers, request_set, [output], [False],
+                          inputs["scores"], datetime.now(timezone.utc), StoreConfig(duckdb_path=db, lock_timeout_seconds=120))
+    print("done", flush=True)
+    """
+)
+
+
+def test_two_processes_committing_to_one_file_at_once_both_land_without_duplicates(tmp_path, commit_inputs):
+    """DuckDB allows one writing process: each commit waits for the other's lock and retries."""
+    import json
+    import os
+
+    _, _, _, commit_files = commit_inputs
+    db = tmp_path / "shared.duckdb"
+    runs_each = 12
+    workers = []
+    for prefix, dataset_version in (("left", "dv-left"), ("right", "dv-right")):
+        inputs = {"dataset_version": dataset_version, "requests": commit_files.requests, "outputs": commit_files.outputs[0],
+                  "scores": commit_files.scores}  # fmt: skip
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", COMMIT_WORKER, str(db), json.dumps(inputs), prefix, str(runs_each)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ},
+        ))  # fmt: skip
+    for worker in workers:
+        assert worker.stdout.readline().strip() == "ready"
+    for worker in workers:  # start together
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    for worker in workers:
+        assert worker.stdout.readline().strip() == "done"
+        assert worker.wait(timeout=300) == 0
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT run_id) FROM runs").fetchone() == (2 * runs_each, 2 * runs_each)
+        # the same content under two dataset versions: one output per content, written once
+        assert con.execute("SELECT count(*), count(DISTINCT output_id) FROM outputs").fetchone() == (2, 2)
+        assert con.execute("SELECT count(*) FROM requests").fetchone() == (6,)
+        assert con.execute("SELECT count(*) FROM run_shards").fetchone() == (2 * runs_each,)
+        assert con.execute("SELECT count(*) FROM (SELECT run_id FROM run_outputs GROUP BY run_id HAVING count(*) = 3)").fetchone() == (2 * runs_each,)
