@@ -328,15 +328,15 @@ def score_outputs(outputs: pa.Table, scorers: list[Scorer]) -> pa.Table:
 def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Table:
     """An output shard joined with what its requests asked (prompt, messages, reference)."""
     with duckdb.connect() as con:
-        return con.execute(
+        return con.sql(
             """
             SELECT o.*, q.prompt, q.messages, q.reference
             FROM read_parquet(?) o
             LEFT JOIN (SELECT request_key, prompt, messages, reference FROM read_parquet(?)
                        WHERE duplicate_of IS NULL) q USING (request_key)
             """,
-            [output_path, request_files],
-        ).fetch_arrow_table()
+            params=[output_path, request_files],
+        ).to_arrow_table()
 
 
 @task(name="write-scores")

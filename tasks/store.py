@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 from prefect import task
 
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, StoreConfig
@@ -482,3 +483,42 @@ def commit_results(
         commit_run(con, run, dataset_row(dataset, request_set), shard_rows(outputs, cached), commit_files)
     finally:
         con.close()
+
+
+def output_columns(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'outputs'").fetchall()}
+
+
+def read_run_outputs(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:
+    """A run and its unique outputs with what their requests asked: the input of scoring, without inference."""
+    run = con.execute("SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if run is None:
+        raise StoreError(f"run {run_id}: not in this results file")
+    # Outputs written before per-token logprobs were stored have no mean_logprob: score them as null.
+    logprob = "o.mean_logprob" if "mean_logprob" in output_columns(con) else "CAST(NULL AS DOUBLE)"
+    table = con.sql(
+        f"""
+        SELECT o.request_key, o.sample_index, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
+               o.error_code, o.error, {logprob} AS mean_logprob, q.prompt, q.messages, q.reference
+        FROM run_outputs ro
+        JOIN outputs o ON o.output_id = ro.output_id
+        JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+        WHERE ro.run_id = ? AND ro.duplicate_of IS NULL
+        ORDER BY o.request_key, o.sample_index
+        """,
+        params=[run_id],
+    ).to_arrow_table()
+    return {"run_id": run[0], "model_fingerprint": run[1], "sampling_hash": run[2]}, table
+
+
+def commit_scores(con: duckdb.DuckDBPyConnection, run: dict, paths: list[str]) -> int:
+    """Add score rows for a run's outputs in one transaction; rows already there are left as they are."""
+    before = con.execute("SELECT count(*) FROM scores").fetchone()[0]
+    con.execute("BEGIN")
+    try:
+        insert_scores(con, run["run_id"], run["model_fingerprint"], run["sampling_hash"], paths)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return con.execute("SELECT count(*) FROM scores").fetchone()[0] - before
