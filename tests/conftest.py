@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -100,3 +101,21 @@ def commit_inputs(tmp_path):
                "completion_tokens": 4, "generate_seconds": 1.0, "cached": False}]
     commit_files = CommitFiles(requests=[paths["requests"]], rejected=[], outputs=[paths["outputs"]], scores=[paths["scores"]])
     return run, dataset, shards, commit_files
+
+
+@pytest.fixture
+def reference_slice(tmp_path):
+    """The first 40 rows of the bundled sample (duplicates, null and empty prompts included) plus a
+    reference answer per row, so the reference scorers have something to score."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tasks.config import DatasetSpec
+
+    table = pq.read_table(SAMPLE_PARQUET).slice(0, 40)
+    words = pc.utf8_split_whitespace(pc.fill_null(table["prompt"], ""))
+    reference = pa.array([(w[-1] if w else None) for w in words.to_pylist()], pa.string())
+    path = tmp_path / "slice.parquet"
+    pq.write_table(table.append_column("answer", reference), path)
+    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt",
+                       reference_column="answer", system_prompt="Be brief.")  # fmt: skip
