@@ -54,3 +54,13 @@ def atomic_writer(path: str, mode: str = "wb") -> Iterator[IO]:
         fs.rm(partial)
         raise
     fs.mv(partial, fs_path)
+
+
+def move(source: str, target: str) -> None:
+    fs, source_path = fsspec.core.url_to_fs(source)
+    fs.mv(source_path, fsspec.core.url_to_fs(target)[1])
+
+
+def make_parent(path: str) -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
