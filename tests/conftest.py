@@ -105,14 +105,17 @@ def commit_inputs(tmp_path):
 
 @pytest.fixture
 def reference_slice(tmp_path):
-    """The first 40 rows of the bundled sample (duplicates, null and empty prompts included) plus a
-    reference answer per row, so the reference scorers have something to score."""
+    """The first 40 rows of the bundled sample (with duplicates) plus a reference answer per row, one
+    null prompt (a rejected row) and one prompt longer than the tiny model's context (an error row)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from tasks.config import DatasetSpec
 
     table = pq.read_table(SAMPLE_PARQUET).slice(0, 40)
+    prompts = table["prompt"].to_pylist()
+    prompts[3], prompts[4] = None, " ".join(["photosynthesis"] * 400)
+    table = table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, pa.string()))
     words = pc.utf8_split_whitespace(pc.fill_null(table["prompt"], ""))
     reference = pa.array([(w[-1] if w else None) for w in words.to_pylist()], pa.string())
     path = tmp_path / "slice.parquet"

@@ -46,23 +46,25 @@ def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefe
         # both runs are on one dataset version, so compare_runs works on them too
         assert q("SELECT count(DISTINCT dataset_version) FROM runs") == [(1,)]
         assert q("SELECT count(*) FROM compare_runs(?, ?) WHERE scorer = 'completion_tokens'", comparison.runs["greedy"], comparison.runs["sampled"]) == [(1,)]
-        unique = q("SELECT unique_requests FROM runs LIMIT 1")[0][0]
-        # per variant and scorer: n + unscored = the unique answers (all succeed here), CI around the mean
+        unique, errors = q("SELECT unique_requests, errors FROM runs LIMIT 1")[0]
+        assert errors == 1  # the over-long prompt: an error row, not scored
+        answered = unique - errors
+        # per variant and scorer: n + unscored = the answers, CI around the mean
         for row in comparison.scores:
             if row["scorer"] in ("completion_tokens", "judge"):
-                assert row["n"] + row["unscored"] == unique
+                assert row["n"] + row["unscored"] == answered
             if row["n"] > 1 and row["stddev"]:
                 assert row["ci95_low"] < row["mean"] < row["ci95_high"]
         assert {row["scorer"] for row in comparison.scores} >= {"completion_tokens", "chrf", "exact_match", "judge"}
         # the judge's gibberish answers are recorded as unparseable, never as a score of 0
         judged = q("SELECT count(*), count(*) FILTER (WHERE label = ?), count(*) FILTER (WHERE value IS NOT NULL AND (value < 1 OR value > 10)) FROM scores WHERE scorer = 'judge'", UNPARSEABLE)
         total, unparseable, out_of_range = judged[0]
-        assert total == 2 * unique and unparseable > 0 and out_of_range == 0
+        assert total == 2 * answered and unparseable > 0 and out_of_range == 0
         # win rates pair the variants on every request both scored
         wins = {(r["variant_a"], r["variant_b"]): r for r in comparison.win_rates if r["scorer"] == "completion_tokens"}
         assert set(wins) == {("greedy", "sampled"), ("sampled", "greedy")}
         a, b = wins[("greedy", "sampled")], wins[("sampled", "greedy")]
-        assert a["pairs"] == unique and (a["wins"], a["losses"], a["ties"]) == (b["losses"], b["wins"], b["ties"])
+        assert a["pairs"] == answered and (a["wins"], a["losses"], a["ties"]) == (b["losses"], b["wins"], b["ties"])
         assert a["win_rate"] + b["win_rate"] == pytest.approx(1.0)
 
     with open(result.chart_path, "rb") as chart:
