@@ -187,6 +187,17 @@ COMMIT_WORKER = textwrap.dedent(
     output = ShardOutput(shard_key="s1", output_key="o1", path=inputs["outputs"], requests=2, outputs=2, errors=1,
                          prompt_tokens=3, completion_tokens=4, generate_seconds=1.0)
     scorers = ["completion_tokens", "finish_reason", "empty_output"]
+    import duckdb
+    real_connect, waits = duckdb.connect, []
+
+    def counting_connect(*args, **kwargs):  # counts how often the other process held the file
+        try:
+            return real_connect(*args, **kwargs)
+        except duckdb.IOException:
+            waits.append(1)
+            raise
+
+    duckdb.connect = counting_connect
     print("ready", flush=True)
     sys.stdin.readline()
     for i in range(runs):
@@ -198,7 +209,7 @@ COMMIT_WORKER = textwrap.dedent(
         commit_results.fn(summary, DatasetSpec(name="t", source="f", id_column="id", prompt_column="prompt"),
                           ModelConfig(model="m"), SamplingConfig(), scorers, request_set, [output], [False],
                           inputs["scores"], datetime.now(timezone.utc), StoreConfig(duckdb_path=db, lock_timeout_seconds=120))
-    print("done", flush=True)
+    print(f"done {len(waits)}", flush=True)
     """
 )
 
@@ -210,7 +221,7 @@ def test_two_processes_committing_to_one_file_at_once_both_land_without_duplicat
 
     _, _, _, commit_files = commit_inputs
     db = tmp_path / "shared.duckdb"
-    runs_each = 12
+    runs_each = 20
     workers = []
     for prefix, dataset_version in (("left", "dv-left"), ("right", "dv-right")):
         inputs = {"dataset_version": dataset_version, "requests": commit_files.requests, "outputs": commit_files.outputs[0],
@@ -224,9 +235,12 @@ def test_two_processes_committing_to_one_file_at_once_both_land_without_duplicat
     for worker in workers:  # start together
         worker.stdin.write("go\n")
         worker.stdin.flush()
+    waits = 0
     for worker in workers:
-        assert worker.stdout.readline().strip() == "done"
-        assert worker.wait(timeout=300) == 0
+        done, count = worker.stdout.readline().split()
+        assert done == "done" and worker.wait(timeout=300) == 0
+        waits += int(count)
+    assert waits > 0  # the two really overlapped: each waited for the other at least once
 
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*), count(DISTINCT run_id) FROM runs").fetchone() == (2 * runs_each, 2 * runs_each)
