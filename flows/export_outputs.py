@@ -35,9 +35,9 @@ def export_outputs(
     if "chat_jsonl" in formats:
         exported.append(write_chat_jsonl(store, run_id, where, files.join(out_dir, f"{name}.chat.jsonl")))
     if "openai_batch" in formats:
-        exported += write_openai_batch_files(
-            store, run_id, where, files.join(out_dir, f"{name}.batch_output.jsonl"), files.join(out_dir, f"{name}.batch_errors.jsonl")
-        )
+        output_path = files.join(out_dir, f"{name}.batch_output.jsonl")
+        error_path = files.join(out_dir, f"{name}.batch_errors.jsonl")
+        exported += write_openai_batch_files(store, run_id, where, output_path, error_path)
     for item in exported:
         print(f"{item.format}: {item.lines} lines → {item.path}")
     return exported

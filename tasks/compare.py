@@ -57,7 +57,8 @@ def fmt(value: float | None) -> str:
 def comparison_markdown(comparison: Comparison, chart_png: bytes | None) -> str:
     lines = [f"# Comparison {comparison.comparison_id}", "", "| variant | run |", "|---|---|"]
     lines += [f"| {variant} | `{run_id}` |" for variant, run_id in comparison.runs.items()]
-    lines += ["", "## Mean score per variant (95% CI)", "", "| scorer | variant | n | unscored | mean | 95% CI |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Mean score per variant (95% CI)", ""]
+    lines += ["| scorer | variant | n | unscored | mean | 95% CI |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {row['scorer']}@{row['scorer_version']} | {row['variant']} | {row['n']} | {row['unscored']} | "
         f"{fmt(row['mean'])} | {fmt(row['ci95_low'])} – {fmt(row['ci95_high'])} |"

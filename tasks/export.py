@@ -123,7 +123,7 @@ EXPORT_COLUMNS = """
 """
 
 
-def selection_sql(run_id: str | None, where: str | None) -> tuple[str, list]:
+def selection_sql(run_id: str | None, where: str | None) -> tuple[str, dict]:
     """The outputs to export: one run's, or the newest per input row and model; narrowed by `where`.
 
     `where` is a SQL condition over the columns above (e.g. `finish_reason = 'stop' AND output_id IN
@@ -147,10 +147,17 @@ def selection_sql(run_id: str | None, where: str | None) -> tuple[str, list]:
     return sql, {"run": run_id}
 
 
+def selection(con: duckdb.DuckDBPyConnection, run_id: str | None, where: str | None) -> duckdb.DuckDBPyRelation:
+    sql, params = selection_sql(run_id, where)
+    try:
+        return con.sql(sql, params=params)
+    except duckdb.Error as error:
+        raise SpecError(f"export filter {where!r}: {error}") from error
+
+
 def iter_rows(con: duckdb.DuckDBPyConnection, run_id: str | None, where: str | None) -> Iterator[dict]:
     """Rows in bounded batches: an export of millions of outputs never sits in memory at once."""
-    sql, params = selection_sql(run_id, where)
-    reader = con.sql(sql, params=params).to_arrow_reader(batch_size=10_000)
+    reader = selection(con, run_id, where).to_arrow_reader(batch_size=10_000)
     for batch in reader:
         yield from batch.to_pylist()
 
@@ -179,7 +186,11 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
         )  # fmt: skip
     chat = first["messages"] is not None
     choices = [
-        ChatChoice(index=s["sample_index"], message=AssistantMessage(role="assistant", content=s["text"]), finish_reason=s["finish_reason"])
+        ChatChoice(
+            index=s["sample_index"],
+            message=AssistantMessage(role="assistant", content=s["text"]),
+            finish_reason=s["finish_reason"],
+        )
         if chat
         else CompletionChoice(index=s["sample_index"], text=s["text"], finish_reason=s["finish_reason"])
         for s in samples
@@ -197,7 +208,9 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
 
 
 def group_samples(rows: Iterable[dict]) -> Iterator[list[dict]]:
-    for _, samples in itertools.groupby(rows, key=lambda row: (row["dataset_name"], row["model"], row["run_id"], row["custom_id"])):
+    """Consecutive rows of one request (the selection is ordered by it) form one line."""
+    key = lambda row: (row["dataset_name"], row["model"], row["run_id"], row["custom_id"])  # noqa: E731
+    for _, samples in itertools.groupby(rows, key=key):
         yield list(samples)
 
 
@@ -225,10 +238,9 @@ def write_parquet_export(store: StoreConfig, run_id: str | None, where: str | No
     con = open_store(store)
     try:
         check_run(con, run_id)
-        sql, params = selection_sql(run_id, where)
         partial = f"{path}.partial"
         files.make_parent(path)
-        con.sql(sql, params=params).write_parquet(partial, compression="zstd")
+        selection(con, run_id, where).write_parquet(partial, compression="zstd")
         count = con.execute("SELECT count(*) FROM read_parquet(?)", [partial]).fetchone()[0]
     finally:
         con.close()

@@ -486,7 +486,8 @@ def commit_results(
 
 
 def output_columns(con: duckdb.DuckDBPyConnection) -> set[str]:
-    return {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'outputs'").fetchall()}
+    sql = "SELECT column_name FROM information_schema.columns WHERE table_name = 'outputs'"
+    return {row[0] for row in con.execute(sql).fetchall()}
 
 
 def read_run_outputs(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:

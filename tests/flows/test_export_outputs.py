@@ -52,6 +52,8 @@ def test_a_filter_narrows_the_export_and_an_unknown_run_is_named(prefect_harness
     with pytest.raises(SpecError, match="run nope: not in this results file"):
         export_outputs(str(tmp_path / "out2"), run_id="nope", formats=["chat_jsonl"], store=store)
     assert not (tmp_path / "out2" / "nope.chat.jsonl").exists()
+    with pytest.raises(SpecError, match="export filter 'no_such_column = 1'.*no_such_column"):
+        export_outputs(str(tmp_path / "out3"), where="no_such_column = 1", formats=["parquet"], store=store)
 
 
 def row(**overrides) -> dict:
