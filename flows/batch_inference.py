@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=SamplingConfig().max_tokens)
     parser.add_argument("--shard-size", type=int, default=ShardingConfig().shard_size)
     parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
+    parser.add_argument("--scorer", action="append", help="scorer name or package.module:attribute (repeatable)")
     args = parser.parse_args()
 
     summary = batch_inference(
@@ -86,6 +87,7 @@ def main() -> None:
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         sharding=ShardingConfig(shard_size=args.shard_size),
         store=StoreConfig(duckdb_path=args.duckdb),
+        scorers=args.scorer or DEFAULT_SCORERS,
     )
     print(format_summary(summary))
 
