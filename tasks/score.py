@@ -200,8 +200,9 @@ def judge_scorer(
     sampling: SamplingConfig | dict | None = None,
     name: str = "judge",
 ) -> Scorer:
-    """Ask a second model to grade each answer; its rubric, model and sampling make up its version."""
+    """Ask a second model (either engine) to grade each answer; its rubric, model and sampling make up its version."""
     from tasks.engine import generate_with_engine, model_fingerprint, sampling_hash
+    from tasks.openai_engine import generate_over_http
 
     model = ModelConfig.model_validate(model)
     sampling = SamplingConfig.model_validate(sampling or {"max_tokens": 16})
@@ -224,7 +225,10 @@ def judge_scorer(
                 "messages": [json.dumps([{"role": "user", "content": p}]) if model.mode == "chat" else None for p in prompts],
             }
         )
-        answers, _ = generate_with_engine(model, judge_requests, sampling)
+        if model.engine == "openai":
+            answers = generate_over_http(model, judge_requests, sampling).outputs
+        else:
+            answers = generate_with_engine(model, judge_requests, sampling, key=f"judge-{version}").outputs
         by_index = {int(a["request_key"]): a for a in answers.to_pylist() if a["sample_index"] == 0}
         results: list[Score] = []
         for i in range(len(rows)):
