@@ -499,22 +499,15 @@ def commit_results(
         con.close()
 
 
-def output_columns(con: duckdb.DuckDBPyConnection) -> set[str]:
-    sql = "SELECT column_name FROM information_schema.columns WHERE table_name = 'outputs'"
-    return {row[0] for row in con.execute(sql).fetchall()}
-
-
 def read_run_outputs(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:
     """A run and its unique outputs with what their requests asked: the input of scoring, without inference."""
     run = con.execute("SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
     if run is None:
         raise StoreError(f"run {run_id}: not in this results file")
-    # Outputs written before per-token logprobs were stored have no mean_logprob: score them as null.
-    logprob = "o.mean_logprob" if "mean_logprob" in output_columns(con) else "CAST(NULL AS DOUBLE)"
     table = con.sql(
-        f"""
+        """
         SELECT o.request_key, o.sample_index, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
-               o.error_code, o.error, {logprob} AS mean_logprob, q.prompt, q.messages, q.reference
+               o.error_code, o.error, o.mean_logprob, q.prompt, q.messages, q.reference
         FROM run_outputs ro
         JOIN outputs o ON o.output_id = ro.output_id
         JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
