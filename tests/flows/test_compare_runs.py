@@ -30,7 +30,7 @@ def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefe
     judge = ScorerSpec(name="judge", options={"model": tiny_model.model_dump(), "sampling": {"max_tokens": 8}})
 
     result = compare_runs(
-        variants=[Variant(name="greedy"), Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=7, max_tokens=8))],
+        variants=[Variant(name="greedy"), Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=7, max_tokens=8, logprobs=0))],
         dataset=reference_slice,
         model=tiny_model,
         sampling=SamplingConfig(max_tokens=8),
@@ -56,6 +56,11 @@ def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefe
             if row["n"] > 1 and row["stddev"]:
                 assert row["ci95_low"] < row["mean"] < row["ci95_high"]
         assert {row["scorer"] for row in comparison.scores} >= {"completion_tokens", "chrf", "exact_match", "judge"}
+        # logprobs were asked for in one variant only: only its answers have logprob scores, all negative or zero
+        logprob_scores = {(r["variant"], r["scorer"]): r for r in comparison.scores if r["scorer"] in ("mean_logprob", "perplexity")}
+        assert set(logprob_scores) == {("sampled", "mean_logprob"), ("sampled", "perplexity")}
+        assert logprob_scores[("sampled", "mean_logprob")]["n"] == answered
+        assert q("SELECT max(value) <= 0 FROM scores WHERE scorer = 'mean_logprob'") == [(True,)]
         # the judge's gibberish answers are recorded as unparseable, never as a score of 0
         judged = q("SELECT count(*), count(*) FILTER (WHERE label = ?), count(*) FILTER (WHERE value IS NOT NULL AND (value < 1 OR value > 10)) FROM scores WHERE scorer = 'judge'", UNPARSEABLE)
         total, unparseable, out_of_range = judged[0]
