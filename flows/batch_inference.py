@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.runtime import flow_run
 
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+from tasks.engine import close_engine
 from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
 from tasks.prepare import write_requests, write_shards
 from tasks.report import RunSummary, StageClock, format_summary, publish_summary, summarize_run
@@ -79,18 +81,24 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=SamplingConfig().max_tokens)
     parser.add_argument("--shard-size", type=int, default=ShardingConfig().shard_size)
     parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
+    parser.add_argument("--storage", default=StoreConfig().storage, help="shard files and cached results")
+    parser.add_argument("--summary-json", help="also write the run summary to this file")
     parser.add_argument("--scorer", action="append", help="scorer name or package.module:attribute (repeatable)")
     args = parser.parse_args()
 
+    model = TINY_CPU_MODEL.model_copy(update={"model": args.model})
     summary = batch_inference(
         dataset=DatasetSpec.from_yaml(args.spec) if args.spec else SAMPLE_DATASET,
-        model=TINY_CPU_MODEL.model_copy(update={"model": args.model}),
+        model=model,
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         sharding=ShardingConfig(shard_size=args.shard_size),
-        store=StoreConfig(duckdb_path=args.duckdb),
+        store=StoreConfig(duckdb_path=args.duckdb, storage=args.storage),
         scorers=args.scorer or DEFAULT_SCORERS,
     )
     print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
+    close_engine()
 
 
 if __name__ == "__main__":

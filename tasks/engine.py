@@ -148,9 +148,9 @@ class PendingRequest:
 
 class VllmEngine:
     def __init__(self, config: ModelConfig):
+        started = time.perf_counter()
         from vllm import LLM
 
-        started = time.perf_counter()
         self.config = config
         # Stats on: vLLM then times each request (queued → last token), which outputs record.
         self.llm = LLM(**{"disable_log_stats": False, **config.vllm_args()})
