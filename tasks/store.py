@@ -501,9 +501,11 @@ def commit_results(
 
 def read_run_outputs(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:
     """A run and its unique outputs with what their requests asked: the input of scoring, without inference."""
-    run = con.execute("SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
-    if run is None:
+    # fetchall, not fetchone: DuckDB 2 refuses the next query while a result is still open
+    found = con.execute("SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id]).fetchall()
+    if not found:
         raise StoreError(f"run {run_id}: not in this results file")
+    run = found[0]
     table = con.sql(
         """
         SELECT o.request_key, o.sample_index, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,

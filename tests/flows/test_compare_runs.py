@@ -6,7 +6,7 @@ from prefect.client.orchestration import get_client
 
 from flows.compare_runs import compare_runs
 from tasks.compare import Variant, check_variants
-from tasks.config import SamplingConfig, ShardingConfig, SpecError, StoreConfig
+from tasks.config import LoraAdapter, SamplingConfig, ShardingConfig, SpecError, StoreConfig
 from tasks.score import DEFAULT_SCORERS, UNPARSEABLE, ScorerSpec
 
 
@@ -25,12 +25,18 @@ async def read_artifact(key: str):
 
 
 @pytest.mark.slow
-def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefect_harness, tiny_model, reference_slice, tmp_path):
+def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
+    prefect_harness, tiny_model, tiny_lora_dir, reference_slice, tmp_path
+):
     store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
     judge = ScorerSpec(name="judge", options={"model": tiny_model.model_dump(), "sampling": {"max_tokens": 8}})
 
     result = compare_runs(
-        variants=[Variant(name="greedy"), Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=7, max_tokens=8, logprobs=0))],
+        variants=[
+            Variant(name="greedy"),
+            Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=7, max_tokens=8, logprobs=0)),
+            Variant(name="lora", model=tiny_model.model_copy(update={"lora_adapter": LoraAdapter(name="a", path=str(tiny_lora_dir))})),
+        ],
         dataset=reference_slice,
         model=tiny_model,
         sampling=SamplingConfig(max_tokens=8),
@@ -40,11 +46,11 @@ def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefe
     )
 
     comparison = result.comparison
-    assert set(comparison.runs) == {"greedy", "sampled"}
+    assert set(comparison.runs) == {"greedy", "sampled", "lora"}
     with duckdb.connect(store.duckdb_path, read_only=True) as con:
         q = lambda sql, *p: con.execute(sql, list(p)).fetchall()  # noqa: E731
-        # both runs are on one dataset version, so compare_runs works on them too
-        assert q("SELECT count(DISTINCT dataset_version) FROM runs") == [(1,)]
+        # all runs are on one dataset version, so compare_runs works on them too; the adapter is recorded
+        assert q("SELECT count(DISTINCT dataset_version), count(DISTINCT model_fingerprint) FROM runs") == [(1, 2)]
         assert q("SELECT count(*) FROM compare_runs(?, ?) WHERE scorer = 'completion_tokens'", comparison.runs["greedy"], comparison.runs["sampled"]) == [(1,)]
         unique, errors = q("SELECT unique_requests, errors FROM runs LIMIT 1")[0]
         assert errors == 1  # the over-long prompt: an error row, not scored
@@ -64,10 +70,10 @@ def test_two_sampling_variants_are_compared_with_cis_win_rates_and_a_chart(prefe
         # the judge's gibberish answers are recorded as unparseable, never as a score of 0
         judged = q("SELECT count(*), count(*) FILTER (WHERE label = ?), count(*) FILTER (WHERE value IS NOT NULL AND (value < 1 OR value > 10)) FROM scores WHERE scorer = 'judge'", UNPARSEABLE)
         total, unparseable, out_of_range = judged[0]
-        assert total == 2 * answered and unparseable > 0 and out_of_range == 0
+        assert total == 3 * answered and unparseable > 0 and out_of_range == 0
         # win rates pair the variants on every request both scored
         wins = {(r["variant_a"], r["variant_b"]): r for r in comparison.win_rates if r["scorer"] == "completion_tokens"}
-        assert set(wins) == {("greedy", "sampled"), ("sampled", "greedy")}
+        assert set(wins) == {(a, b) for a in comparison.runs for b in comparison.runs if a != b}
         a, b = wins[("greedy", "sampled")], wins[("sampled", "greedy")]
         assert a["pairs"] == answered and (a["wins"], a["losses"], a["ties"]) == (b["losses"], b["wins"], b["ties"])
         assert a["win_rate"] + b["win_rate"] == pytest.approx(1.0)
