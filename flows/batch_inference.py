@@ -19,7 +19,7 @@ from tasks.engine import close_engine
 from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
 from tasks.prepare import write_requests, write_shards
 from tasks.report import RunSummary, StageClock, format_summary, publish_summary, summarize_run
-from tasks.score import DEFAULT_SCORERS, write_scores
+from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
 from tasks.store import commit_results
 
 SAMPLE_DATASET = DatasetSpec(
@@ -44,7 +44,7 @@ def batch_inference(
     sampling: SamplingConfig = SamplingConfig(),
     sharding: ShardingConfig = ShardingConfig(),
     store: StoreConfig = StoreConfig(),
-    scorers: list[str] = DEFAULT_SCORERS,
+    scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
 ) -> RunSummary:
     clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
@@ -64,7 +64,7 @@ def batch_inference(
         futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
         outputs, cached = collect_shard_outputs(futures, f"{len(shards)} shards of {dataset.name} on {model.model}")
     with clock("score"):
-        score_files = write_scores(outputs, scorers, store.storage)
+        score_files = write_scores(outputs, request_set, scorers, store.storage)
     summary = summarize_run(run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path)
     with clock("commit"):
         commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
     parser.add_argument("--storage", default=StoreConfig().storage, help="shard files and cached results")
     parser.add_argument("--summary-json", help="also write the run summary to this file")
+    parser.add_argument("--scorer", action="append", help="scorer name or package.module:attribute (repeatable)")
     args = parser.parse_args()
 
     model = TINY_CPU_MODEL.model_copy(update={"model": args.model})
@@ -92,6 +93,7 @@ def main() -> None:
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         sharding=ShardingConfig(shard_size=args.shard_size),
         store=StoreConfig(duckdb_path=args.duckdb, storage=args.storage),
+        scorers=args.scorer or DEFAULT_SCORERS,
     )
     print(format_summary(summary))
     if args.summary_json:

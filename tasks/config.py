@@ -34,6 +34,9 @@ class DatasetSpec(BaseModel):
         None, description="Jinja template over the row's columns, e.g. 'Summarize: {{ text }}'."
     )
     system_prompt: str | None = Field(None, description="System message for chat mode.")
+    reference_column: str | None = Field(
+        None, description="Column holding a reference answer, for the reference-based scorers (exact_match, chrf...)."
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> DatasetSpec:

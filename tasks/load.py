@@ -35,7 +35,8 @@ def template_columns(template: str) -> list[str]:
 
 def needed_columns(spec: DatasetSpec) -> list[str]:
     text_columns = [spec.prompt_column] if spec.prompt_column else template_columns(spec.prompt_template or "")
-    return list(dict.fromkeys([spec.id_column, *text_columns]))
+    reference = [spec.reference_column] if spec.reference_column else []
+    return list(dict.fromkeys([spec.id_column, *text_columns, *reference]))
 
 
 def resolve_files(source: str) -> list[str]:

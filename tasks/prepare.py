@@ -42,9 +42,10 @@ class DatasetVersioner:
         self.digest = hashlib.blake2b(digest_size=16)
 
     def add(self, requests: pa.Table, rejected: pa.Table) -> None:
-        for table, columns in ((requests, ["custom_id", "request_key"]), (rejected, ["source_row", "reason"])):
+        for table, columns in ((requests, ["custom_id", "request_key", "reference"]), (rejected, ["source_row", "reason"])):
             for row in zip(*(table[c].to_pylist() for c in columns)):
-                self.digest.update("\t".join(map(str, row)).encode() + b"\n")
+                # A reference is dataset content too; rows without one hash as they always did.
+                self.digest.update("\t".join(str(value) for value in row if value is not None).encode() + b"\n")
 
     def version(self) -> str:
         return self.digest.hexdigest()

@@ -22,6 +22,7 @@ REQUEST_SCHEMA = pa.schema(
         ("messages", pa.string()),  # JSON list of {role, content}; null in completion mode
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
+        ("reference", pa.string()),  # the reference answer, when the spec names a reference column
     ]
 )
 REJECTED_SCHEMA = pa.schema(
@@ -69,6 +70,10 @@ class Renderer:
             return row[self.spec.prompt_column]
         return self.template.render(**row)
 
+    def reference_of(self, row: dict) -> str | None:
+        value = row[self.spec.reference_column] if self.spec.reference_column else None
+        return None if value is None else str(value)
+
     def render(self, source: SourceBatch) -> tuple[pa.Table, pa.Table]:
         requests: list[dict] = []
         rejected: list[dict] = []
@@ -97,6 +102,7 @@ class Renderer:
                     "request_key": content_hash(content),
                     "prompt": content.get("prompt", prompt),
                     "messages": json.dumps(content["messages"], ensure_ascii=False) if "messages" in content else None,
+                    "reference": self.reference_of(row),
                 }
             )
         return (
