@@ -17,8 +17,9 @@ from prefect.runtime import flow_run
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
 from tasks.infer import fingerprint_model, generate_shard, result_storage
-from tasks.prepare import write_requests, write_shards
-from tasks.report import RunSummary, format_summary, publish_summary, summarize_run
+from tasks.engine import sampling_hash
+from tasks.prepare import check_rejected_share, write_requests, write_shards
+from tasks.report import RunSummary, format_summary, publish_summary, publish_validation, summarize_run
 from tasks.score import DEFAULT_SCORERS, write_scores
 from tasks.store import commit_results
 
@@ -50,12 +51,14 @@ def batch_inference(
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
     work_dir = files.join(store.storage, "work", run_id)
 
-    request_set = write_requests(dataset, model.mode, work_dir)
-    shards = write_shards(request_set, sharding.shard_size, store.storage)
+    request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
+    publish_validation(request_set, dataset.name)
+    check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
+    plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling))
 
     generate = generate_shard.with_options(result_storage=result_storage(store.storage))
-    futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
+    futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]
     wait(futures)
     outputs = [future.result() for future in futures]
     cached = [future.state.name == "Cached" for future in futures]
@@ -63,7 +66,7 @@ def batch_inference(
     score_files = write_scores(outputs, scorers, store.storage)
     summary = summarize_run(
         run_id, dataset.name, model.model, fingerprint, request_set, outputs, cached,
-        time.perf_counter() - started, store.duckdb_path,
+        time.perf_counter() - started, store.duckdb_path, plan.reused_requests,
     )  # fmt: skip
     commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
     publish_summary(summary)

@@ -1,10 +1,38 @@
-"""Exact dedupe: requests with the same content share one canonical request (and one output)."""
+"""Dedupe: requests with the same (normalized) content share one canonical request and one output.
+
+Exact: the text after Unicode NFKC, whitespace folding and optional case folding, hashed to 16
+bytes; the state across batches is one dict of those keys, so memory is ~100 bytes per unique
+request. Near-duplicates: MinHash LSH over word shingles (see `near_duplicates`).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
 
-from tasks.render import REJECTED_SCHEMA
+from tasks.config import DedupeConfig
+from tasks.load import REJECTED_SCHEMA
+
+
+def normalize(texts: pa.Array, case_fold: bool = False) -> pa.Array:
+    """NFKC, runs of whitespace folded to one space, trimmed; vectorized in Arrow."""
+    ascii_only = pc.all(pc.string_is_ascii(texts)).as_py()
+    if not ascii_only:  # NFKC leaves ASCII unchanged: skip its cost for ASCII-only batches
+        texts = pc.utf8_normalize(texts, "NFKC")
+    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\s+", " "))
+    return pc.utf8_lower(texts) if case_fold else texts
+
+
+def text_keys(texts: pa.Array) -> list[bytes]:
+    """16-byte keys (xxh3-128): collisions are out of reach at any dataset size we will see."""
+    digest = xxhash.xxh3_128_digest
+    return [digest(text.encode()) for text in texts.to_pylist()]
+
+
+def dedupe_keys(texts: pa.Array, config: DedupeConfig) -> list[bytes]:
+    return text_keys(normalize(texts, config.case_fold) if config.normalize else texts)
 
 
 class ExactDeduper:
@@ -12,43 +40,187 @@ class ExactDeduper:
 
     Stateful across batches so a dataset streams through in bounded batches; the first request
     seen with a given content is the canonical one. A repeated custom_id is rejected, since
-    results join back to inputs by it.
+    results join back to inputs by it — unless ids are derived from content, where a repeat is
+    just a duplicate row and gets a numbered id.
     """
 
-    def __init__(self, id_field: str = "id"):
+    def __init__(self, id_field: str | None = "id", config: DedupeConfig | None = None):
         self.id_field = id_field
-        self.canonical_by_key: dict[str, str] = {}
-        self.seen_ids: set[str] = set()
+        self.config = config or DedupeConfig()
+        self.canonical_by_key: dict[bytes, str] = {}
+        self.seen_ids: dict[bytes, int] = {}
 
     def mark(self, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
-        keep: list[bool] = []
+        text = requests["dedupe_text"] if "dedupe_text" in requests.column_names else requests["request_key"]
+        keys = dedupe_keys(text.combine_chunks(), self.config)
+        custom_ids = requests["custom_id"].to_pylist()
+        keep = np.ones(len(custom_ids), dtype=bool)
         duplicate_of: list[str | None] = []
-        rejected: list[dict] = []
-        for custom_id, request_key, source_file, source_row in zip(
-            requests["custom_id"].to_pylist(),
-            requests["request_key"].to_pylist(),
-            requests["source_file"].to_pylist(),
-            requests["source_row"].to_pylist(),
-        ):
-            if custom_id in self.seen_ids:
-                keep.append(False)
-                rejected.append(
-                    {
-                        "source_file": source_file,
-                        "source_row": source_row,
-                        "custom_id": custom_id,
-                        "field": self.id_field,
-                        "reason": f"duplicate id '{custom_id}'",
-                    }
-                )
+        rejected: list[int] = []
+        renamed = False
+        for row, (custom_id, key) in enumerate(zip(custom_ids, keys)):
+            id_key = xxhash.xxh3_128_digest(custom_id.encode())
+            seen = self.seen_ids.get(id_key, 0)
+            self.seen_ids[id_key] = seen + 1
+            if seen and self.id_field:
+                keep[row] = False
+                rejected.append(row)
                 continue
-            self.seen_ids.add(custom_id)
-            keep.append(True)
-            canonical = self.canonical_by_key.setdefault(request_key, custom_id)
-            if canonical != custom_id:
-                duplicate_of.append(canonical)
-            else:
-                duplicate_of.append(None)
-        kept = requests.filter(pa.array(keep, type=pa.bool_()))
+            if seen:
+                custom_ids[row] = custom_id = f"{custom_id}-{seen + 1}"
+                renamed = True
+            canonical = self.canonical_by_key.setdefault(key, custom_id)
+            duplicate_of.append(None if canonical == custom_id else canonical)
+        if renamed:
+            requests = requests.set_column(requests.schema.get_field_index("custom_id"), "custom_id", pa.array(custom_ids, pa.string()))
+        kept = requests.filter(pa.array(keep))
         marked = kept.append_column("duplicate_of", pa.array(duplicate_of, type=pa.string()))
-        return marked, pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)
+        return marked, self.rejected_ids(requests.take(pa.array(rejected, pa.int64())))
+
+    def rejected_ids(self, rows: pa.Table) -> pa.Table:
+        return pa.table(
+            {
+                "source_file": rows["source_file"],
+                "source_row": rows["source_row"],
+                "custom_id": rows["custom_id"],
+                "field": pa.array([self.id_field] * rows.num_rows, pa.string()),
+                "reason": pa.array([f"duplicate id '{i}'" for i in rows["custom_id"].to_pylist()], pa.string()),
+            },
+            schema=REJECTED_SCHEMA,
+        )
+
+
+# ---------------------------------------------------------------- near-duplicates (MinHash LSH)
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: combines word hashes into a shingle hash
+
+
+def shingle_hashes(texts: pa.Array, shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Word k-shingles of each text as 64-bit hashes, flat, with row offsets (rensa's bulk input).
+
+    Vectorized: each distinct word of the batch is hashed once in Python, shingles are combined in
+    numpy. A text shorter than k words is one shingle of all its words.
+    """
+    words = pc.utf8_split_whitespace(texts)
+    offsets = words.offsets.to_numpy().astype(np.int64)
+    flat = words.flatten()
+    if len(flat) == 0:
+        return np.zeros(0, np.uint64), np.zeros(len(texts) + 1, np.uint64)
+    encoded = pc.dictionary_encode(flat)
+    hash64 = xxhash.xxh3_64_intdigest
+    vocabulary = np.fromiter((hash64(w.encode()) for w in encoded.dictionary.to_pylist()), np.uint64, len(encoded.dictionary))
+    word_hashes = vocabulary[encoded.indices.to_numpy()]
+    lengths = np.diff(offsets)
+    counts = np.where(lengths >= shingle_size, lengths - shingle_size + 1, np.minimum(lengths, 1))
+    starts = np.repeat(offsets[:-1], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    remaining = np.repeat(offsets[1:], counts) - starts
+    shingles = np.zeros(len(starts), np.uint64)
+    with np.errstate(over="ignore"):
+        for position in range(shingle_size):
+            valid = position < remaining
+            index = np.minimum(starts + position, len(word_hashes) - 1)
+            shingles = np.where(valid, shingles * _MIX + word_hashes[index], shingles)
+    return shingles, np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+
+
+def lsh_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.9) -> tuple[int, int]:
+    """(bands, rows per band) minimizing weighted false positives and negatives around the threshold.
+
+    Misses weigh more than extra candidates: a candidate is checked against the signatures anyway.
+    """
+    grid = np.linspace(0, 1, 1001)
+    best, best_error = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        rows = num_perm // bands
+        if rows == 0:
+            break
+        p = 1 - (1 - grid**rows) ** bands
+        error = (1 - false_negative_weight) * error_fp(p, grid, threshold) + false_negative_weight * error_fn(p, grid, threshold)
+        if error < best_error:
+            best, best_error = (bands, rows), error
+    return best
+
+
+def error_fp(p: np.ndarray, grid: np.ndarray, threshold: float) -> float:
+    return float(np.trapezoid(p[grid < threshold], grid[grid < threshold]))
+
+
+def error_fn(p: np.ndarray, grid: np.ndarray, threshold: float) -> float:
+    return float(np.trapezoid(1 - p[grid >= threshold], grid[grid >= threshold]))
+
+
+class NearDuplicateIndex:
+    """Collects MinHash signatures batch by batch, then finds each text's canonical (earliest) near-duplicate.
+
+    Signatures go to a scratch file (4 bytes × num_perm per text) rather than RAM, so a million
+    texts cost a few hundred MB of disk and a few tens of MB of memory.
+    """
+
+    def __init__(self, config: DedupeConfig, scratch_file: str | None = None, seed: int = 42):
+        import rensa  # the Rust MinHash: see bench/README.md for the comparison with datasketch
+
+        self.rensa = rensa
+        self.config = config
+        self.seed = seed
+        self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
+        # The signature estimates Jaccard with a standard error of sqrt(J(1-J)/num_perm): accept
+        # one standard error below the threshold so pairs right at it are kept, not coin-flipped.
+        t = config.threshold
+        self.accept = t - (t * (1 - t) / config.num_perm) ** 0.5
+        self.scratch_file = scratch_file
+        self.parts: list[np.ndarray] = []
+        self.count = 0
+        if scratch_file:
+            open(scratch_file, "wb").close()
+
+    def add(self, texts: pa.Array, chunk: int = 8192) -> None:
+        texts = normalize(texts, case_fold=True)
+        for start in range(0, len(texts), chunk):
+            shingles, offsets = shingle_hashes(texts.slice(start, chunk), self.config.shingle_size)
+            matrix = self.rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, offsets, self.config.num_perm, self.seed)
+            signatures = np.array(matrix.to_rows(), dtype=np.uint32).reshape(-1, self.config.num_perm)
+            self.count += len(signatures)
+            if self.scratch_file:
+                with open(self.scratch_file, "ab") as handle:
+                    handle.write(signatures.tobytes())
+            else:
+                self.parts.append(signatures)
+
+    def signatures(self) -> np.ndarray:
+        if self.scratch_file:
+            return np.memmap(self.scratch_file, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm))
+        return np.concatenate(self.parts) if self.parts else np.zeros((0, self.config.num_perm), np.uint32)
+
+    def canonical(self) -> np.ndarray:
+        """For each text (in the order added) the position of its canonical text (itself if none)."""
+        signatures = self.signatures()
+        n = len(signatures)
+        parent = np.arange(n)
+        if n == 0:
+            return parent
+        pairs = []
+        for band in range(self.bands):
+            columns = np.ascontiguousarray(signatures[:, band * self.rows : (band + 1) * self.rows]).astype(np.uint64)
+            key = np.zeros(n, np.uint64)
+            with np.errstate(over="ignore"):
+                for column in columns.T:
+                    key = key * _MIX + column
+            order = np.argsort(key, kind="stable")
+            ordered = key[order]
+            new_bucket = np.r_[True, ordered[1:] != ordered[:-1]]
+            first = order[np.flatnonzero(new_bucket)][np.cumsum(new_bucket) - 1]
+            candidate = np.empty(n, np.int64)
+            candidate[order] = first
+            later = np.flatnonzero(candidate < np.arange(n))
+            pairs.append(np.stack([later, candidate[later]], axis=1))
+        pairs = np.unique(np.concatenate(pairs), axis=0)
+        for start in range(0, len(pairs), 65_536):
+            chunk = pairs[start : start + 65_536]
+            similarity = (signatures[chunk[:, 0]] == signatures[chunk[:, 1]]).mean(axis=1)
+            verified = chunk[similarity >= self.accept]
+            np.minimum.at(parent, verified[:, 0], verified[:, 1])
+        while True:  # point every text at the root of its chain
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand

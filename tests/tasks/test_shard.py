@@ -4,7 +4,9 @@ from tasks.shard import cut_shards, shard_key
 
 
 def table(keys: list[str]) -> pa.Table:
-    return pa.table({"request_key": keys, "prompt": keys, "messages": [None] * len(keys), "custom_id": keys})
+    return pa.table(
+        {"request_key": keys, "prompt": keys, "messages": [None] * len(keys), "overrides": [None] * len(keys), "custom_id": keys}
+    )
 
 
 def test_shards_have_the_configured_size_across_input_batches():
@@ -12,7 +14,7 @@ def test_shards_have_the_configured_size_across_input_batches():
     shards = list(cut_shards(batches, shard_size=4))
     assert [s.num_rows for s in shards] == [4, 4, 4]
     assert sum((s["request_key"].to_pylist() for s in shards), []) == [f"k{i}" for i in range(12)]
-    assert shards[0].column_names == ["request_key", "prompt", "messages"]  # nothing dataset-specific
+    assert shards[0].column_names == ["request_key", "prompt", "messages", "overrides"]  # nothing dataset-specific
 
 
 def test_shard_key_is_content_addressed():
