@@ -83,10 +83,10 @@ class DatasetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> DatasetSpec:
-        if self.format == "openai_batch":
-            return self  # each line says itself what it sends
-        sources = [self.prompt_column, self.prompt_template, self.messages_column]
-        if sum(source is not None for source in sources) != 1:
+        given = sum(source is not None for source in (self.prompt_column, self.prompt_template, self.messages_column))
+        # OpenAI batch lines say themselves what they send (format auto may turn out to be one).
+        maybe_openai = self.format == "openai_batch" or (self.format == "auto" and not self.source.endswith(".parquet"))
+        if given > 1 or (given == 0 and not maybe_openai):
             raise ValueError("set exactly one of prompt_column, prompt_template or messages_column")
         return self
 

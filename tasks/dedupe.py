@@ -21,7 +21,9 @@ def normalize(texts: pa.Array, case_fold: bool = False) -> pa.Array:
     ascii_only = pc.all(pc.string_is_ascii(texts)).as_py()
     if not ascii_only:  # NFKC leaves ASCII unchanged: skip its cost for ASCII-only batches
         texts = pc.utf8_normalize(texts, "NFKC")
-    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\s+", " "))
+    texts = pc.replace_substring_regex(texts, r"\s+", " ")
+    # Each message is trimmed too (they are joined with separators, see render.dedupe_text).
+    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r" ?([\x1e\x1f]) ?", r"\1"))
     return pc.utf8_lower(texts) if case_fold else texts
 
 

@@ -382,6 +382,11 @@ def check_dataset(spec: DatasetSpec) -> Dataset:
     spec = spec.model_copy(update={"format": format_of(spec, files)})
     if spec.format == "openai_batch" and spec.id_column not in (None, "custom_id"):
         raise SpecError(f"dataset {spec.name}: OpenAI batch input has its ids in custom_id; leave id_column unset")
+    if spec.format != "openai_batch" and not (spec.prompt_column or spec.prompt_template or spec.messages_column):
+        raise SpecError(
+            f"dataset {spec.name}: {files[0]} is {spec.format}, not OpenAI batch input: "
+            "set one of prompt_column, prompt_template or messages_column"
+        )
     if spec.format != "parquet":
         return Dataset(spec, files, [])
     sources = open_parquet(spec, files)

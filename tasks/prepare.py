@@ -95,7 +95,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
         rejected_files=rejected_files,
         rows_read=rows_read,
         requests=requests,
-        unique_requests=sum(pc.sum(pc.is_null(files.read_parquet(f, ["duplicate_of"])["duplicate_of"])).as_py() for f in request_files),
+        unique_requests=sum(files.read_parquet(f, ["duplicate_of"])["duplicate_of"].null_count for f in request_files),
         rejected=rejected_count,
         validation=validator.report(),
     )
@@ -184,7 +184,7 @@ def write_shards(
         params = {"files": request_set.request_files}
         if results:
             params |= {"fp": model_fingerprint, "sh": sampling_hash}
-        reader = con.execute(unique_requests_sql(results, sharding.group_prefixes), params).fetch_record_batch(65_536)
+        reader = con.sql(unique_requests_sql(results, sharding.group_prefixes), params=params).to_arrow_reader(65_536)
         shards = []
         pending = 0
         for table in cut_shards((pa.Table.from_batches([b]) for b in reader), sharding.shard_size, sharding.max_shard_tokens):

@@ -1,6 +1,8 @@
+import unicodedata
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -52,7 +54,8 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
 ):
     source = pq.read_table(sample_slice.source).to_pylist()
     blank = sum(1 for row in source if not (row["prompt"] or "").strip())
-    distinct = len({row["prompt"] for row in source if (row["prompt"] or "").strip()})
+    # duplicates are found after NFKC and whitespace folding
+    distinct = len({" ".join(unicodedata.normalize("NFKC", row["prompt"]).split()) for row in source if (row["prompt"] or "").strip()})
 
     first = run(sample_slice, tiny_model, store)
 
@@ -66,13 +69,14 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
         store,
         "SELECT count(*) FROM outputs o JOIN requests q USING (request_key, custom_id) WHERE q.duplicate_of IS NULL",
     ) == [(distinct,)]
-    # every duplicate points at a canonical request with the same content
+    # every duplicate points at a canonical request, and gets its answer
     assert query(
         store,
         """SELECT count(*) FROM requests d JOIN requests c
            ON c.dataset_version = d.dataset_version AND c.custom_id = d.duplicate_of
-           WHERE c.request_key = d.request_key AND c.duplicate_of IS NULL""",
+           WHERE c.duplicate_of IS NULL""",
     ) == [(first.duplicates,)]
+    assert query(store, "SELECT count(*), count(text) FROM run_outputs") == [(first.requests, first.requests)]
     assert query(store, "SELECT count(*) FROM rejected_rows WHERE field = 'prompt'") == [(blank,)]
     # counts on the run row match the rows
     (run_row,) = query(store, "SELECT outputs, errors, unique_requests, duplicates, shards, completion_tokens FROM runs")
@@ -90,14 +94,21 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
     sent_before = engine_module.get_engine(tiny_model).requests_sent
     second = run(sample_slice, tiny_model, store)
 
-    assert second.cached_shards == second.shards == first.shards
-    assert second.engine_requests == 0
+    # every request already has its output in DuckDB: nothing is sharded or sent
+    assert (second.shards, second.engine_requests, second.reused_requests) == (0, 0, distinct)
     assert engine_module.get_engine(tiny_model).requests_sent == sent_before  # the engine saw nothing
-    assert second.outputs == first.outputs and second.dataset_version == first.dataset_version
+    assert second.dataset_version == first.dataset_version
     after = snapshot(store.duckdb_path)
-    assert {t for t in TABLES if after[t] != before[t]} == {"runs", "run_shards"}  # only its own run
+    assert {t for t in TABLES if after[t] != before[t]} == {"runs"}  # only its own run
     assert len(after["runs"]) == 2
-    assert query(store, "SELECT bool_and(cached) FROM run_shards WHERE run_id = ?", [second.run_id]) == [(True,)]
+    assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(first.requests,)]
+
+    # a new results file on the same storage: every shard comes from Prefect's cache
+    elsewhere = store.model_copy(update={"duckdb_path": str(Path(store.duckdb_path).with_name("other.duckdb"))})
+    third = run(sample_slice, tiny_model, elsewhere)
+    assert third.cached_shards == third.shards == first.shards and third.engine_requests == 0
+    assert engine_module.get_engine(tiny_model).requests_sent == sent_before
+    assert third.outputs == first.outputs
 
 
 def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefect_harness, tiny_model, tmp_path, store):
@@ -113,3 +124,22 @@ def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefec
         run(wrong_column, tiny_model, store)
     assert not Path(store.duckdb_path).exists()
     assert not list(Path(store.storage).rglob("*.parquet"))
+
+
+def test_appending_one_percent_of_rows_sends_only_the_new_requests(prefect_harness, tiny_model, tmp_path, store):
+    rows = pq.read_table(SAMPLE_PARQUET).slice(0, 400)
+    base = tmp_path / "grow" / "part-0.parquet"
+    base.parent.mkdir()
+    pq.write_table(rows.select(["id", "prompt"]), base)
+    dataset = DatasetSpec(name="grow", source=str(base.parent), id_column="id", prompt_column="prompt")
+    first = run(dataset, tiny_model, store)
+
+    appended = pa.table({"id": [f"new-{i}" for i in range(4)], "prompt": [f"A brand new question number {i}?" for i in range(4)]})
+    pq.write_table(appended.cast(rows.select(["id", "prompt"]).schema), base.parent / "part-1.parquet")
+    sent_before = engine_module.get_engine(tiny_model).requests_sent
+    second = run(dataset, tiny_model, store)
+
+    assert engine_module.get_engine(tiny_model).requests_sent - sent_before == 4  # only the 1% appended
+    assert (second.engine_requests, second.reused_requests) == (4, first.unique_requests)
+    assert second.unique_requests == first.unique_requests + 4
+    assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(second.requests,)]

@@ -27,3 +27,11 @@ def test_appending_rows_keeps_the_earlier_full_shards():
     before = [s["request_key"].to_pylist() for s in cut_shards([table(list("abcdefg"))], 3)]
     after = [s["request_key"].to_pylist() for s in cut_shards([table(list("abcdefgh"))], 3)]
     assert before[:2] == after[:2]
+
+
+def test_a_token_budget_closes_shards_early_and_an_oversized_request_gets_its_own():
+    def costed(keys, tokens):
+        return table(keys).append_column("approx_tokens", pa.array(tokens, pa.int64()))
+
+    shards = list(cut_shards([costed(list("abcde"), [5, 5, 20, 1, 1]), costed(list("fg"), [3, 3])], 3, max_shard_tokens=10))
+    assert [s["request_key"].to_pylist() for s in shards] == [["a", "b"], ["c"], ["d", "e", "f"], ["g"]]
