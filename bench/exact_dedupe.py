@@ -29,19 +29,11 @@ from tasks.dedupe import ExactDeduper  # noqa: E402
 
 def ours(path: Path) -> int:
     deduper = ExactDeduper(id_field="id", config=DedupeConfig())
-    duplicates = first_row = 0
+    duplicates = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id", "prompt"]):
-        table = pa.table(
-            {
-                "custom_id": batch["id"],
-                "dedupe_text": batch["prompt"],
-                "source_file": pa.repeat(str(path), batch.num_rows) if hasattr(pa, "repeat") else pa.array([str(path)] * batch.num_rows),
-                "source_row": pa.array(range(first_row, first_row + batch.num_rows), pa.int64()),
-            }
-        )
+        table = pa.table({"custom_id": batch["id"], "dedupe_text": batch["prompt"]})
         marked, _ = deduper.mark(table)
         duplicates += marked.num_rows - marked["duplicate_of"].null_count
-        first_row += batch.num_rows
     return duplicates
 
 

@@ -1,11 +1,13 @@
 """Dedupe: requests with the same (normalized) content share one canonical request and one output.
 
-Exact: the text after Unicode NFKC, whitespace folding and optional case folding, hashed to 16
-bytes; the state across batches is one dict of those keys, so memory is ~100 bytes per unique
+Exact: the text after Unicode NFKC, whitespace folding and optional case folding (lower case),
+hashed to 16 bytes; the state across batches is one dict of those keys, so memory is ~100 bytes per unique
 request. Near-duplicates: MinHash LSH over word shingles (see `near_duplicates`).
 """
 
 from __future__ import annotations
+
+import unicodedata
 
 import numpy as np
 import pyarrow as pa
@@ -16,25 +18,45 @@ from tasks.config import DedupeConfig
 from tasks.load import REJECTED_SCHEMA
 
 
-def normalize(texts: pa.Array, case_fold: bool = False) -> pa.Array:
-    """NFKC, runs of whitespace folded to one space, trimmed; vectorized in Arrow."""
-    ascii_only = pc.all(pc.string_is_ascii(texts)).as_py()
-    if not ascii_only:  # NFKC leaves ASCII unchanged: skip its cost for ASCII-only batches
-        texts = pc.utf8_normalize(texts, "NFKC")
-    texts = pc.replace_substring_regex(texts, r"\s+", " ")
-    # Each message is trimmed too (they are joined with separators, see render.dedupe_text).
-    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r" ?([\x1e\x1f]) ?", r"\1"))
-    return pc.utf8_lower(texts) if case_fold else texts
+def fold(text: str) -> str:
+    """NFKC, then runs of whitespace folded to one space and the ends trimmed."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.split())
 
 
-def text_keys(texts: pa.Array) -> list[bytes]:
-    """16-byte keys (xxh3-128): collisions are out of reach at any dataset size we will see."""
-    digest = xxhash.xxh3_128_digest
-    return [digest(text.encode()) for text in texts.to_pylist()]
+def needs_folding(texts: pa.Array) -> np.ndarray:
+    """Rows that fold() could change, found over the Arrow buffers in numpy so clean text costs ~nothing.
+
+    A row is a suspect when it holds a control byte (tabs, newlines...), a non-ASCII byte (maybe
+    Unicode whitespace, maybe NFKC work), two spaces in a row, or a space at either end.
+    """
+    if len(texts) == 0:
+        return np.zeros(0, np.int64)
+    if not pa.types.is_large_string(texts.type):
+        texts = texts.cast(pa.large_string())
+    offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = np.frombuffer(texts.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    special = np.flatnonzero(data.view(np.int8) < 32)  # bytes < 0x20 and >= 0x80 in one comparison
+    space = data == 32
+    double = np.flatnonzero(space[1:] & space[:-1])
+    rows = np.searchsorted(offsets, np.concatenate([special, double]), side="right") - 1
+    filled = np.flatnonzero(offsets[1:] > offsets[:-1])
+    edges = filled[space[offsets[filled]] | space[offsets[filled + 1] - 1]]
+    return np.union1d(rows, edges)
 
 
 def dedupe_keys(texts: pa.Array, config: DedupeConfig) -> list[bytes]:
-    return text_keys(normalize(texts, config.case_fold) if config.normalize else texts)
+    """16-byte keys (xxh3-128) of the normalized texts: collisions are out of reach at any dataset size."""
+    if config.normalize and config.case_fold:
+        texts = pc.utf8_lower(texts)
+    raw = texts.cast(pa.large_binary()).to_pylist()  # bytes: hashed as they are, no re-encoding
+    if config.normalize:
+        for row in needs_folding(texts):
+            raw[row] = fold(raw[row].decode()).encode()
+    digest = xxhash.xxh3_128_digest
+    return [digest(text) for text in raw]
 
 
 class ExactDeduper:
@@ -50,36 +72,51 @@ class ExactDeduper:
         self.id_field = id_field
         self.config = config or DedupeConfig()
         self.canonical_by_key: dict[bytes, str] = {}
-        self.seen_ids: dict[bytes, int] = {}
+        self.seen_ids: set[str] = set()
+        self.repeats: dict[str, int] = {}  # how often a repeated id was seen
 
     def mark(self, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
         text = requests["dedupe_text"] if "dedupe_text" in requests.column_names else requests["request_key"]
         keys = dedupe_keys(text.combine_chunks(), self.config)
         custom_ids = requests["custom_id"].to_pylist()
-        keep = np.ones(len(custom_ids), dtype=bool)
-        duplicate_of: list[str | None] = []
         rejected: list[int] = []
-        renamed = False
-        for row, (custom_id, key) in enumerate(zip(custom_ids, keys)):
-            id_key = xxhash.xxh3_128_digest(custom_id.encode())
-            seen = self.seen_ids.get(id_key, 0)
-            self.seen_ids[id_key] = seen + 1
-            if seen and self.id_field:
-                keep[row] = False
-                rejected.append(row)
-                continue
-            if seen:
-                custom_ids[row] = custom_id = f"{custom_id}-{seen + 1}"
-                renamed = True
-            canonical = self.canonical_by_key.setdefault(key, custom_id)
-            duplicate_of.append(None if canonical == custom_id else canonical)
-        if renamed:
-            requests = requests.set_column(requests.schema.get_field_index("custom_id"), "custom_id", pa.array(custom_ids, pa.string()))
-        kept = requests.filter(pa.array(keep))
-        marked = kept.append_column("duplicate_of", pa.array(duplicate_of, type=pa.string()))
-        return marked, self.rejected_ids(requests.take(pa.array(rejected, pa.int64())))
+        if self.seen_ids.isdisjoint(custom_ids) and len(set(custom_ids)) == len(custom_ids):  # the usual case, in C
+            self.seen_ids.update(custom_ids)
+        else:
+            custom_ids, rejected = self.settle_repeated_ids(custom_ids)
+            requests = requests.set_column(
+                requests.schema.get_field_index("custom_id"), "custom_id", pa.array(custom_ids, pa.string())
+            )
+        if rejected:
+            kept = sorted(set(range(len(custom_ids))) - set(rejected))
+            keys, custom_ids = [keys[i] for i in kept], [custom_ids[i] for i in kept]
+            marked = requests.take(pa.array(kept, pa.int64()))
+        else:
+            marked = requests
+        canonical = self.canonical_by_key.setdefault
+        duplicate_of = [None if (first := canonical(key, custom_id)) is custom_id else first for key, custom_id in zip(keys, custom_ids)]
+        marked = marked.append_column("duplicate_of", pa.array(duplicate_of, type=pa.string()))
+        return marked, self.rejected_ids(requests.take(pa.array(rejected, pa.int64())) if rejected else None)
 
-    def rejected_ids(self, rows: pa.Table) -> pa.Table:
+    def settle_repeated_ids(self, custom_ids: list[str]) -> tuple[list[str], list[int]]:
+        """Row by row: a repeated id is rejected, or numbered when ids are derived from content."""
+        custom_ids = list(custom_ids)
+        rejected = []
+        for row, custom_id in enumerate(custom_ids):
+            seen = self.repeats.get(custom_id, 1 if custom_id in self.seen_ids else 0)
+            if seen:
+                self.repeats[custom_id] = seen + 1
+            self.seen_ids.add(custom_id)
+            if seen and self.id_field:
+                rejected.append(row)
+            elif seen:
+                custom_ids[row] = f"{custom_id}-{seen + 1}"
+                self.seen_ids.add(custom_ids[row])
+        return custom_ids, rejected
+
+    def rejected_ids(self, rows: pa.Table | None) -> pa.Table:
+        if rows is None:
+            return REJECTED_SCHEMA.empty_table()
         return pa.table(
             {
                 "source_file": rows["source_file"],
@@ -176,7 +213,10 @@ class NearDuplicateIndex:
             open(scratch_file, "wb").close()
 
     def add(self, texts: pa.Array, chunk: int = 8192) -> None:
-        texts = normalize(texts, case_fold=True)
+        # Shingles split on whitespace anyway: NFKC and lower case are all the normalizing needed.
+        if not pc.all(pc.string_is_ascii(texts)).as_py():
+            texts = pc.utf8_normalize(texts, "NFKC")
+        texts = pc.utf8_lower(texts)
         for start in range(0, len(texts), chunk):
             shingles, offsets = shingle_hashes(texts.slice(start, chunk), self.config.shingle_size)
             matrix = self.rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, offsets, self.config.num_perm, self.seed)

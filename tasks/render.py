@@ -70,11 +70,18 @@ def request_content(
 
 
 def dedupe_text(content: dict) -> str:
-    """The content as text with unit/record separators, which whitespace folding leaves alone."""
-    parts = [f"{m['role']}\x1f{m['content']}" for m in content["messages"]] if "messages" in content else [content["prompt"]]
+    """The content as one text for dedupe, DEL (0x7f) between role and content and between messages.
+
+    DEL is no whitespace, so folding keeps it; the spaces around it make folding trim each message
+    (" hi " and "hi" compare equal).
+    """
+    if "messages" in content:
+        parts = [f"{m['role']}\x7f {m['content']} " for m in content["messages"]]
+    else:
+        parts = [content["prompt"]]
     if "overrides" in content:
-        parts.append(json.dumps(content["overrides"], sort_keys=True))
-    return "\x1e".join(parts)
+        parts.append(" " + json.dumps(content["overrides"], sort_keys=True))
+    return "\x7f\x7f".join(parts)
 
 
 class RowError(ValueError):
