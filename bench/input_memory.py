@@ -37,7 +37,8 @@ def prepare(rows: int, data_dir: Path, near: bool) -> dict:
     with tempfile.TemporaryDirectory() as work:
         request_set = write_requests.fn(dataset, "chat", f"{work}/work", 4096)
         store = StoreConfig(duckdb_path=f"{work}/none.duckdb", storage=f"{work}/storage")
-        plan = write_shards.fn(request_set, ShardingConfig(shard_size=2048, max_shard_tokens=200_000), store, "fp", "sh")
+        sharding = ShardingConfig(shard_size=2048, max_shard_tokens=200_000)
+        plan = write_shards.fn(request_set, sharding, store, "fp", "sh", f"{work}/work")
     return {
         "rows": rows,
         "seconds": time.perf_counter() - started,

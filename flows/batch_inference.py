@@ -55,7 +55,7 @@ def batch_inference(
     publish_validation(request_set, dataset.name)
     check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
-    plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling))
+    plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
 
     generate = generate_shard.with_options(result_storage=result_storage(store.storage))
     futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]

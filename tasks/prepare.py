@@ -6,6 +6,7 @@ The tasks here return small manifests (paths, keys, counts); the rows stay in fi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -20,7 +21,7 @@ from tasks.config import DatasetSpec, ShardingConfig, SpecError, StoreConfig
 from tasks.dedupe import ExactDeduper, NearDuplicateIndex
 from tasks.load import check_dataset, iter_batches
 from tasks.render import Mode, Renderer, content_hash, template_hash
-from tasks.shard import SHARD_COLUMNS, Shard, cut_shards, shard_key
+from tasks.shard import PREFIX_BUCKET_ROWS, SHARD_COLUMNS, Shard, cut_shards, order_by_prefix, shard_key
 from tasks.validate import Validator
 
 
@@ -56,6 +57,10 @@ class DatasetVersioner:
         return self.digest.hexdigest()
 
 
+# Rows per batch: Python objects exist for one batch at a time, so this bounds the working memory.
+BATCH_ROWS = 32_768
+
+
 @task(name="write-requests")
 def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_tokens: int | None = None) -> RequestSet:
     """Load, render, validate and dedupe the dataset into request and rejected-row Parquet parts."""
@@ -69,7 +74,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
     request_files: list[str] = []
     rejected_files: list[str] = []
     rows_read = requests = rejected_count = 0
-    for part, batch in enumerate(iter_batches(source)):
+    for part, batch in enumerate(iter_batches(source, batch_size=BATCH_ROWS)):
         rendered, rejected = renderer.render(batch)
         valid, failed = validator.validate(rendered)
         marked, duplicate_ids = deduper.mark(valid)
@@ -138,65 +143,58 @@ class ShardPlan(BaseModel):
     reused_requests: int  # unique requests answered by outputs already in DuckDB (not sent again)
 
 
-def unique_requests_sql(results: str | None, group_prefixes: bool) -> str:
-    """The query for the unique requests still to compute, in shard order."""
-    skip = (
-        "AND request_key NOT IN (SELECT request_key FROM results.outputs "
-        "WHERE model_fingerprint = $fp AND sampling_hash = $sh)"
-        if results
-        else ""
-    )
-    # Sorting by the text puts prompts that share a prefix (system prompt, template head) side by side.
-    order = "ORDER BY dedupe_text, request_key" if group_prefixes else ""
-    columns = ", ".join([*SHARD_COLUMNS, "approx_tokens"])
-    return (
-        f"SELECT {columns} FROM (SELECT *, ceil(length(dedupe_text) / 4)::BIGINT AS approx_tokens "
-        f"FROM read_parquet($files) WHERE duplicate_of IS NULL {skip}) {order}"
-    )
-
-
-def results_with_outputs(duckdb_path: str | None) -> str | None:
-    """The results file when it has an outputs table; None for a first run."""
-    if not duckdb_path or not Path(duckdb_path).is_file():
+def answered_keys(duckdb_path: str, model_fingerprint: str, sampling_hash: str) -> pa.Array | None:
+    """Request keys that already have outputs for this model and sampling (read-only; None on a first run)."""
+    if not Path(duckdb_path).is_file():
         return None
     with duckdb.connect(duckdb_path, read_only=True) as con:
-        found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchone()[0]
-    return duckdb_path if found else None
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchone()[0]:
+            return None
+        keys = con.execute(
+            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
+            [model_fingerprint, sampling_hash],
+        ).to_arrow_table()["request_key"]
+    return keys.combine_chunks() if len(keys) else None
+
+
+def pending_requests(request_set: RequestSet, answered: pa.Array | None) -> Iterator[pa.Table]:
+    """The canonical requests still without an output, with their approximate tokens."""
+    for path in request_set.request_files:
+        table = files.read_parquet(path, [*SHARD_COLUMNS, "dedupe_text", "duplicate_of"])
+        keep = pc.is_null(table["duplicate_of"])
+        if answered is not None:
+            keep = pc.and_(keep, pc.invert(pc.is_in(table["request_key"], value_set=answered)))
+        table = table.filter(keep).drop_columns(["duplicate_of"])
+        tokens = pc.ceil(pc.divide(pc.utf8_length(table["dedupe_text"]).cast(pa.float64()), 4)).cast(pa.int64())
+        yield table.append_column("approx_tokens", tokens)
 
 
 @task(name="write-shards")
 def write_shards(
-    request_set: RequestSet, sharding: ShardingConfig, store: StoreConfig, model_fingerprint: str, sampling_hash: str
+    request_set: RequestSet,
+    sharding: ShardingConfig,
+    store: StoreConfig,
+    model_fingerprint: str,
+    sampling_hash: str,
+    work_dir: str,
 ) -> ShardPlan:
     """Cut the unique requests not yet answered into shard files named by their content.
 
     Requests with outputs for this model and sampling in the results file are left out (an
     incremental re-run computes only new requests); the file is read read-only.
     """
-    if not request_set.request_files:
-        return ShardPlan(shards=[], reused_requests=0)
-    results = results_with_outputs(store.duckdb_path)
-    con = duckdb.connect()
-    try:
-        con.execute("SET threads = 2; SET memory_limit = '512MB'; SET preserve_insertion_order = true")
-        if results:
-            con.execute(f"ATTACH '{results}' AS results (READ_ONLY)")
-        params = {"files": request_set.request_files}
-        if results:
-            params |= {"fp": model_fingerprint, "sh": sampling_hash}
-        reader = con.sql(unique_requests_sql(results, sharding.group_prefixes), params=params).to_arrow_reader(65_536)
-        shards = []
-        pending = 0
-        for table in cut_shards((pa.Table.from_batches([b]) for b in reader), sharding.shard_size, sharding.max_shard_tokens):
-            key = shard_key(table["request_key"].to_pylist())
-            path = files.join(store.storage, "shards", f"{key}.parquet")
-            if not files.exists(path):
-                files.write_parquet(table, path)
-            shards.append(Shard(shard_key=key, path=path, requests=table.num_rows))
-            pending += table.num_rows
-    finally:
-        con.close()
-    return ShardPlan(shards=shards, reused_requests=request_set.unique_requests - pending)
+    pending = pending_requests(request_set, answered_keys(store.duckdb_path, model_fingerprint, sampling_hash))
+    if sharding.group_prefixes:
+        buckets = 1 + request_set.unique_requests // PREFIX_BUCKET_ROWS
+        pending = order_by_prefix(pending, files.join(work_dir, "prefix-buckets"), buckets)
+    shards = []
+    for table in cut_shards(pending, sharding.shard_size, sharding.max_shard_tokens):
+        key = shard_key(table["request_key"].to_pylist())
+        path = files.join(store.storage, "shards", f"{key}.parquet")
+        if not files.exists(path):
+            files.write_parquet(table, path)
+        shards.append(Shard(shard_key=key, path=path, requests=table.num_rows))
+    return ShardPlan(shards=shards, reused_requests=request_set.unique_requests - sum(s.requests for s in shards))
 
 
 def rejected_share_error(request_set: RequestSet, dataset: DatasetSpec) -> str | None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
 from pydantic import BaseModel
 
 from tasks.render import content_hash
@@ -13,6 +17,13 @@ from tasks.render import content_hash
 # A shard holds what the engine needs and nothing that names the dataset, so the same requests
 # in another dataset (or another version of this one) map to the same shard and its cached output.
 SHARD_COLUMNS = ["request_key", "prompt", "messages", "overrides"]
+
+
+# Requests are grouped by their first PREFIX_CHARS characters (≈ 64 tokens) into buckets of about
+# PREFIX_BUCKET_ROWS rows, each sorted in memory: prompts sharing a prefix end up side by side
+# without a global sort of the whole dataset.
+PREFIX_CHARS = 256
+PREFIX_BUCKET_ROWS = 131_072
 
 
 class Shard(BaseModel):
@@ -55,3 +66,40 @@ def cut_shards(
                 pending, pending_rows, pending_tokens = [], 0, 0
     if pending_rows:
         yield pa.concat_tables(pending).combine_chunks()
+
+
+def prefix_buckets(texts: pa.Array, buckets: int) -> np.ndarray:
+    """The bucket of each text: a hash of its first PREFIX_CHARS characters, so a shared prefix shares a bucket."""
+    hash64 = xxhash.xxh3_64_intdigest
+    heads = pc.utf8_slice_codeunits(texts, 0, PREFIX_CHARS).to_pylist()
+    return np.fromiter((hash64(head.encode()) % buckets for head in heads), np.int64, len(heads))
+
+
+def order_by_prefix(tables: Iterable[pa.Table], scratch: str, buckets: int) -> Iterator[pa.Table]:
+    """The same rows, those sharing a prefix together: bucketed to scratch files, each bucket sorted by text."""
+    if buckets == 1:
+        table = pa.concat_tables(list(tables))
+        yield from sorted_by_text([table]) if table.num_rows else []
+        return
+    writers: dict[int, pq.ParquetWriter] = {}
+    fs, root = fsspec.core.url_to_fs(scratch)
+    fs.makedirs(root, exist_ok=True)
+    try:
+        for table in tables:
+            assigned = prefix_buckets(table["dedupe_text"].combine_chunks(), buckets)
+            for bucket in np.unique(assigned):
+                if bucket not in writers:
+                    writers[bucket] = pq.ParquetWriter(f"{root}/bucket-{bucket:05d}.parquet", table.schema, filesystem=fs)
+                writers[bucket].write_table(table.filter(pa.array(assigned == bucket)))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for bucket in sorted(writers):
+        path = f"{root}/bucket-{bucket:05d}.parquet"
+        yield from sorted_by_text([pq.read_table(path, filesystem=fs)])
+        fs.rm(path)
+
+
+def sorted_by_text(tables: list[pa.Table]) -> list[pa.Table]:
+    table = pa.concat_tables(tables)
+    return [table.take(pc.sort_indices(table, [("dedupe_text", "ascending"), ("request_key", "ascending")]))]

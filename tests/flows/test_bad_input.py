@@ -138,3 +138,16 @@ def test_bad_rows_are_rejected_with_file_row_and_field_and_nothing_stored_is_los
     assert reasons[4].startswith("prompt too long") and reasons[5] == "line 2: expected text, got an object"
     assert reasons[6].startswith("line 3: not valid JSON") and reasons[7] == "line 4: invalid UTF-8 at byte 28"
     assert (parquet_run.requests, parquet_run.rejected) == (2, 5) and (jsonl_run.requests, jsonl_run.rejected) == (1, 3)
+
+    # the validation result is an artifact of the run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-validation"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parquet_run.run_id])),
+        )
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    budget = next(row for row in table if row["column"] == "approx_tokens")
+    assert (budget["unexpected"], budget["success"]) == (1, False)

@@ -8,7 +8,7 @@ import pytest
 
 from flows.batch_inference import batch_inference
 from tasks import engine as engine_module
-from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, SpecError, StoreConfig
+from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +143,30 @@ def test_appending_one_percent_of_rows_sends_only_the_new_requests(prefect_harne
     assert (second.engine_requests, second.reused_requests) == (4, first.unique_requests)
     assert second.unique_requests == first.unique_requests + 4
     assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(second.requests,)]
+
+
+def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(prefect_harness, tiny_model, tmp_path, store):
+    words = [f"word{i}" for i in range(60)]
+    source = " ".join(words[:40])
+    rows = {
+        "a": source,
+        "b": " ".join(words[:17] + ["CHANGED"] + words[18:40]),  # a near-duplicate of a
+        "c": "  " + source.upper().replace(" ", "\n", 2),  # an exact duplicate of a after normalization and case
+        "d": " ".join(words[20:60]),  # unrelated
+    }
+    path = tmp_path / "near.parquet"
+    pq.write_table(pa.table({"id": list(rows), "prompt": list(rows.values())}), path)
+    dataset = DatasetSpec(
+        name="near", source=str(path), id_column="id", prompt_column="prompt",
+        dedupe=DedupeConfig(near_duplicates=True, case_fold=True),
+    )  # fmt: skip
+    sent_before = engine_module.get_engine(tiny_model).requests_sent
+    summary = run(dataset, tiny_model, store)
+
+    assert (summary.requests, summary.unique_requests, summary.duplicates) == (4, 2, 2)
+    assert engine_module.get_engine(tiny_model).requests_sent - sent_before == 2
+    assert query(store, "SELECT custom_id, duplicate_of FROM requests ORDER BY custom_id") == [
+        ("a", None), ("b", "a"), ("c", "a"), ("d", None)
+    ]
+    answers = dict(query(store, "SELECT custom_id, output_id FROM run_outputs"))
+    assert len(answers) == 4 and answers["b"] == answers["c"] == answers["a"] != answers["d"]
