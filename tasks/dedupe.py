@@ -7,6 +7,7 @@ request. Near-duplicates: MinHash LSH over word shingles (see `near_duplicates`)
 
 from __future__ import annotations
 
+import os
 import unicodedata
 
 import numpy as np
@@ -191,8 +192,9 @@ def error_fn(p: np.ndarray, grid: np.ndarray, threshold: float) -> float:
 class NearDuplicateIndex:
     """Collects MinHash signatures batch by batch, then finds each text's canonical (earliest) near-duplicate.
 
-    Signatures go to a scratch file (4 bytes × num_perm per text) rather than RAM, so a million
-    texts cost a few hundred MB of disk and a few tens of MB of memory.
+    In memory: one 8-byte LSH key per band per text (~110 MB per million texts). The signatures
+    themselves (4 bytes × num_perm per text) go to a scratch file and are read back only for the
+    candidate pairs.
     """
 
     def __init__(self, config: DedupeConfig, scratch_file: str | None = None, seed: int = 42):
@@ -207,7 +209,8 @@ class NearDuplicateIndex:
         t = config.threshold
         self.accept = t - (t * (1 - t) / config.num_perm) ** 0.5
         self.scratch_file = scratch_file
-        self.parts: list[np.ndarray] = []
+        self.in_memory: list[np.ndarray] = []  # the signatures, when there is no scratch file
+        self.band_keys: list[np.ndarray] = []
         self.count = 0
         if scratch_file:
             open(scratch_file, "wb").close()
@@ -222,43 +225,54 @@ class NearDuplicateIndex:
             matrix = self.rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, offsets, self.config.num_perm, self.seed)
             signatures = np.array(matrix.to_rows(), dtype=np.uint32).reshape(-1, self.config.num_perm)
             self.count += len(signatures)
+            self.band_keys.append(self.keys_of(signatures))
             if self.scratch_file:
                 with open(self.scratch_file, "ab") as handle:
                     handle.write(signatures.tobytes())
             else:
-                self.parts.append(signatures)
+                self.in_memory.append(signatures)
 
-    def signatures(self) -> np.ndarray:
-        if self.scratch_file:
-            return np.memmap(self.scratch_file, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm))
-        return np.concatenate(self.parts) if self.parts else np.zeros((0, self.config.num_perm), np.uint32)
+    def keys_of(self, signatures: np.ndarray) -> np.ndarray:
+        """One 64-bit key per band: texts sharing a key in any band are candidate pairs."""
+        keys = np.zeros((len(signatures), self.bands), np.uint64)
+        with np.errstate(over="ignore"):
+            for band in range(self.bands):
+                for column in range(band * self.rows, (band + 1) * self.rows):
+                    keys[:, band] = keys[:, band] * _MIX + signatures[:, column].astype(np.uint64)
+        return keys
+
+    def signatures_of(self, positions: np.ndarray) -> np.ndarray:
+        """The signatures of some texts; from the scratch file row by row, so memory stays small."""
+        if not self.scratch_file:
+            return np.concatenate(self.in_memory)[positions]
+        size = 4 * self.config.num_perm
+        with open(self.scratch_file, "rb") as handle:
+            descriptor = handle.fileno()
+            data = b"".join(os.pread(descriptor, size, int(position) * size) for position in positions)
+        return np.frombuffer(data, np.uint32).reshape(len(positions), self.config.num_perm)
 
     def canonical(self) -> np.ndarray:
         """For each text (in the order added) the position of its canonical text (itself if none)."""
-        signatures = self.signatures()
-        n = len(signatures)
-        parent = np.arange(n)
-        if n == 0:
+        parent = np.arange(self.count)
+        if self.count == 0:
             return parent
+        keys = np.concatenate(self.band_keys)
         pairs = []
         for band in range(self.bands):
-            columns = np.ascontiguousarray(signatures[:, band * self.rows : (band + 1) * self.rows]).astype(np.uint64)
-            key = np.zeros(n, np.uint64)
-            with np.errstate(over="ignore"):
-                for column in columns.T:
-                    key = key * _MIX + column
+            key = np.ascontiguousarray(keys[:, band])
             order = np.argsort(key, kind="stable")
             ordered = key[order]
             new_bucket = np.r_[True, ordered[1:] != ordered[:-1]]
             first = order[np.flatnonzero(new_bucket)][np.cumsum(new_bucket) - 1]
-            candidate = np.empty(n, np.int64)
-            candidate[order] = first
-            later = np.flatnonzero(candidate < np.arange(n))
+            candidate = np.empty(self.count, np.int64)
+            candidate[order] = first  # the earliest text sharing this band's key
+            later = np.flatnonzero(candidate < parent)
             pairs.append(np.stack([later, candidate[later]], axis=1))
+        del keys
         pairs = np.unique(np.concatenate(pairs), axis=0)
         for start in range(0, len(pairs), 65_536):
             chunk = pairs[start : start + 65_536]
-            similarity = (signatures[chunk[:, 0]] == signatures[chunk[:, 1]]).mean(axis=1)
+            similarity = (self.signatures_of(chunk[:, 0]) == self.signatures_of(chunk[:, 1])).mean(axis=1)
             verified = chunk[similarity >= self.accept]
             np.minimum.at(parent, verified[:, 0], verified[:, 1])
         while True:  # point every text at the root of its chain

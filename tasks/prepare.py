@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from pydantic import BaseModel
@@ -49,7 +49,8 @@ class DatasetVersioner:
         self.digest.update(content_hash(settings).encode())  # what decides duplicates and rejections
 
     def add(self, requests: pa.Table, rejected: pa.Table) -> None:
-        for table, columns in ((requests, ["custom_id", "request_key"]), (rejected, ["source_row", "reason"])):
+        request_columns = ["custom_id", "request_key", "reference"] if "reference" in requests.column_names else ["custom_id", "request_key"]
+        for table, columns in ((requests, request_columns), (rejected, ["source_file", "source_row", "reason"])):
             for row in zip(*(table[c].to_pylist() for c in columns)):
                 self.digest.update("\t".join(map(str, row)).encode() + b"\n")
 

@@ -28,7 +28,7 @@ def builtin_expectations(config: ValidationConfig, context_tokens: int | None) -
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "custom_id"}},
         {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "custom_id"}},
         {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "dedupe_text", "min_value": 1}},
-        {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "roles", "regex": f"^({roles})(,({roles}))*$"}},
+        {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "roles", "regex": f"^(?:{roles})(?:,(?:{roles}))*$"}},
     ]
     budget = config.max_prompt_tokens or context_tokens
     if budget:
