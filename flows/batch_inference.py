@@ -7,19 +7,18 @@
 from __future__ import annotations
 
 import argparse
-import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import flow, task
-from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
-from tasks.infer import fingerprint_model, generate_shard, result_storage
-from tasks.engine import sampling_hash
+from tasks.engine import close_engine, sampling_hash
+from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
 from tasks.prepare import check_rejected_share, write_requests, write_shards
-from tasks.report import RunSummary, format_summary, publish_summary, publish_validation, summarize_run
+from tasks.report import RunSummary, StageClock, format_summary, publish_summary, publish_validation, summarize_run
 from tasks.score import DEFAULT_SCORERS, write_scores
 from tasks.store import commit_results
 
@@ -47,28 +46,33 @@ def batch_inference(
     store: StoreConfig = StoreConfig(),
     scorers: list[str] = DEFAULT_SCORERS,
 ) -> RunSummary:
-    started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
     work_dir = files.join(store.storage, "work", run_id)
 
-    request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
-    publish_validation(request_set, dataset.name)
-    check_rejected_share(request_set, dataset)
+    with clock("prepare"):
+        request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
+        publish_validation(request_set, dataset.name)
+        check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
-    plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
-
-    generate = generate_shard.with_options(result_storage=result_storage(store.storage))
-    futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]
-    wait(futures)
-    outputs = [future.result() for future in futures]
-    cached = [future.state.name == "Cached" for future in futures]
-
-    score_files = write_scores(outputs, scorers, store.storage)
+    with clock("shard"):
+        plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
+    with clock("infer"):
+        generate = generate_shard.with_options(
+            result_storage=result_storage(store.storage),
+            retries=sharding.retries,
+            retry_delay_seconds=sharding.retry_delay_seconds,
+        )
+        futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]
+        outputs, cached = collect_shard_outputs(futures, f"{len(plan.shards)} shards of {dataset.name} on {model.model}")
+    with clock("score"):
+        score_files = write_scores(outputs, scorers, store.storage)
     summary = summarize_run(
-        run_id, dataset.name, model.model, fingerprint, request_set, outputs, cached,
-        time.perf_counter() - started, store.duckdb_path, plan.reused_requests,
-    )  # fmt: skip
-    commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
+        run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
+    )
+    with clock("commit"):
+        commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
+    summary.stage_seconds["commit"] = clock.seconds["commit"]
     publish_summary(summary)
     remove_work_files(work_dir)
     return summary
@@ -81,16 +85,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=SamplingConfig().max_tokens)
     parser.add_argument("--shard-size", type=int, default=ShardingConfig().shard_size)
     parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
+    parser.add_argument("--storage", default=StoreConfig().storage, help="shard files and cached results")
+    parser.add_argument("--summary-json", help="also write the run summary to this file")
     args = parser.parse_args()
 
+    model = TINY_CPU_MODEL.model_copy(update={"model": args.model})
     summary = batch_inference(
         dataset=DatasetSpec.from_yaml(args.spec) if args.spec else SAMPLE_DATASET,
-        model=TINY_CPU_MODEL.model_copy(update={"model": args.model}),
+        model=model,
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         sharding=ShardingConfig(shard_size=args.shard_size),
-        store=StoreConfig(duckdb_path=args.duckdb),
+        store=StoreConfig(duckdb_path=args.duckdb, storage=args.storage),
     )
     print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
+    close_engine()
 
 
 if __name__ == "__main__":

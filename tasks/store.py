@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -145,6 +146,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             FROM runs;
         """,
     ),
+]
+MIGRATIONS.append(
+    (
+        2,
+        "inference details: logprobs, latency, batch sizes, stage timings",
+        """
+        ALTER TABLE outputs ADD COLUMN mean_logprob DOUBLE;
+        ALTER TABLE outputs ADD COLUMN latency_seconds DOUBLE;
+        ALTER TABLE run_shards ADD COLUMN batch_size INTEGER;
+        ALTER TABLE run_shards ADD COLUMN max_num_seqs INTEGER;
+        ALTER TABLE run_shards ADD COLUMN engine_load_seconds DOUBLE;
+        ALTER TABLE runs ADD COLUMN stage_seconds JSON;
+        """,
+    )
+)
+MIGRATIONS.append(
     (
         4,
         "per-request overrides and references; duplicates answered through duplicate_of",
@@ -158,7 +175,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE VIEW run_outputs AS
             SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o.text, o.finish_reason,
                    o.prompt_tokens, o.completion_tokens, o.error_code, o.error, o.output_id,
-                   o.run_id AS produced_by_run_id, q.request_key, q.dataset_version
+                   o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds
             FROM runs r
             JOIN requests q ON q.dataset_version = r.dataset_version
             LEFT JOIN requests c ON c.dataset_version = q.dataset_version AND c.custom_id = q.duplicate_of
@@ -166,8 +183,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
                           AND o.model_fingerprint = r.model_fingerprint
                           AND o.sampling_hash = r.sampling_hash;
         """,
-    ),
-]
+    )
+)
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
@@ -249,26 +266,25 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
         insert_row(con, "dataset_versions", dataset)
         if files.requests:
             con.execute(
-                "INSERT INTO requests (dataset_version, custom_id, request_key, prompt, messages, duplicate_of, "
-                "source_file, source_row, overrides, reference) SELECT $dv, custom_id, request_key, prompt, messages, "
-                "duplicate_of, source_file, source_row, overrides, reference "
-                "FROM read_parquet($files, union_by_name = true) ON CONFLICT DO NOTHING",
+                "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
+                "messages, duplicate_of, source_file, source_row, overrides, reference "
+                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
                 {"dv": keys["dv"], "files": files.requests},
             )
         if files.rejected:
             con.execute(
-                "INSERT INTO rejected_rows SELECT $dv, source_file, source_row, custom_id, field, reason "
-                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
+                "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
                 {"dv": keys["dv"], "files": files.rejected},
             )
         if files.outputs:
             con.execute(
                 f"""
-                INSERT INTO outputs
-                SELECT {OUTPUT_ID_SQL.format(t="o", fp="fp", sh="sh")}, o.request_key, $fp, $sh, o.sample_index,
-                       $run, $dv, q.custom_id, o.shard_key, o.output_key, o.text, o.finish_reason,
-                       o.prompt_tokens, o.completion_tokens, o.error_code, o.error, current_timestamp
-                FROM read_parquet($files) o
+                INSERT INTO outputs BY NAME
+                SELECT {OUTPUT_ID_SQL.format(t="o", fp="fp", sh="sh")} AS output_id, o.* EXCLUDE (request_key),
+                       o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
+                       $dv AS dataset_version, q.custom_id
+                FROM read_parquet($files, union_by_name = true) o
                 JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
                                AND q.duplicate_of IS NULL
                 ON CONFLICT DO NOTHING
@@ -278,10 +294,10 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
         if files.scores:
             con.execute(
                 f"""
-                INSERT INTO scores
-                SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")}, s.scorer, s.scorer_version, s.value,
-                       s.label, $run, current_timestamp
-                FROM read_parquet($files) s
+                INSERT INTO scores BY NAME
+                SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")} AS output_id, s.scorer, s.scorer_version,
+                       s.value, s.label, $run AS run_id
+                FROM read_parquet($files, union_by_name = true) s
                 ON CONFLICT DO NOTHING
                 """,
                 {"fp": keys["fp"], "sh": keys["sh"], "run": keys["run"], "files": files.scores},
@@ -327,13 +343,14 @@ def run_row(
     started_at: datetime,
     finished_at: datetime,
 ) -> dict:
-    counts = summary.model_dump(exclude={"model", "dataset_name", "duckdb_path"})
+    counts = summary.model_dump(exclude={"model", "engine", "dataset_name", "duckdb_path", "stage_seconds"})
     return {
         **counts,
         "dataset_name": summary.dataset_name,
         "model": model.model,
-        "engine": "vllm",
+        "engine": model.engine,
         "engine_args": model.model_dump_json(),
+        "stage_seconds": json.dumps(summary.stage_seconds),
         "sampling_params": sampling.model_dump_json(),
         "sampling_hash": sampling_hash(sampling),
         "template_hash": template_hash,
@@ -347,7 +364,7 @@ def run_row(
 def shard_rows(outputs: list[ShardOutput], cached: list[bool]) -> list[dict]:
     return [
         {
-            **output.model_dump(include={"shard_key", "output_key", "requests", "errors", "prompt_tokens", "completion_tokens", "generate_seconds"}),
+            **output.model_dump(exclude={"path", "outputs"}),
             "cached": was_cached,
         }
         for output, was_cached in zip(outputs, cached)

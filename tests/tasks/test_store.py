@@ -69,7 +69,7 @@ def test_migrations_are_recorded_and_run_once(tmp_path):
     con = connect(tmp_path / "r.duckdb")
     assert migrate(con) == LATEST_VERSION
     assert migrate(con) == LATEST_VERSION
-    assert con.execute("SELECT version FROM schema_migrations").fetchall() == [(v,) for v, _, _ in MIGRATIONS]
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [(v,) for v, _, _ in MIGRATIONS]
     names = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert set(TABLES) | {"schema_migrations", "run_outputs", "run_summary"} <= names
 
