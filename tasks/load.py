@@ -400,3 +400,26 @@ def iter_batches(dataset: Dataset, batch_size: int = 65_536) -> Iterator[SourceB
         yield from iter_parquet_batches(dataset.spec, dataset.parquet, batch_size)
     else:
         yield from iter_jsonl_batches(dataset.spec, dataset.files, dataset.spec.format, batch_size)
+
+
+def prefetch(batches: Iterator[SourceBatch], depth: int = 2) -> Iterator[SourceBatch]:
+    """Read ahead in a thread: Arrow decodes without the GIL, so reading overlaps the Python work on the previous batch."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                ready.put(batch)
+        except BaseException as error:  # handed to the consumer, raised there
+            ready.put(error)
+        ready.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="prefetch-batches").start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

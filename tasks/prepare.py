@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from tasks import files
 from tasks.config import DatasetSpec, ShardingConfig, SpecError, StoreConfig
 from tasks.dedupe import ExactDeduper, NearDuplicateIndex
-from tasks.load import check_dataset, iter_batches
+from tasks.load import check_dataset, iter_batches, prefetch
 from tasks.render import Mode, Renderer, content_hash, template_hash
 from tasks.shard import PREFIX_BUCKET_ROWS, SHARD_COLUMNS, Shard, cut_shards, order_by_prefix, shard_key
 from tasks.validate import Validator
@@ -75,7 +75,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
     request_files: list[str] = []
     rejected_files: list[str] = []
     rows_read = requests = rejected_count = 0
-    for part, batch in enumerate(iter_batches(source, batch_size=BATCH_ROWS)):
+    for part, batch in enumerate(prefetch(iter_batches(source, batch_size=BATCH_ROWS))):
         rendered, rejected = renderer.render(batch)
         valid, failed = validator.validate(rendered)
         marked, duplicate_ids = deduper.mark(valid)
