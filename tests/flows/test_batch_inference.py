@@ -1,3 +1,4 @@
+import json
 import unicodedata
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from flows.batch_inference import batch_inference
 from tasks import engine as engine_module
-from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig
+from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig, ValidationConfig
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +171,24 @@ def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(pre
     ]
     answers = dict(query(store, "SELECT custom_id, output_id FROM run_outputs"))
     assert len(answers) == 4 and answers["b"] == answers["c"] == answers["a"] != answers["d"]
+
+
+def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harness, tiny_model, tmp_path, store):
+    lines = [
+        {"custom_id": "short", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "any", "messages": [{"role": "user", "content": "Tell me a story"}], "max_completion_tokens": 2}},
+        {"custom_id": "default", "method": "POST", "url": "/v1/completions", "body": {"model": "any", "prompt": "Tell me a story"}},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"model": "any", "input": "no"}},
+    ]  # fmt: skip
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = DatasetSpec(name="openai", source=str(path), validation=ValidationConfig(max_rejected_share=0.5))
+    summary = run(dataset, tiny_model, store)
+
+    assert (summary.requests, summary.rejected) == (2, 1)
+    assert query(store, "SELECT custom_id, overrides FROM requests ORDER BY custom_id") == [
+        ("default", None), ("short", '{"max_tokens": 2}')
+    ]
+    tokens = dict(query(store, "SELECT custom_id, completion_tokens FROM run_outputs"))
+    assert tokens["short"] <= 2 < tokens["default"]  # the run's max_tokens is 8, and random weights rarely stop early
+    assert query(store, "SELECT field, source_row FROM rejected_rows") == [("url", 2)]
