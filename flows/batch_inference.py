@@ -15,10 +15,10 @@ from prefect.runtime import flow_run
 
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
-from tasks.engine import close_engine
+from tasks.engine import close_engine, sampling_hash
 from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
-from tasks.prepare import write_requests, write_shards
-from tasks.report import RunSummary, StageClock, format_summary, publish_summary, summarize_run
+from tasks.prepare import check_rejected_share, write_requests, write_shards
+from tasks.report import RunSummary, StageClock, format_summary, publish_summary, publish_validation, summarize_run
 from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
 from tasks.store import commit_results
 
@@ -51,21 +51,25 @@ def batch_inference(
     work_dir = files.join(store.storage, "work", run_id)
 
     with clock("prepare"):
-        request_set = write_requests(dataset, model.mode, work_dir)
-    with clock("shard"):
-        shards = write_shards(request_set, sharding.shard_size, store.storage)
+        request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
+        publish_validation(request_set, dataset.name)
+        check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
+    with clock("shard"):
+        plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
     with clock("infer"):
         generate = generate_shard.with_options(
             result_storage=result_storage(store.storage),
             retries=sharding.retries,
             retry_delay_seconds=sharding.retry_delay_seconds,
         )
-        futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
-        outputs, cached = collect_shard_outputs(futures, f"{len(shards)} shards of {dataset.name} on {model.model}")
+        futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]
+        outputs, cached = collect_shard_outputs(futures, f"{len(plan.shards)} shards of {dataset.name} on {model.model}")
     with clock("score"):
         score_files = write_scores(outputs, request_set, scorers, store.storage)
-    summary = summarize_run(run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path)
+    summary = summarize_run(
+        run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
+    )
     with clock("commit"):
         commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
     summary.stage_seconds["commit"] = clock.seconds["commit"]

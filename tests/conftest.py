@@ -81,6 +81,7 @@ def commit_inputs(tmp_path):
             "request_key": ["k1", "k2", "k1"],
             "prompt": ["p1", "p2", "p1"],
             "messages": [None, None, None],
+            "overrides": pa.array([None, None, None], pa.string()),
             "source_file": ["f"] * 3,
             "source_row": [0, 1, 2],
             "duplicate_of": [None, None, "a"],
