@@ -52,7 +52,7 @@ class DatasetVersioner:
         request_columns = ["custom_id", "request_key", "reference"] if "reference" in requests.column_names else ["custom_id", "request_key"]
         for table, columns in ((requests, request_columns), (rejected, ["source_file", "source_row", "reason"])):
             for row in zip(*(table[c].to_pylist() for c in columns)):
-                # A reference is dataset content too; rows without one hash as they always did.
+                # a reference is dataset content too; a missing one adds nothing
                 self.digest.update("\t".join(str(value) for value in row if value is not None).encode() + b"\n")
 
     def version(self) -> str:

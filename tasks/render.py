@@ -161,6 +161,7 @@ class Renderer:
             raise RowError(self.messages_field, "chat messages need the model's chat mode (mode: chat)")
         content = request_content(prompt, self.spec.system_prompt, self.mode, messages, self.overrides_of(row))
         reference = as_text(row.get(self.spec.reference_column), self.spec.reference_column) if self.spec.reference_column else None
+        reference = None if reference is None else str(reference)  # a numeric answer compares as text
         request_key = content_hash(content)
         text = dedupe_text(content)
         return {
