@@ -359,10 +359,11 @@ def upsert_annotation_rows(con, server_url: str, rows: list[dict]) -> dict[str, 
         con.execute(
             "CREATE TEMP TABLE pulled AS SELECT * EXCLUDE (server_url, pulled_at) FROM annotations LIMIT 0"
         )
-        con.executemany(
-            f"INSERT INTO pulled ({', '.join(ANNOTATION_COLUMNS)}) VALUES ({', '.join('?' for _ in ANNOTATION_COLUMNS)})",
-            [[row[c] for c in ANNOTATION_COLUMNS] for row in rows],
-        )
+        if rows:
+            con.executemany(
+                f"INSERT INTO pulled ({', '.join(ANNOTATION_COLUMNS)}) VALUES ({', '.join('?' for _ in ANNOTATION_COLUMNS)})",
+                [[row[c] for c in ANNOTATION_COLUMNS] for row in rows],
+            )
         same = " AND ".join(f"a.{c} IS NOT DISTINCT FROM p.{c}" for c in ANNOTATION_COLUMNS[1:])
         new, changed = con.execute(
             f"""SELECT count(*) FILTER (WHERE a.annotation_id IS NULL),

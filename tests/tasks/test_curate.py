@@ -191,6 +191,7 @@ def annotation(annotation_id, custom_id, output_id, verdict, updated_at, correct
 
 
 def test_upsert_inserts_then_changes_nothing_until_an_annotation_changes(con):
+    assert upsert_annotation_rows(con, "http://ls", []) == {"pulled": 0, "new": 0, "changed": 0, "unchanged": 0}
     rows = [annotation(1, "q0", "x", "accept", "2026-01-01T00:00:00Z"), annotation(2, "q1", "y", "reject", "2026-01-01T00:00:00Z")]
     assert upsert_annotation_rows(con, "http://ls", rows) == {"pulled": 2, "new": 2, "changed": 0, "unchanged": 0}
     before = con.execute("SELECT * FROM annotations ORDER BY annotation_id").fetchall()
