@@ -254,4 +254,7 @@ def test_a_wrong_api_key_is_not_retried_and_names_the_block(runs, label_studio_u
         state.result()
     assert "not-the-token-0000" not in str(error.value)
     assert ensure_project_run_count(state) == 1
+    with get_client(sync_client=True) as client:  # the flow run's stored parameters hold the key masked
+        parameters = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert "not-the-token-0000" not in json.dumps(parameters, default=str)
     assert snapshot(store) == before
