@@ -10,7 +10,7 @@ import pytest
 from tasks import files
 from tasks.engine import OUTPUT_SCHEMA
 from tasks.score import DEFAULT_SCORERS, score_outputs
-from tasks.store import LATEST_VERSION, CommitFiles, StoreError, commit_run, connect, migrate
+from tasks.store import LATEST_VERSION, MIGRATIONS, CommitFiles, StoreError, commit_run, connect, migrate
 
 TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores"]
 
@@ -67,7 +67,7 @@ def test_migrations_are_recorded_and_run_once(tmp_path):
     con = connect(tmp_path / "r.duckdb")
     assert migrate(con) == LATEST_VERSION
     assert migrate(con) == LATEST_VERSION
-    assert con.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [(v,) for v, _, _ in MIGRATIONS]
     names = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert set(TABLES) | {"schema_migrations", "run_outputs", "run_summary"} <= names
 
