@@ -305,7 +305,12 @@ def select_samples(store: StoreConfig, selection: SampleSelection) -> list[dict]
         found = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [selection.run_id]).fetchone()[0]
         if not found:
             raise ValueError(f"run {selection.run_id!r} is not in {store.duckdb_path}")
-        cursor = con.execute(sql, params)
+        try:
+            cursor = con.execute(sql, params)
+        except duckdb.Error as error:
+            if selection.strategy != "where":
+                raise
+            raise ValueError(f"selection where condition {selection.where!r} does not work: {error}") from error
         columns = [c[0] for c in cursor.description]
         return [dict(zip(columns, row)) for row in cursor.fetchall()]
     finally:

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks import files
+from tasks.config import StoreConfig
 from tasks.engine import OUTPUT_SCHEMA
 from tasks.curate import (
     SampleSelection,
@@ -14,6 +15,7 @@ from tasks.curate import (
     jsonl_bytes,
     labeling_config,
     parse_annotation,
+    select_samples,
     selection_sql,
     task_payload,
     upsert_annotation_rows,
@@ -235,3 +237,15 @@ def test_version_hash_depends_only_on_content_and_name():
     assert version_manifest("other", records)["curated_version"] != first["curated_version"]
     changed = [{**records[0], "messages": [records[0]["messages"][0], {"role": "assistant", "content": "yo!"}]}]
     assert version_manifest("sft", changed)["curated_version"] != first["curated_version"]
+
+
+def test_select_samples_names_a_missing_run_and_a_broken_condition(con, tmp_path):
+    con.close()
+    store = StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"))
+    assert len(select_samples.fn(store, SampleSelection(run_id="A", limit=3))) == 3
+    with pytest.raises(ValueError, match="run 'nope' is not in"):
+        select_samples.fn(store, SampleSelection(run_id="nope"))
+    with pytest.raises(ValueError, match="where condition 'no_such_column > 1' does not work: .*no_such_column"):
+        select_samples.fn(store, SampleSelection(run_id="A", strategy="where", where="no_such_column > 1"))
+    with pytest.raises(ValueError, match="does not exist: run batch_inference first"):
+        select_samples.fn(StoreConfig(duckdb_path=str(tmp_path / "missing.duckdb")), SampleSelection(run_id="A"))
