@@ -1,4 +1,4 @@
-"""pull_reviews: copy a Label Studio project's annotations into DuckDB (run it on a schedule).
+"""pull_reviews: bring a Label Studio project's annotations into DuckDB (run it on a schedule).
 
     python -m flows.pull_reviews --project "Support answers" --block my-label-studio
 """
@@ -20,7 +20,8 @@ def publish_pull_summary(project: str, counts: dict[str, int]) -> None:
     create_markdown_artifact(
         key="pull-reviews",
         markdown=f"**{project}**: {counts['pulled']} annotations pulled — {counts['new']} new, "
-        f"{counts['changed']} changed, {counts['unchanged']} unchanged.",
+        f"{counts['changed']} changed, {counts['unchanged']} unchanged; {counts['removed']} deleted in Label Studio "
+        "and removed.",
     )
 
 
@@ -30,11 +31,11 @@ def pull_reviews(
     label_studio: str | LabelStudio = "label-studio",
     store: StoreConfig = StoreConfig(),
 ) -> dict[str, int]:
-    """Upsert every annotation of the project: pulling again changes nothing unless a review changed."""
+    """Sync the project's annotations into DuckDB: pulling again changes nothing unless a review changed."""
     connection = load_connection(label_studio)
     project_id = remote(find_project, connection)(connection, project)
     rows = remote(fetch_annotations, connection)(connection, project_id)
-    counts = write_annotations(store, connection.url.rstrip("/"), rows)
+    counts = write_annotations(store, connection.url.rstrip("/"), project_id, rows)
     publish_pull_summary(project, counts)
     return counts
 

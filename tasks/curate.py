@@ -182,7 +182,7 @@ def task_key(data: dict) -> tuple[str, str] | None:
     return None
 
 
-def parse_annotation(task: dict, annotation: dict, emails: dict[int, str]) -> dict:
+def parse_annotation(project_id: int, task: dict, annotation: dict, emails: dict[int, str]) -> dict:
     """One `annotations` row from a Label Studio annotation of one of our tasks."""
     fields: dict = {"verdict": None, "rating": None, "corrected_text": None}
     for item in annotation.get("result") or []:
@@ -201,7 +201,7 @@ def parse_annotation(task: dict, annotation: dict, emails: dict[int, str]) -> di
     return {
         "annotation_id": annotation["id"],
         "task_id": task["id"],
-        "project_id": task.get("project"),
+        "project_id": project_id,
         "run_id": str(task["data"]["run_id"]),
         "custom_id": str(task["data"]["custom_id"]),
         "output_id": task["data"].get("output_id"),
@@ -357,8 +357,12 @@ ANNOTATION_COLUMNS = [
 ]  # fmt: skip
 
 
-def upsert_annotation_rows(con, server_url: str, rows: list[dict]) -> dict[str, int]:
-    """Insert new annotations, update changed ones, leave identical ones untouched; one transaction."""
+def sync_annotation_rows(con, server_url: str, project_id: int, rows: list[dict]) -> dict[str, int]:
+    """Make the project's stored annotations equal the pulled ones, in one transaction.
+
+    New ones are inserted, changed ones updated, identical ones left untouched (their pulled_at
+    too), and ones deleted in Label Studio removed, so a withdrawn review stops counting.
+    """
     con.execute("BEGIN")
     try:
         con.execute(
@@ -385,20 +389,25 @@ def upsert_annotation_rows(con, server_url: str, rows: list[dict]) -> dict[str, 
                 WHERE {differs}""",
             {"url": server_url},
         )
+        removed = len(con.execute(
+            """DELETE FROM annotations WHERE server_url = $url AND project_id = $project
+               AND annotation_id NOT IN (SELECT annotation_id FROM pulled) RETURNING annotation_id""",
+            {"url": server_url, "project": project_id},
+        ).fetchall())
         con.execute("DROP TABLE pulled")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return {"pulled": len(rows), "new": new, "changed": changed, "unchanged": len(rows) - new - changed}
+    return {"pulled": len(rows), "new": new, "changed": changed, "unchanged": len(rows) - new - changed, "removed": removed}
 
 
 @task(name="write-annotations")
-def write_annotations(store: StoreConfig, server_url: str, rows: list[dict]) -> dict[str, int]:
+def write_annotations(store: StoreConfig, server_url: str, project_id: int, rows: list[dict]) -> dict[str, int]:
     con = connect(store.duckdb_path, store.lock_timeout_seconds)
     try:
         migrate(con)
-        return upsert_annotation_rows(con, server_url, rows)
+        return sync_annotation_rows(con, server_url, project_id, rows)
     finally:
         con.close()
 
@@ -515,7 +524,7 @@ def fetch_annotations(connection: LabelStudio, project_id: int) -> list[dict]:
         annotated = client.export_tasks(project_id, annotated_only=True)
         emails = client.user_emails()
     return [
-        parse_annotation(item, annotation, emails)
+        parse_annotation(project_id, item, annotation, emails)
         for item in annotated
         if task_key(item["data"]) is not None
         for annotation in item.get("annotations") or []

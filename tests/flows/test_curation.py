@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def label_studio_url(tmp_path_factory):
         yield url
     finally:
         server.stop(process)
+        with pytest.raises(ProcessLookupError):  # nothing of the server's process group is left
+            os.killpg(process.pid, 0)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def test_push_review_pull_export_round_trip(runs, connection, tmp_path):
         assert all(response.status_code == 201 for response in made), [r.text for r in made]
 
     pulled = pull_reviews("Round trip", connection, store)
-    assert pulled == {"pulled": 4, "new": 4, "changed": 0, "unchanged": 0}
+    assert pulled == {"pulled": 4, "new": 4, "changed": 0, "unchanged": 0, "removed": 0}
     rows = query(store, "SELECT custom_id, annotator, verdict, rating, corrected_text, cancelled FROM annotations ORDER BY custom_id")
     ids = [t["data"]["custom_id"] for t in ordered]
     assert rows == [
@@ -143,13 +146,16 @@ def test_push_review_pull_export_round_trip(runs, connection, tmp_path):
         (ids[3], REVIEWER, None, None, None, True),
     ]
     before = snapshot(store)
-    assert pull_reviews("Round trip", connection, store) == {"pulled": 4, "new": 0, "changed": 0, "unchanged": 4}
+    assert pull_reviews("Round trip", connection, store) == {"pulled": 4, "new": 0, "changed": 0, "unchanged": 4, "removed": 0}
     assert snapshot(store) == before
 
     with api(connection) as client:
         changed = client.patch(f"/api/annotations/{made[2].json()['id']}", json={"result": review("accept", 4)})
-        assert changed.status_code == 200, changed.text
-    assert pull_reviews("Round trip", connection, store) == {"pulled": 4, "new": 0, "changed": 1, "unchanged": 3}
+        deleted = client.delete(f"/api/annotations/{made[3].json()['id']}")
+        assert (changed.status_code, deleted.status_code) == (200, 204), changed.text + deleted.text
+    assert pull_reviews("Round trip", connection, store) == {"pulled": 3, "new": 0, "changed": 1, "unchanged": 2, "removed": 1}
+    assert query(store, "SELECT verdict, rating FROM annotations WHERE custom_id = ?", [ids[2]]) == [("accept", 4)]
+    assert query(store, "SELECT count(*) FROM annotations WHERE custom_id = ?", [ids[3]]) == [(0,)]
 
     curated = export_curated("round-trip", str(tmp_path / "curated"), "Round trip", [], store)
     assert curated["counts"] == {"examples": 3, "accepted": 2, "corrected": 1} and curated["source_runs"] == [run_id]

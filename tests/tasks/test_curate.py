@@ -18,7 +18,7 @@ from tasks.curate import (
     select_samples,
     selection_sql,
     task_payload,
-    upsert_annotation_rows,
+    sync_annotation_rows,
     version_manifest,
     CURATED_SQL,
 )
@@ -174,13 +174,13 @@ EXPORTED_TASK = {
 
 
 def test_parse_annotation_reads_verdict_rating_correction_and_annotator():
-    row = parse_annotation(EXPORTED_TASK, EXPORTED_TASK["annotations"][0], {1: "rev@example.com"})
+    row = parse_annotation(3, EXPORTED_TASK, EXPORTED_TASK["annotations"][0], {1: "rev@example.com"})
     assert row == {
         "annotation_id": 11, "task_id": 7, "project_id": 3, "run_id": "A", "custom_id": "q2", "output_id": "o2",
         "annotator": "rev@example.com", "verdict": "reject", "rating": 2, "corrected_text": "better\nanswer",
         "cancelled": False, "created_at": "2026-11-26T21:03:42.885251Z", "updated_at": "2026-11-26T21:04:00.000000Z",
     }  # fmt: skip
-    skipped = parse_annotation(EXPORTED_TASK, {"id": 12, "completed_by": {"id": 2, "email": "b@x"}, "was_cancelled": True, "result": []}, {})
+    skipped = parse_annotation(3, EXPORTED_TASK, {"id": 12, "completed_by": {"id": 2, "email": "b@x"}, "was_cancelled": True, "result": []}, {})
     assert (skipped["annotator"], skipped["verdict"], skipped["cancelled"]) == ("b@x", None, True)
 
 
@@ -192,16 +192,20 @@ def annotation(annotation_id, custom_id, output_id, verdict, updated_at, correct
     }  # fmt: skip
 
 
-def test_upsert_inserts_then_changes_nothing_until_an_annotation_changes(con):
-    assert upsert_annotation_rows(con, "http://ls", []) == {"pulled": 0, "new": 0, "changed": 0, "unchanged": 0}
+def test_sync_inserts_then_changes_nothing_until_an_annotation_changes_or_goes(con):
+    assert sync_annotation_rows(con, "http://ls", 1, []) == {"pulled": 0, "new": 0, "changed": 0, "unchanged": 0, "removed": 0}
     rows = [annotation(1, "q0", "x", "accept", "2026-01-01T00:00:00Z"), annotation(2, "q1", "y", "reject", "2026-01-01T00:00:00Z")]
-    assert upsert_annotation_rows(con, "http://ls", rows) == {"pulled": 2, "new": 2, "changed": 0, "unchanged": 0}
+    assert sync_annotation_rows(con, "http://ls", 1, rows) == {"pulled": 2, "new": 2, "changed": 0, "unchanged": 0, "removed": 0}
     before = con.execute("SELECT * FROM annotations ORDER BY annotation_id").fetchall()
-    assert upsert_annotation_rows(con, "http://ls", rows) == {"pulled": 2, "new": 0, "changed": 0, "unchanged": 2}
+    assert sync_annotation_rows(con, "http://ls", 1, rows) == {"pulled": 2, "new": 0, "changed": 0, "unchanged": 2, "removed": 0}
     assert con.execute("SELECT * FROM annotations ORDER BY annotation_id").fetchall() == before  # pulled_at too
     rows[1] = annotation(2, "q1", "y", "accept", "2026-01-02T00:00:00Z", rating=4)
-    assert upsert_annotation_rows(con, "http://ls", rows) == {"pulled": 2, "new": 0, "changed": 1, "unchanged": 1}
+    assert sync_annotation_rows(con, "http://ls", 1, rows) == {"pulled": 2, "new": 0, "changed": 1, "unchanged": 1, "removed": 0}
     assert con.execute("SELECT verdict, rating FROM annotations WHERE annotation_id = 2").fetchone() == ("accept", 4)
+    # annotation 1 was deleted in Label Studio; another project's annotations are not touched
+    sync_annotation_rows(con, "http://ls", 2, [{**annotation(9, "q3", "z", "accept", "2026-01-01T00:00:00Z"), "project_id": 2}])
+    assert sync_annotation_rows(con, "http://ls", 1, rows[1:]) == {"pulled": 1, "new": 0, "changed": 0, "unchanged": 1, "removed": 1}
+    assert con.execute("SELECT annotation_id FROM annotations ORDER BY 1").fetchall() == [(2,), (9,)]
 
 
 def curated(con, project=None, runs=()):
@@ -211,7 +215,7 @@ def curated(con, project=None, runs=()):
 
 def test_curated_records_take_the_latest_review_and_the_corrected_text(con):
     output = dict(con.execute("SELECT custom_id, output_id FROM run_outputs WHERE run_id = 'A'").fetchall())
-    upsert_annotation_rows(con, "http://ls", [
+    sync_annotation_rows(con, "http://ls", 1, [
         annotation(1, "q0", output["q0"], "accept", "2026-01-01T00:00:00Z", rating=5),
         annotation(2, "q1", output["q1"], "reject", "2026-01-01T00:00:00Z", corrected="fixed answer"),
         annotation(3, "q2", output["q2"], "accept", "2026-01-01T00:00:00Z"),
