@@ -218,6 +218,15 @@ def test_flows_take_a_saved_block_by_name(runs, connection):
     assert pull_reviews("By block name", "curation-test", store)["pulled"] == 0
 
 
+def test_a_personal_access_token_works_as_the_api_key(runs, connection):
+    store, run_id, _ = runs
+    with api(connection) as client:
+        created = client.post("/api/token/")  # Account settings → Personal Access Token, through the API
+        assert created.status_code == 201, created.text
+    personal = LabelStudio(url=connection.url, api_key=created.json()["token"], retries=0)
+    assert push_for_review(SampleSelection(run_id=run_id, limit=2), "With a personal token", personal, store)["pushed"] == 2
+
+
 def ensure_project_run_count(flow_state) -> int:
     """How often the flow's ensure-project task ran (task runs reach the API shortly after they end)."""
     flow_run_id = flow_state.state_details.flow_run_id
