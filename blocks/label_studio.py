@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 
 class LabelStudio(Block):
@@ -17,3 +17,8 @@ class LabelStudio(Block):
     timeout_seconds: float = Field(30.0, gt=0, description="Per-request timeout.")
     retries: int = Field(3, ge=0, description="Retries of a call that failed on the network or with a 5xx answer.")
     retry_delay_seconds: float = Field(5.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")  # the URL is part of the key of stored tasks and annotations

@@ -35,7 +35,7 @@ def pull_reviews(
     connection = load_connection(label_studio)
     project_id = remote(find_project, connection)(connection, project)
     rows = remote(fetch_annotations, connection)(connection, project_id)
-    counts = write_annotations(store, connection.url.rstrip("/"), project_id, rows)
+    counts = write_annotations(store, connection.url, project_id, rows)
     publish_pull_summary(project, counts)
     return counts
 

@@ -25,10 +25,12 @@ from tasks.curate import (
 )
 
 
-def label_task_rows(samples: list[dict], task_ids: dict, connection: LabelStudio, project_id: int, title: str, strategy: str) -> list[dict]:
+def label_task_rows(
+    samples: list[dict], task_ids: dict, connection: LabelStudio, project_id: int, title: str, strategy: str
+) -> list[dict]:
     return [
         {
-            "server_url": connection.url.rstrip("/"), "project_id": project_id, "project_title": title,
+            "server_url": connection.url, "project_id": project_id, "project_title": title,
             "run_id": s["run_id"], "custom_id": s["custom_id"], "output_id": s["output_id"],
             "task_id": task_ids[(s["run_id"], s["custom_id"])], "strategy": strategy,
         }  # fmt: skip
@@ -38,11 +40,11 @@ def label_task_rows(samples: list[dict], task_ids: dict, connection: LabelStudio
 
 
 @task(name="publish-push-summary")
-def publish_push_summary(project: str, project_id: int, selected: int, known: int, recorded: int) -> None:
+def publish_push_summary(project: str, summary: dict[str, int]) -> None:
     create_markdown_artifact(
         key="push-for-review",
-        markdown=f"**{project}** (Label Studio project {project_id}): {selected} samples selected, "
-        f"{known} already in the project, {recorded - known} new tasks.",
+        markdown=f"**{project}** (Label Studio project {summary['project_id']}): {summary['selected']} samples "
+        f"selected, {summary['already_pushed']} already in the project, {summary['pushed']} new tasks.",
     )
 
 
@@ -57,13 +59,14 @@ def push_for_review(
     connection = load_connection(label_studio)
     samples = select_samples(store, selection)
     project_id = remote(ensure_project, connection)(connection, project)
-    known = read_pushed_samples(store, connection.url.rstrip("/"), project_id)
+    known = read_pushed_samples(store, connection.url, project_id)
     to_push = [s for s in samples if (s["run_id"], s["custom_id"]) not in known]
     task_ids = remote(push_samples, connection)(connection, project_id, to_push, selection.scorer) if to_push else {}
     rows = label_task_rows(to_push, task_ids, connection, project_id, project, selection.strategy)
     write_label_tasks(store, rows)
-    publish_push_summary(project, project_id, len(samples), len(samples) - len(to_push), len(samples) - len(to_push) + len(rows))
-    return {"project_id": project_id, "selected": len(samples), "already_pushed": len(samples) - len(to_push), "pushed": len(rows)}
+    summary = {"project_id": project_id, "selected": len(samples), "already_pushed": len(samples) - len(to_push), "pushed": len(rows)}
+    publish_push_summary(project, summary)
+    return summary
 
 
 def main() -> None:

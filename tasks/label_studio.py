@@ -30,7 +30,7 @@ class LabelStudioClient:
     """One authenticated session. Errors name the server and the request, never the key."""
 
     def __init__(self, connection: LabelStudio):
-        self.url = connection.url.rstrip("/")
+        self.url = connection.url
         self.http = httpx.Client(base_url=self.url, timeout=connection.timeout_seconds)
         key = connection.api_key.get_secret_value()
         if is_jwt(key):
@@ -91,4 +91,5 @@ class LabelStudioClient:
         )
 
     def user_emails(self) -> dict[int, str]:
-        return {user["id"]: user.get("email") or user.get("username") or str(user["id"]) for user in self.request("GET", "/api/users")}
+        users = self.request("GET", "/api/users")
+        return {user["id"]: user.get("email") or user.get("username") or str(user["id"]) for user in users}
