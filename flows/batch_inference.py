@@ -7,18 +7,16 @@
 from __future__ import annotations
 
 import argparse
-import time
 from datetime import datetime, timezone
 
 from prefect import flow, task
-from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
-from tasks.infer import fingerprint_model, generate_shard, result_storage
+from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
 from tasks.prepare import write_requests, write_shards
-from tasks.report import RunSummary, format_summary, publish_summary, summarize_run
+from tasks.report import RunSummary, StageClock, format_summary, publish_summary, summarize_run
 from tasks.score import DEFAULT_SCORERS, write_scores
 from tasks.store import commit_results
 
@@ -46,26 +44,29 @@ def batch_inference(
     store: StoreConfig = StoreConfig(),
     scorers: list[str] = DEFAULT_SCORERS,
 ) -> RunSummary:
-    started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
     work_dir = files.join(store.storage, "work", run_id)
 
-    request_set = write_requests(dataset, model.mode, work_dir)
-    shards = write_shards(request_set, sharding.shard_size, store.storage)
+    with clock("prepare"):
+        request_set = write_requests(dataset, model.mode, work_dir)
+    with clock("shard"):
+        shards = write_shards(request_set, sharding.shard_size, store.storage)
     fingerprint = fingerprint_model(model)
-
-    generate = generate_shard.with_options(result_storage=result_storage(store.storage))
-    futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
-    wait(futures)
-    outputs = [future.result() for future in futures]
-    cached = [future.state.name == "Cached" for future in futures]
-
-    score_files = write_scores(outputs, scorers, store.storage)
-    summary = summarize_run(
-        run_id, dataset.name, model.model, fingerprint, request_set, outputs, cached,
-        time.perf_counter() - started, store.duckdb_path,
-    )  # fmt: skip
-    commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
+    with clock("infer"):
+        generate = generate_shard.with_options(
+            result_storage=result_storage(store.storage),
+            retries=sharding.retries,
+            retry_delay_seconds=sharding.retry_delay_seconds,
+        )
+        futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in shards]
+        outputs, cached = collect_shard_outputs(futures, f"{len(shards)} shards of {dataset.name} on {model.model}")
+    with clock("score"):
+        score_files = write_scores(outputs, scorers, store.storage)
+    summary = summarize_run(run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path)
+    with clock("commit"):
+        commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
+    summary.stage_seconds["commit"] = clock.seconds["commit"]
     publish_summary(summary)
     remove_work_files(work_dir)
     return summary

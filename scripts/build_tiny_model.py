@@ -4,7 +4,7 @@ A byte-level BPE tokenizer trained on a few sentences, a chat template, and a 2-
 head_dim 64 (vLLM's CPU attention kernels reject head_dim 16). Weights are random but seeded, so
 every build writes the same bytes and the model fingerprint is stable across machines.
 
-    python scripts/build_tiny_model.py [OUT_DIR]     # default: .cache/models/tiny-llama
+    python scripts/build_tiny_model.py [OUT_DIR]     # default: .cache/models/tiny-llama (+ OUT_DIR-lora)
 """
 
 from __future__ import annotations
@@ -95,6 +95,43 @@ def build_tiny_model(out_dir: Path = DEFAULT_OUT) -> Path:
     return out_dir
 
 
+def build_tiny_lora(model_dir: Path, out_dir: Path, rank: int = 8) -> Path:
+    """A random LoRA adapter (PEFT layout) on q_proj and v_proj of the tiny model; seeded, idempotent."""
+    marker = out_dir / "tiny_model_recipe.json"
+    if marker.exists() and json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION:
+        return out_dir
+
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    generator = torch.Generator().manual_seed(1)
+    weights = {}
+    for layer in range(layers):
+        for module in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            weights[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.5
+            # B is zero in a fresh adapter; random here so the adapter visibly changes outputs
+            weights[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.5
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_dir / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    marker.write_text(json.dumps({"recipe": RECIPE_VERSION}))
+    return out_dir
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
     print(build_tiny_model(target))
+    print(build_tiny_lora(target, target.with_name(target.name + "-lora")))

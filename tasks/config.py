@@ -58,37 +58,110 @@ class DatasetSpec(BaseModel):
         return spec
 
 
+class LoraAdapter(BaseModel):
+    """A LoRA adapter applied to every request of a run (the engine needs enable_lora)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str = Field(description="Local adapter folder (PEFT layout: adapter_config.json + weights).")
+
+
 class ModelConfig(BaseModel):
-    """The model and the vLLM engine arguments that shape its outputs or its memory."""
+    """The model, the engine that serves it, and the engine arguments passed through to vLLM."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(".cache/models/tiny-llama", description="Local model folder (Hugging Face layout).")
+    model: str = Field(".cache/models/tiny-llama", description="Local model folder, or the served model name.")
     revision: str | None = None
+    engine: Literal["vllm", "openai"] = Field(
+        "vllm", description="vllm: in-process vllm.LLM; openai: any OpenAI-compatible server at base_url."
+    )
     mode: Literal["chat", "completion"] = Field(
         "chat", description="chat: apply the model's chat template; completion: send the prompt as is."
     )
+    # vllm.LLM engine arguments
     dtype: str = "auto"
     max_model_len: int | None = None
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="On the CPU build: the share of system RAM kept for the KV cache."
     )
     max_num_seqs: int | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     enforce_eager: bool = False
     seed: int = 0
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    speculative_config: dict[str, Any] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Other vllm.LLM arguments.")
+    lora_adapter: LoraAdapter | None = None
+    # openai engine
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (openai engine).")
+    api_key_secret: str | None = Field(None, description="Name of the Prefect Secret block holding the API key.")
+    max_concurrency: int = Field(32, ge=1, description="Requests in flight at once (openai engine).")
+    request_timeout_seconds: float = Field(600.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="Per request, on 429, 5xx and timeouts (openai engine).")
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ModelConfig:
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("engine 'openai' needs base_url")
+        if self.lora_adapter and self.engine == "vllm" and not self.enable_lora:
+            self.enable_lora = True
+        return self
+
+    def vllm_args(self) -> dict[str, Any]:
+        """The vllm.LLM arguments: two configs with equal args share one engine."""
+        args = self.model_dump(
+            include={
+                "revision", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
+                "tensor_parallel_size", "enable_prefix_caching", "quantization", "kv_cache_dtype",
+                "enforce_eager", "seed", "enable_lora", "speculative_config",
+            }
+        )
+        if self.enable_lora:
+            args.update(max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+        return {"model": self.model, **args, **self.engine_kwargs}
+
+
+class StructuredOutput(BaseModel):
+    """Constrain every answer: exactly one of a JSON schema, a regex or a list of choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) != 1:
+            raise ValueError("set exactly one of json_schema, regex or choice")
+        return self
 
 
 class SamplingConfig(BaseModel):
-    """vLLM sampling parameters applied to every request of a run."""
+    """vLLM sampling parameters for every request of a run (a row may override some of them)."""
 
     model_config = ConfigDict(extra="forbid")
 
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, description="0 or -1: no top-k.")
+    min_p: float = Field(0.0, ge=0, le=1)
     max_tokens: int = Field(64, ge=1)
-    seed: int | None = Field(0, description="Per-request seed: sampled outputs reproduce across runs.")
     stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(0, description="Per-request seed: sampled outputs reproduce across runs.")
+    n: int = Field(1, ge=1, description="Samples per request (sample_index 0..n-1).")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, gt=0)
+    logprobs: int | None = Field(None, ge=0, description="Ask for logprobs: outputs then carry mean_logprob.")
+    structured: StructuredOutput | None = None
 
 
 class StoreConfig(BaseModel):
@@ -104,6 +177,10 @@ class StoreConfig(BaseModel):
 
 
 class ShardingConfig(BaseModel):
+    """How the work is cut into inference tasks, and how a failed task is retried."""
+
     model_config = ConfigDict(extra="forbid")
 
     shard_size: int = Field(512, ge=1, description="Unique requests per shard (one inference task each).")
+    retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
+    retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])

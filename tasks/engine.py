@@ -6,11 +6,14 @@ import gc
 import json
 import threading
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+from pydantic import ValidationError
 
-from tasks.config import ModelConfig, SamplingConfig
+from tasks.config import ModelConfig, SamplingConfig, SpecError, describe_errors
 from tasks.render import content_hash
 
 OUTPUT_SCHEMA = pa.schema(
@@ -21,6 +24,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
+        ("mean_logprob", pa.float64()),  # mean over the completion's tokens; only when logprobs were asked
+        ("latency_seconds", pa.float64()),  # queued to last token
         ("error_code", pa.string()),
         ("error", pa.string()),
     ]
@@ -38,13 +43,12 @@ FINGERPRINT_FILES = (
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "adapter_config.json",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def model_fingerprint(config: ModelConfig) -> str:
-    """Identify the model as loaded: its files, revision and the engine args that change outputs."""
-    folder = Path(config.model)
+def folder_fingerprint(folder: Path) -> dict[str, str]:
     files: dict[str, str] = {}
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
@@ -52,21 +56,72 @@ def model_fingerprint(config: ModelConfig) -> str:
                 files[path.name] = content_hash(path.read_text(errors="replace"))
             elif path.suffix in WEIGHT_SUFFIXES:
                 files[path.name] = f"size:{path.stat().st_size}"
+    return files
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """Identify the model as loaded: its files, revision, adapter and the engine args that change outputs."""
+    files = folder_fingerprint(Path(config.model).expanduser())
+    adapter = config.lora_adapter
     return content_hash(
         {
             "files": files,
-            # A hub name stands for itself only when there is no local folder to read.
+            # A hub or served name stands for itself only when there is no local folder to read.
             "name": None if files else config.model,
             "revision": config.revision,
+            "engine": config.engine,
             "dtype": config.dtype,
             "max_model_len": config.max_model_len,
+            "quantization": config.quantization,
+            "kv_cache_dtype": config.kv_cache_dtype,
             "mode": config.mode,
+            "lora": {"name": adapter.name, "files": folder_fingerprint(Path(adapter.path))} if adapter else None,
         }
     )
 
 
 def sampling_hash(sampling: SamplingConfig) -> str:
     return content_hash(sampling.model_dump(mode="json"))
+
+
+def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingConfig:
+    """The run's sampling with a row's overrides (a JSON object of SamplingConfig fields) applied."""
+    if not overrides:
+        return base
+    try:
+        values = json.loads(overrides)
+        if not isinstance(values, dict):
+            raise ValueError("overrides must be a JSON object")
+        return SamplingConfig.model_validate({**base.model_dump(), **values})
+    except ValidationError as error:
+        raise ValueError(f"invalid sampling override: {describe_errors(error)}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"overrides are not JSON: {error}") from error
+
+
+def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None
+    if sampling.structured is not None:
+        s = sampling.structured
+        structured = StructuredOutputsParams(json=s.json_schema, regex=s.regex, choice=s.choice)
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        max_tokens=max_tokens,
+        stop=sampling.stop or None,
+        seed=sampling.seed,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        logprobs=sampling.logprobs,
+        structured_outputs=structured,
+    )
 
 
 def error_row(request_key: str, code: str, message: str, prompt_tokens: int | None = None) -> dict:
@@ -77,32 +132,37 @@ def error_row(request_key: str, code: str, message: str, prompt_tokens: int | No
         "finish_reason": None,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": None,
+        "mean_logprob": None,
+        "latency_seconds": None,
         "error_code": code,
         "error": message,
     }
+
+
+@dataclass
+class PendingRequest:
+    request_key: str
+    token_ids: list[int]
+    sampling: SamplingConfig
 
 
 class VllmEngine:
     def __init__(self, config: ModelConfig):
         from vllm import LLM
 
-        if not Path(config.model).exists() and "/" not in config.model:
-            raise FileNotFoundError(f"model {config.model}: no such folder")
+        started = time.perf_counter()
         self.config = config
-        self.llm = LLM(
-            model=config.model,
-            revision=config.revision,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            seed=config.seed,
-            **config.engine_kwargs,
-        )
+        # Stats on: vLLM then times each request (queued → last token), which outputs record.
+        self.llm = LLM(**{"disable_log_stats": False, **config.vllm_args()})
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.unreported_load_seconds = time.perf_counter() - started
         self.requests_sent = 0  # how many requests reached the engine in this process
+
+    def take_load_seconds(self) -> float:
+        """The engine's start-up time, reported by the first shard that waited for it."""
+        seconds, self.unreported_load_seconds = self.unreported_load_seconds, 0.0
+        return seconds
 
     def prompt_token_ids(self, prompt: str | None, messages: str | None) -> list[int]:
         if messages is not None:
@@ -113,62 +173,108 @@ class VllmEngine:
             )
         return list(self.tokenizer.encode(prompt))
 
-    def generate(self, shard: pa.Table, sampling: SamplingConfig) -> pa.Table:
-        """One generate call for the whole shard so vLLM batches it continuously.
+    def lora_request(self):
+        adapter = self.config.lora_adapter
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
 
-        A request that cannot run on its own (prompt longer than the context) becomes an error
-        row instead of failing the shard, like the error file of an OpenAI batch.
-        """
-        from vllm import SamplingParams
+        return LoRARequest(adapter.name, zlib.crc32(adapter.name.encode()) % 1_000_000 + 1, adapter.path)
 
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-            stop=sampling.stop or None,
-        )
-        rows: list[dict] = []
-        runnable: list[tuple[str, list[int]]] = []
-        for request_key, prompt, messages in zip(
-            shard["request_key"].to_pylist(), shard["prompt"].to_pylist(), shard["messages"].to_pylist()
+    def prepare(self, shard: pa.Table, sampling: SamplingConfig) -> tuple[list[PendingRequest], list[dict]]:
+        """Requests ready for the engine, and error rows for those that cannot run on their own."""
+        overrides = shard["overrides"].to_pylist() if "overrides" in shard.column_names else [None] * shard.num_rows
+        pending: list[PendingRequest] = []
+        errors: list[dict] = []
+        for request_key, prompt, messages, override in zip(
+            shard["request_key"].to_pylist(), shard["prompt"].to_pylist(), shard["messages"].to_pylist(), overrides
         ):
             try:
+                request = request_sampling(sampling, override)
+            except ValueError as error:
+                errors.append(error_row(request_key, "invalid_request", str(error)))
+                continue
+            try:
                 token_ids = self.prompt_token_ids(prompt, messages)
-            except Exception as error:  # a template that rejects these messages, say
-                rows.append(error_row(request_key, "invalid_prompt", f"{type(error).__name__}: {error}"))
+            except Exception as error:  # a chat template that rejects these messages, say
+                errors.append(error_row(request_key, "invalid_prompt", f"{type(error).__name__}: {error}"))
                 continue
             if len(token_ids) >= self.max_model_len:
-                rows.append(
-                    error_row(
-                        request_key,
-                        "context_length_exceeded",
-                        f"prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}",
-                        len(token_ids),
-                    )
-                )
+                message = f"prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}"
+                errors.append(error_row(request_key, "context_length_exceeded", message, len(token_ids)))
                 continue
-            runnable.append((request_key, token_ids))
+            pending.append(PendingRequest(request_key, token_ids, request))
+        return pending, errors
 
-        self.requests_sent += len(runnable)
+    def generate(self, shard: pa.Table, sampling: SamplingConfig, batch_size: int | None = None) -> pa.Table:
+        """One generate call for the shard (vLLM batches it continuously), or chunks of batch_size.
+
+        A request that cannot run on its own (prompt longer than the context, a bad per-row
+        override or schema) becomes an error row, like the error file of an OpenAI batch.
+        """
+        pending, rows = self.prepare(shard, sampling)
+        size = batch_size or max(len(pending), 1)
+        for start in range(0, len(pending), size):
+            rows.extend(self.generate_chunk(pending[start : start + size], per_row=sampling))
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+    def generate_chunk(self, pending: list[PendingRequest], per_row: SamplingConfig) -> list[dict]:
+        if not pending:
+            return []
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return self.run(pending)
+        except VLLMValidationError as error:
+            if all(request.sampling is per_row for request in pending):
+                # every request shares the run's sampling: the run's configuration is at fault
+                raise SpecError(f"sampling parameters rejected by vLLM: {error}") from error
+        # a row's own parameters are at fault: find which, and let the others run
+        rows: list[dict] = []
+        for request in pending:
+            try:
+                rows.extend(self.run([request]))
+            except VLLMValidationError as error:
+                rows.append(error_row(request.request_key, "invalid_request", str(error), len(request.token_ids)))
+        return rows
+
+    def run(self, pending: list[PendingRequest]) -> list[dict]:
+        params = [vllm_sampling_params(r.sampling, min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))) for r in pending]
         results = self.llm.generate(
-            [{"prompt_token_ids": token_ids} for _, token_ids in runnable], params, use_tqdm=False
+            [{"prompt_token_ids": r.token_ids} for r in pending],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request(),
         )
-        for (request_key, token_ids), result in zip(runnable, results):
-            for sample_index, completion in enumerate(result.outputs):
+        self.requests_sent += len(pending)
+        rows = []
+        for request, result in zip(pending, results):
+            stats = result.metrics
+            latency = stats.last_token_ts - stats.queued_ts if stats is not None and stats.last_token_ts else None
+            for completion in result.outputs:
+                tokens = len(completion.token_ids)
+                mean_logprob = None
+                if request.sampling.logprobs is not None and completion.cumulative_logprob is not None and tokens:
+                    mean_logprob = completion.cumulative_logprob / tokens
                 rows.append(
                     {
-                        "request_key": request_key,
-                        "sample_index": sample_index,
+                        "request_key": request.request_key,
+                        "sample_index": completion.index,
                         "text": completion.text,
                         "finish_reason": completion.finish_reason,
-                        "prompt_tokens": len(token_ids),
-                        "completion_tokens": len(completion.token_ids),
+                        "prompt_tokens": len(request.token_ids),
+                        "completion_tokens": tokens,
+                        "mean_logprob": mean_logprob,
+                        "latency_seconds": latency,
                         "error_code": None,
                         "error": None,
                     }
                 )
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        return rows
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def close(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -182,13 +288,15 @@ _engine: VllmEngine | None = None
 
 
 def get_engine(config: ModelConfig) -> VllmEngine:
-    """The process's engine for this config; another config replaces (and frees) the previous one."""
+    """The process's engine for these engine args; other args replace (and free) the previous engine."""
     global _engine
     with _engine_lock:
-        if _engine is not None and _engine.config != config:
+        if _engine is not None and _engine.config.vllm_args() != config.vllm_args():
             _close_engine()
         if _engine is None:
             _engine = VllmEngine(config)
+        elif _engine.config != config:
+            _engine.config = config  # same engine; the adapter (or other per-run settings) may differ
         return _engine
 
 
@@ -206,13 +314,50 @@ def _close_engine() -> None:
         gc.collect()
 
 
+class ShardOutOfMemory(RuntimeError):
+    """Transient: the retry runs the shard in smaller generate batches."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+# After an out-of-memory, the shard's next attempt runs in batches of at most this many requests.
+_batch_limits: dict[str, int] = {}
+
 # vllm.LLM is not thread-safe: shard tasks run in threads and take turns on the engine.
 generate_lock = threading.Lock()
 
 
-def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: SamplingConfig) -> tuple[pa.Table, float]:
+@dataclass
+class GenerateResult:
+    outputs: pa.Table
+    seconds: float
+    batch_size: int
+    max_num_seqs: int | None
+    engine_load_seconds: float = 0.0
+
+
+def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: SamplingConfig, key: str) -> GenerateResult:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     engine = get_engine(config)
+    load_seconds = engine.take_load_seconds()
+    limit = _batch_limits.get(key)
     with generate_lock:
         started = time.perf_counter()
-        outputs = engine.generate(shard, sampling)
-        return outputs, time.perf_counter() - started
+        try:
+            outputs = engine.generate(shard, sampling, batch_size=limit)
+        except EngineDeadError:
+            close_engine()  # the retry builds a fresh one
+            raise
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            smaller = max(1, (limit or shard.num_rows) // 2)
+            _batch_limits[key] = smaller
+            raise ShardOutOfMemory(f"out of memory; the retry runs batches of {smaller} requests: {error}") from error
+        seconds = time.perf_counter() - started
+    return GenerateResult(outputs, seconds, limit or shard.num_rows, engine.max_num_seqs, load_seconds)

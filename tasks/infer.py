@@ -7,11 +7,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
+from tqdm import tqdm
 
 from tasks import files
 from tasks.config import ModelConfig, SamplingConfig, SpecError
-from tasks.engine import generate_with_engine, model_fingerprint, sampling_hash
+from tasks.engine import GenerateResult, generate_with_engine, model_fingerprint, sampling_hash
+from tasks.openai_engine import generate_over_http
 from tasks.render import content_hash
 from tasks.shard import Shard
 
@@ -26,6 +30,9 @@ class ShardOutput(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     generate_seconds: float
+    batch_size: int  # requests per generate call (smaller after an out-of-memory)
+    max_num_seqs: int | None  # the engine's; None for the openai engine
+    engine_load_seconds: float  # non-zero on the shard that started the engine
 
     @property
     def engine_requests(self) -> int:
@@ -44,7 +51,8 @@ def shard_cache_key(_context, parameters: dict) -> str:
     return output_key(parameters["shard"].shard_key, parameters["model_fingerprint"], parameters["sampling"])
 
 
-def summarize_outputs(shard: Shard, key: str, path: str, outputs: pa.Table, seconds: float) -> ShardOutput:
+def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult) -> ShardOutput:
+    outputs = result.outputs
     ok = outputs.filter(pc.is_null(outputs["error_code"]))
     return ShardOutput(
         shard_key=shard.shard_key,
@@ -55,27 +63,60 @@ def summarize_outputs(shard: Shard, key: str, path: str, outputs: pa.Table, seco
         errors=outputs.num_rows - ok.num_rows,
         prompt_tokens=pc.sum(ok["prompt_tokens"]).as_py() or 0,
         completion_tokens=pc.sum(ok["completion_tokens"]).as_py() or 0,
-        generate_seconds=seconds,
+        generate_seconds=result.seconds,
+        batch_size=result.batch_size,
+        max_num_seqs=result.max_num_seqs,
+        engine_load_seconds=result.engine_load_seconds,
     )
+
+
+def collect_shard_outputs(futures: list[PrefectFuture], description: str) -> tuple[list[ShardOutput], list[bool]]:
+    """Wait for every shard, showing progress in the UI and the terminal.
+
+    All shards finish before a failure is raised, so every finished shard is in the cache for
+    the re-run.
+    """
+    artifact = create_progress_artifact(0.0, key="batch-inference-progress", description=description)
+    with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
+        for done, _ in enumerate(as_completed(futures), 1):
+            update_progress_artifact(artifact, 100.0 * done / len(futures))
+            bar.update()
+    for future in futures:
+        if not future.state.is_completed():
+            future.result()  # raises the shard's error
+    return [future.result() for future in futures], [future.state.name == "Cached" for future in futures]
+
+
+# Retrying cannot fix a configuration mistake: those fail at once with their message.
+PERMANENT_ERRORS = (SpecError, ValueError, TypeError, FileNotFoundError, ImportError)
+
+
+def is_transient(_task, _task_run, state) -> bool:
+    return not isinstance(state.data, PERMANENT_ERRORS)
 
 
 @task(
     name="generate-shard",
     cache_key_fn=shard_cache_key,
     persist_result=True,
-    retries=2,
-    retry_delay_seconds=[10, 60],
+    retry_condition_fn=is_transient,
 )
 def generate_shard(
     shard: Shard, model: ModelConfig, sampling: SamplingConfig, model_fingerprint: str, storage: str
 ) -> ShardOutput:
     key = output_key(shard.shard_key, model_fingerprint, sampling)
-    outputs, seconds = generate_with_engine(model, files.read_parquet(shard.path), sampling)
+    requests = files.read_parquet(shard.path)
+    if model.engine == "openai":
+        result = generate_over_http(model, requests, sampling)
+    else:
+        result = generate_with_engine(model, requests, sampling, key)
+    outputs = result.outputs
     outputs = outputs.append_column("shard_key", pa.array([shard.shard_key] * outputs.num_rows, pa.string()))
     outputs = outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))
     path = files.join(storage, "outputs", f"{key}.parquet")
     files.write_parquet(outputs, path)
-    return summarize_outputs(shard, key, path, outputs, seconds)
+    result.outputs = outputs
+    return summarize_outputs(shard, key, path, result)
 
 
 def check_model(model: ModelConfig) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -10,8 +13,28 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
+from tasks.config import ModelConfig
 from tasks.infer import ShardOutput
 from tasks.prepare import RequestSet
+
+
+class StageClock:
+    """Wall seconds per stage of a flow, for the run record and the 'where the time goes' report."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - started, 3)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
 
 
 class RunSummary(BaseModel):
@@ -19,6 +42,7 @@ class RunSummary(BaseModel):
     dataset_name: str
     dataset_version: str
     model: str
+    engine: str
     model_fingerprint: str
     rows_read: int
     rejected: int
@@ -35,27 +59,35 @@ class RunSummary(BaseModel):
     generated_tokens: int  # completion tokens computed by this run (not from cache)
     tokens_per_second: float  # generated tokens per second of the run's wall time
     wall_seconds: float
+    stage_seconds: dict[str, float]  # prepare, shard, infer (of which engine_start, generate), score, commit
     duckdb_path: str
 
 
 def summarize_run(
     run_id: str,
     dataset_name: str,
-    model: str,
+    model: ModelConfig,
     model_fingerprint: str,
     request_set: RequestSet,
     outputs: list[ShardOutput],
     cached: list[bool],
-    wall_seconds: float,
+    clock: StageClock,
     duckdb_path: str,
 ) -> RunSummary:
     computed = [output for output, was_cached in zip(outputs, cached) if not was_cached]
     generated = sum(output.completion_tokens for output in computed)
+    wall_seconds = clock.total()
+    stage_seconds = {
+        **clock.seconds,
+        "engine_start": round(sum(output.engine_load_seconds for output in computed), 3),
+        "generate": round(sum(output.generate_seconds for output in computed), 3),
+    }
     return RunSummary(
         run_id=run_id,
         dataset_name=dataset_name,
         dataset_version=request_set.dataset_version,
-        model=model,
+        model=model.model,
+        engine=model.engine,
         model_fingerprint=model_fingerprint,
         rows_read=request_set.rows_read,
         rejected=request_set.rejected,
@@ -72,6 +104,7 @@ def summarize_run(
         generated_tokens=generated,
         tokens_per_second=generated / wall_seconds if wall_seconds > 0 else 0.0,
         wall_seconds=wall_seconds,
+        stage_seconds=stage_seconds,
         duckdb_path=duckdb_path,
     )
 
@@ -105,6 +138,7 @@ def format_summary(summary: RunSummary) -> str:
     width = max(len(label) for label in SUMMARY_LABELS.values())
     lines = [f"run {summary.run_id} — {summary.dataset_name} ({summary.dataset_version[:12]}) on {summary.model}"]
     lines += [f"  {row['metric']:<{width}}  {row['value']}" for row in summary_rows(summary)]
+    lines += [f"  {'stage seconds':<{width}}  " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items())]
     lines += [
         "",
         "Try next:",

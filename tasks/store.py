@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -193,6 +194,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        "inference details: logprobs, latency, batch sizes, stage timings",
+        """
+        ALTER TABLE outputs ADD COLUMN mean_logprob DOUBLE;
+        ALTER TABLE outputs ADD COLUMN latency_seconds DOUBLE;
+        ALTER TABLE run_shards ADD COLUMN batch_size INTEGER;
+        ALTER TABLE run_shards ADD COLUMN max_num_seqs INTEGER;
+        ALTER TABLE run_shards ADD COLUMN engine_load_seconds DOUBLE;
+        ALTER TABLE runs ADD COLUMN stage_seconds JSON;
+        """,
+    )
+)
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
@@ -274,24 +289,24 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
         insert_row(con, "dataset_versions", dataset)
         if files.requests:
             con.execute(
-                "INSERT INTO requests SELECT $dv, custom_id, request_key, prompt, messages, duplicate_of, "
-                "source_file, source_row FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
+                "messages, duplicate_of, source_file, source_row FROM read_parquet($files) ON CONFLICT DO NOTHING",
                 {"dv": keys["dv"], "files": files.requests},
             )
         if files.rejected:
             con.execute(
-                "INSERT INTO rejected_rows SELECT $dv, source_file, source_row, custom_id, field, reason "
-                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
+                "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
                 {"dv": keys["dv"], "files": files.rejected},
             )
         if files.outputs:
             con.execute(
                 f"""
-                INSERT INTO outputs
-                SELECT {OUTPUT_ID_SQL.format(t="o", fp="fp", sh="sh")}, o.request_key, $fp, $sh, o.sample_index,
-                       $run, $dv, q.custom_id, o.shard_key, o.output_key, o.text, o.finish_reason,
-                       o.prompt_tokens, o.completion_tokens, o.error_code, o.error, current_timestamp
-                FROM read_parquet($files) o
+                INSERT INTO outputs BY NAME
+                SELECT {OUTPUT_ID_SQL.format(t="o", fp="fp", sh="sh")} AS output_id, o.* EXCLUDE (request_key),
+                       o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
+                       $dv AS dataset_version, q.custom_id
+                FROM read_parquet($files, union_by_name = true) o
                 JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
                                AND q.duplicate_of IS NULL
                 ON CONFLICT DO NOTHING
@@ -301,10 +316,10 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
         if files.scores:
             con.execute(
                 f"""
-                INSERT INTO scores
-                SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")}, s.scorer, s.scorer_version, s.value,
-                       s.label, $run, current_timestamp
-                FROM read_parquet($files) s
+                INSERT INTO scores BY NAME
+                SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")} AS output_id, s.scorer, s.scorer_version,
+                       s.value, s.label, $run AS run_id
+                FROM read_parquet($files, union_by_name = true) s
                 ON CONFLICT DO NOTHING
                 """,
                 {"fp": keys["fp"], "sh": keys["sh"], "run": keys["run"], "files": files.scores},
@@ -350,13 +365,14 @@ def run_row(
     started_at: datetime,
     finished_at: datetime,
 ) -> dict:
-    counts = summary.model_dump(exclude={"model", "dataset_name", "duckdb_path"})
+    counts = summary.model_dump(exclude={"model", "engine", "dataset_name", "duckdb_path", "stage_seconds"})
     return {
         **counts,
         "dataset_name": summary.dataset_name,
         "model": model.model,
-        "engine": "vllm",
+        "engine": model.engine,
         "engine_args": model.model_dump_json(),
+        "stage_seconds": json.dumps(summary.stage_seconds),
         "sampling_params": sampling.model_dump_json(),
         "sampling_hash": sampling_hash(sampling),
         "template_hash": template_hash,
@@ -370,7 +386,7 @@ def run_row(
 def shard_rows(outputs: list[ShardOutput], cached: list[bool]) -> list[dict]:
     return [
         {
-            **output.model_dump(include={"shard_key", "output_key", "requests", "errors", "prompt_tokens", "completion_tokens", "generate_seconds"}),
+            **output.model_dump(exclude={"path", "outputs"}),
             "cached": was_cached,
         }
         for output, was_cached in zip(outputs, cached)

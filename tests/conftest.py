@@ -23,11 +23,26 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir.with_name(tiny_model_dir.name + "-lora")  # built by the same script
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    """The one engine configuration of the session: every test that uses it shares one vLLM engine."""
+    """The one engine configuration of the session: every test that uses it shares one vLLM engine.
+
+    LoRA is enabled so runs with and without an adapter share the engine too.
+    """
     from tasks.config import ModelConfig
 
-    return ModelConfig(model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1)
+    return ModelConfig(
+        model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1, enable_lora=True, max_lora_rank=8
+    )
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that replace the session's engine run last, so the others keep sharing one engine."""
+    items.sort(key=lambda item: item.get_closest_marker("replaces_engine") is not None)
 
 
 @pytest.fixture(scope="session")

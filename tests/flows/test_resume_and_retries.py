@@ -1,0 +1,143 @@
+"""Shard failures: configuration mistakes fail at once, transient ones retry, a kill -9 resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.batch_inference import batch_inference
+from tasks import engine as engine_module
+from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, StoreConfig, StructuredOutput
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
+
+
+def sample_spec(tmp_path, rows: int) -> DatasetSpec:
+    path = tmp_path / "slice.parquet"
+    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, rows), path)
+    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt")
+
+
+def store_in(tmp_path) -> StoreConfig:
+    return StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"), storage=str(tmp_path / "storage"))
+
+
+def task_runs(state) -> list:
+    with get_client(sync_client=True) as client:
+        flow_run_id = state.state_details.flow_run_id
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, tiny_model, tmp_path):
+    state = batch_inference(
+        dataset=sample_spec(tmp_path, 20),
+        model=tiny_model,
+        sampling=SamplingConfig(max_tokens=4, structured=StructuredOutput(json_schema={"type": "objectx"})),
+        sharding=ShardingConfig(shard_size=64, retries=3, retry_delay_seconds=[0]),
+        store=store_in(tmp_path),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception, match="sampling parameters rejected by vLLM"):
+        state.result()
+    (shard_run,) = [run for run in task_runs(state) if run.name.startswith("generate-shard")]
+    assert shard_run.run_count == 1  # no retry for a mistake
+    assert not Path(tmp_path / "results.duckdb").exists()
+
+
+def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
+    prefect_harness, tiny_model, tmp_path, monkeypatch
+):
+    import torch
+
+    engine = engine_module.get_engine(tiny_model)
+    real_run = engine.run
+
+    def run_with_memory_cap(pending):  # the real engine, with an allocator that fails above 10 requests
+        if len(pending) > 10:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(pending)
+
+    monkeypatch.setattr(engine, "run", run_with_memory_cap)
+    store = store_in(tmp_path)
+    state = batch_inference(
+        dataset=sample_spec(tmp_path, 40),
+        model=tiny_model,
+        sampling=SamplingConfig(max_tokens=4, seed=11),
+        sharding=ShardingConfig(shard_size=16, retries=3, retry_delay_seconds=[0]),
+        store=store,
+        return_state=True,
+    )
+    summary = state.result()
+    assert summary.outputs == summary.unique_requests and summary.errors == 0
+    shard_runs = [run for run in task_runs(state) if run.name.startswith("generate-shard")]
+    assert sorted(run.run_count for run in shard_runs)[-1] == 2  # a full shard needed one retry
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        sizes = con.execute("SELECT requests, batch_size FROM run_shards ORDER BY requests").fetchall()
+    assert all(batch <= 10 for _, batch in sizes) and (16, 8) in sizes
+
+
+KILLABLE_RUN = textwrap.dedent(
+    """
+    import sys
+    from flows.batch_inference import batch_inference
+    from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+
+    if __name__ == "__main__":
+        spec, model, sampling, sharding, store = (cls.model_validate_json(arg) for cls, arg in zip(
+            (DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig), sys.argv[1:]))
+        batch_inference(dataset=spec, model=model, sampling=sampling, sharding=sharding, store=store)
+    """
+)
+
+
+def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness, tiny_model, tmp_path):
+    spec, store = sample_spec(tmp_path, 1200), store_in(tmp_path)
+    sampling, sharding = SamplingConfig(max_tokens=24), ShardingConfig(shard_size=40)
+    script = tmp_path / "run.py"
+    script.write_text(KILLABLE_RUN)
+    environment = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": ""}
+    run = subprocess.Popen(
+        [sys.executable, str(script), *(c.model_dump_json() for c in (spec, tiny_model, sampling, sharding, store))],
+        start_new_session=True,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    outputs_dir = Path(store.storage) / "outputs"
+    try:
+        while len(list(outputs_dir.glob("*.parquet"))) < 3:
+            assert run.poll() is None, "the flow ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the flow, its Prefect server and its vLLM engine at once
+        run.wait()
+    finished_before_kill = len(list(outputs_dir.glob("*.parquet")))
+    assert not Path(store.duckdb_path).exists()  # killed before the commit
+
+    summary = batch_inference(dataset=spec, model=tiny_model, sampling=sampling, sharding=sharding, store=store)
+
+    assert 3 <= summary.cached_shards < summary.shards  # finished shards came back from the cache ...
+    assert summary.cached_shards <= finished_before_kill
+    cached_requests = summary.unique_requests - summary.engine_requests
+    assert cached_requests == 40 * summary.cached_shards  # ... and only the rest reached the engine
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT request_key) FROM outputs").fetchone() == (
+            summary.unique_requests,
+            summary.unique_requests,
+        )
+        unanswered = con.execute(
+            "SELECT count(*) FROM requests q LEFT JOIN outputs o USING (request_key) WHERE o.output_id IS NULL"
+        ).fetchone()[0]
+    assert unanswered == 0  # none lost, none duplicated
