@@ -146,6 +146,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             FROM runs;
         """,
     ),
+]
+MIGRATIONS.append(
+    (
+        2,
+        "inference details: logprobs, latency, batch sizes, stage timings",
+        """
+        ALTER TABLE outputs ADD COLUMN mean_logprob DOUBLE;
+        ALTER TABLE outputs ADD COLUMN latency_seconds DOUBLE;
+        ALTER TABLE run_shards ADD COLUMN batch_size INTEGER;
+        ALTER TABLE run_shards ADD COLUMN max_num_seqs INTEGER;
+        ALTER TABLE run_shards ADD COLUMN engine_load_seconds DOUBLE;
+        ALTER TABLE runs ADD COLUMN stage_seconds JSON;
+        """,
+    )
+)
+MIGRATIONS.append(
     (
         5,
         "label studio curation",
@@ -192,23 +208,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
         );
         """,
-    ),
-]
-MIGRATIONS.append(
-    (
-        2,
-        "inference details: logprobs, latency, batch sizes, stage timings",
-        """
-        ALTER TABLE outputs ADD COLUMN mean_logprob DOUBLE;
-        ALTER TABLE outputs ADD COLUMN latency_seconds DOUBLE;
-        ALTER TABLE run_shards ADD COLUMN batch_size INTEGER;
-        ALTER TABLE run_shards ADD COLUMN max_num_seqs INTEGER;
-        ALTER TABLE run_shards ADD COLUMN engine_load_seconds DOUBLE;
-        ALTER TABLE runs ADD COLUMN stage_seconds JSON;
-        """,
     )
 )
-LATEST_VERSION = MIGRATIONS[-1][0]
+# Numbers are handed out per issue and merged in any order: the latest is the largest.
+LATEST_VERSION = max(version for version, _, _ in MIGRATIONS)
 
 
 class StoreError(RuntimeError):
