@@ -40,9 +40,10 @@ def load_server_script():
     return module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def label_studio_url(tmp_path_factory):
-    """A throwaway Label Studio on 127.0.0.1 with a preset user and token; stopped even on failure."""
+    """A throwaway Label Studio on 127.0.0.1 with a preset user and token; stopped even on failure,
+    and as soon as this module is done (other tests count the session's child processes)."""
     server = load_server_script()
     server.ensure_installed()
     port = server.free_port()

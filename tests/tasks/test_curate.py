@@ -4,17 +4,20 @@ import xml.etree.ElementTree as ET
 import duckdb
 import pyarrow as pa
 import pytest
+from prefect.states import Failed
 from pydantic import ValidationError
 
 from tasks import files
 from tasks.config import StoreConfig
 from tasks.engine import OUTPUT_SCHEMA
+from tasks.label_studio import LabelStudioError
 from tasks.curate import (
     SampleSelection,
     curated_record,
     jsonl_bytes,
     labeling_config,
     parse_annotation,
+    retry_when_transient,
     select_samples,
     selection_sql,
     task_payload,
@@ -253,3 +256,9 @@ def test_select_samples_names_a_missing_run_and_a_broken_condition(con, tmp_path
         select_samples.fn(store, SampleSelection(run_id="A", strategy="where", where="no_such_column > 1"))
     with pytest.raises(ValueError, match="does not exist: run batch_inference first"):
         select_samples.fn(StoreConfig(duckdb_path=str(tmp_path / "missing.duckdb")), SampleSelection(run_id="A"))
+
+
+def test_only_transient_label_studio_errors_are_retried():
+    assert retry_when_transient(None, None, Failed(data=LabelStudioError("503 from the server", transient=True)))
+    assert not retry_when_transient(None, None, Failed(data=LabelStudioError("401: bad key", transient=False)))
+    assert retry_when_transient(None, None, Failed(data=OSError("anything else keeps Prefect's policy")))
