@@ -25,7 +25,7 @@ from tasks.curate import (
     version_manifest,
     CURATED_SQL,
 )
-from tasks.score import DEFAULT_SCORERS, score_outputs
+from tasks.score import DEFAULT_SCORERS, resolve_scorers, score_outputs
 from tasks.store import CommitFiles, commit_run, migrate
 
 IDS = [f"q{i}" for i in range(8)]
@@ -42,6 +42,8 @@ def commit_fake_run(con, tmp_path, run_id: str, fingerprint: str, texts: list[st
             "source_file": ["f"] * 10,
             "source_row": list(range(10)),
             "duplicate_of": [None] * 8 + ["q0", None],
+            "overrides": pa.array([None] * 10, pa.string()),
+            "reference": pa.array([None] * 10, pa.string()),
         }
     )
     outputs = pa.Table.from_pylist(
@@ -54,7 +56,7 @@ def commit_fake_run(con, tmp_path, run_id: str, fingerprint: str, texts: list[st
             "completion_tokens": None, "error_code": "context_length_exceeded", "error": "long"}],
         schema=OUTPUT_SCHEMA,
     )  # fmt: skip
-    scores = score_outputs(outputs, DEFAULT_SCORERS)
+    scores = score_outputs(outputs, resolve_scorers(DEFAULT_SCORERS))
     outputs = outputs.append_column("shard_key", pa.array(["s"] * 9)).append_column("output_key", pa.array(["o"] * 9))
     paths = {name: str(tmp_path / f"{run_id}-{name}.parquet") for name in ("requests", "outputs", "scores")}
     for name, table in (("requests", requests), ("outputs", outputs), ("scores", scores)):
@@ -96,7 +98,10 @@ def test_lowest_takes_the_lowest_scores_of_canonical_answers_only(con):
     assert [row["custom_id"] for row in chosen] == ["q1", "q2", "q6"]  # 0, 1, 2 tokens
     everything = select(con, run_id="A", strategy="lowest", limit=100)
     assert sorted(row["custom_id"] for row in everything) == IDS  # no duplicate q8, no error q9
-    assert json.loads(chosen[0]["scores"]) == {"completion_tokens": 0.0, "empty_output": 1.0, "finish_reason": 0.0}
+    scores = json.loads(chosen[0]["scores"])
+    assert {k: scores[k] for k in ("completion_tokens", "empty_output", "finish_reason")} == {
+        "completion_tokens": 0.0, "empty_output": 1.0, "finish_reason": 0.0
+    }
 
 
 def test_stratified_draws_evenly_from_score_buckets_and_repeats_with_the_seed(con):
