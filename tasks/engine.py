@@ -139,14 +139,26 @@ class PendingRequest:
     sampling: SamplingConfig
 
 
+def engine_arguments(config: ModelConfig) -> dict:
+    from vllm.platforms import current_platform
+
+    # Stats on: vLLM then times each request (queued → last token), which outputs record.
+    args = {"disable_log_stats": False, **config.vllm_args()}
+    if current_platform.is_cpu():
+        # Chunked prefill rewinds a request's seeded generator, which CPU generators cannot do:
+        # seeded sampling (temperature > 0 with a seed) would kill the engine
+        # ("CPU Generator does not use offset"). engine_kwargs can still turn it back on.
+        args.setdefault("enable_chunked_prefill", False)
+    return args
+
+
 class VllmEngine:
     def __init__(self, config: ModelConfig):
         started = time.perf_counter()
         from vllm import LLM
 
         self.config = config
-        # Stats on: vLLM then times each request (queued → last token), which outputs record.
-        self.llm = LLM(**{"disable_log_stats": False, **config.vllm_args()})
+        self.llm = LLM(**engine_arguments(config))
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
         self.prepare_lock = threading.Lock()

@@ -122,7 +122,7 @@ def commit_inputs(tmp_path):
 @pytest.fixture
 def reference_slice(tmp_path):
     """The first 40 rows of the bundled sample (with duplicates) plus a reference answer per row, one
-    null prompt (a rejected row) and one prompt longer than the tiny model's context (an error row)."""
+    null prompt and one prompt longer than the tiny model's context (both rejected rows)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -138,3 +138,48 @@ def reference_slice(tmp_path):
     pq.write_table(table.append_column("answer", reference), path)
     return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt",
                        reference_column="answer", system_prompt="Be brief.")  # fmt: skip
+
+
+@pytest.fixture
+def committed_store(tmp_path, commit_inputs):
+    """A results file holding the commit_inputs run."""
+    from tasks.config import StoreConfig
+    from tasks.store import commit_run, connect, migrate
+
+    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
+    con = connect(store.duckdb_path)
+    migrate(con)
+    commit_run(con, *commit_inputs)
+    con.close()
+    return store
+
+
+FLOW_PROCESS = """
+import sys
+from flows.batch_inference import batch_inference
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+
+if __name__ == "__main__":
+    spec, model, sampling, sharding, store = (cls.model_validate_json(arg) for cls, arg in zip(
+        (DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig), sys.argv[1:]))
+    batch_inference(dataset=spec, model=model, sampling=sampling, sharding=sharding, store=store)
+"""
+
+
+@pytest.fixture
+def start_flow_process(tmp_path):
+    """Start batch_inference in its own process (own Prefect, own engine), in its own process group."""
+    script = tmp_path / "run_flow.py"
+    script.write_text(FLOW_PROCESS)
+
+    def start(name: str, *configs) -> subprocess.Popen:
+        environment = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"), "PREFECT_API_URL": ""}
+        return subprocess.Popen(
+            [sys.executable, str(script), *(config.model_dump_json() for config in configs)],
+            start_new_session=True,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"{name}.log", "w"),
+        )
+
+    return start

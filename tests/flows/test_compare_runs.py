@@ -52,8 +52,8 @@ def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
         # all runs are on one dataset version, so compare_runs works on them too; the adapter is recorded
         assert q("SELECT count(DISTINCT dataset_version), count(DISTINCT model_fingerprint) FROM runs") == [(1, 2)]
         assert q("SELECT count(*) FROM compare_runs(?, ?) WHERE scorer = 'completion_tokens'", comparison.runs["greedy"], comparison.runs["sampled"]) == [(1,)]
-        unique, errors = q("SELECT unique_requests, errors FROM runs LIMIT 1")[0]
-        assert errors == 1  # the over-long prompt: an error row, not scored
+        unique, errors, rejected = q("SELECT unique_requests, errors, rejected FROM runs LIMIT 1")[0]
+        assert (errors, rejected) == (0, 2)  # the null and the over-long prompt: rejected before inference
         answered = unique - errors
         # per variant and scorer: n + unscored = the answers, CI around the mean
         for row in comparison.scores:

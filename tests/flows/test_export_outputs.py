@@ -6,17 +6,11 @@ import pytest
 from flows.export_outputs import export_outputs
 from tasks.config import SpecError, StoreConfig
 from tasks.export import BatchOutputLine, ChatExample, batch_line, chat_example
-from tasks.store import commit_run, connect, migrate
 
 
 @pytest.fixture
-def store(tmp_path, commit_inputs) -> StoreConfig:
-    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
-    con = connect(store.duckdb_path)
-    migrate(con)
-    commit_run(con, *commit_inputs)
-    con.close()
-    return store
+def store(committed_store) -> StoreConfig:
+    return committed_store
 
 
 def read_lines(path) -> list[dict]:

@@ -5,17 +5,12 @@ import pytest
 
 from flows.rescore import rescore
 from tasks.config import StoreConfig
-from tasks.store import StoreError, commit_run, connect, migrate
+from tasks.store import StoreError
 
 
 @pytest.fixture
-def store_with_a_run(tmp_path, commit_inputs) -> StoreConfig:
-    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
-    con = connect(store.duckdb_path)
-    migrate(con)
-    commit_run(con, *commit_inputs)
-    con.close()
-    return store
+def store_with_a_run(committed_store) -> StoreConfig:
+    return committed_store
 
 
 def scores(store) -> list[tuple]:

@@ -2,9 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -88,33 +85,10 @@ def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
     assert all(batch <= 10 for _, batch in sizes) and (16, 8) in sizes
 
 
-KILLABLE_RUN = textwrap.dedent(
-    """
-    import sys
-    from flows.batch_inference import batch_inference
-    from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
-
-    if __name__ == "__main__":
-        spec, model, sampling, sharding, store = (cls.model_validate_json(arg) for cls, arg in zip(
-            (DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig), sys.argv[1:]))
-        batch_inference(dataset=spec, model=model, sampling=sampling, sharding=sharding, store=store)
-    """
-)
-
-
-def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness, tiny_model, tmp_path):
+def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness, tiny_model, tmp_path, start_flow_process):
     spec, store = sample_spec(tmp_path, 1200), store_in(tmp_path)
     sampling, sharding = SamplingConfig(max_tokens=24), ShardingConfig(shard_size=40)
-    script = tmp_path / "run.py"
-    script.write_text(KILLABLE_RUN)
-    environment = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": ""}
-    run = subprocess.Popen(
-        [sys.executable, str(script), *(c.model_dump_json() for c in (spec, tiny_model, sampling, sharding, store))],
-        start_new_session=True,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run = start_flow_process("killed", spec, tiny_model, sampling, sharding, store)
     outputs_dir = Path(store.storage) / "outputs"
     try:
         while len(list(outputs_dir.glob("*.parquet"))) < 3:
@@ -128,8 +102,9 @@ def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness
 
     summary = batch_inference(dataset=spec, model=tiny_model, sampling=sampling, sharding=sharding, store=store)
 
-    assert 3 <= summary.cached_shards < summary.shards  # finished shards came back from the cache ...
-    assert summary.cached_shards <= finished_before_kill
+    # finished shards came back from the cache (the newest file may have lost its cache record to the kill) ...
+    assert 2 <= finished_before_kill - 1 <= summary.cached_shards <= finished_before_kill
+    assert summary.cached_shards < summary.shards
     cached_requests = summary.unique_requests - summary.engine_requests
     assert cached_requests == 40 * summary.cached_shards  # ... and only the rest reached the engine
     with duckdb.connect(store.duckdb_path, read_only=True) as con:

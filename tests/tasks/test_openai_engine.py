@@ -54,6 +54,7 @@ def vllm_server(tiny_model, tmp_path_factory):
         "--api-key", API_KEY, "--max-model-len", str(tiny_model.max_model_len),
         "--gpu-memory-utilization", str(tiny_model.gpu_memory_utilization), "--seed", str(tiny_model.seed),
         "--enable-lora", "--max-lora-rank", str(tiny_model.max_lora_rank), "--uvicorn-log-level", "warning",
+        "--no-enable-chunked-prefill",  # as the in-process engine on CPU (tasks/engine.py)
     ]  # fmt: skip
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
