@@ -65,6 +65,7 @@ class LocalCluster:
         gpu_slots: int = 2,
         results: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        server_env: dict[str, str] | None = None,
     ):
         self.home = Path(home).resolve()
         self.port = port or free_port()
@@ -74,6 +75,7 @@ class LocalCluster:
         self.results = Path(results or REPO / "results").resolve()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.server_env = server_env or {}
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.home),
@@ -89,11 +91,11 @@ class LocalCluster:
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path(name), "w") as log:
             process = subprocess.Popen(
-                [self.prefect, *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [self.prefect, *args], cwd=REPO, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() ends it with all its children
             )  # fmt: skip
         self.processes.append((name, process))
@@ -125,7 +127,7 @@ class LocalCluster:
     # --- the system ----------------------------------------------------------------------------
     def start(self) -> LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=self.server_env)
         self.wait_for_server()
         for pool in ("gpu", "cpu"):
             self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")

@@ -33,6 +33,40 @@ def load_bring_up():
     return module
 
 
+def server_env_with_pinned_sqlalchemy() -> dict[str, str]:
+    """pyproject pins SQLAlchemy below 2.1 (2.1 breaks the Prefect 3.7 scheduler). A venv installed
+    before that pin gets the server an overlay of SQLAlchemy 2.0, outside the venv, instead."""
+    from importlib.metadata import version
+
+    if tuple(map(int, version("sqlalchemy").split(".")[:2])) < (2, 1):
+        return {}
+    overlay = REPO / ".cache" / "sqlalchemy-2.0"
+    if not (overlay / "sqlalchemy").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay), "sqlalchemy>=2.0,<2.1"],
+            check=True, timeout=600,
+        )  # fmt: skip
+    return {"PYTHONPATH": os.pathsep.join([str(overlay), str(REPO)])}
+
+
+def group_runs(client, group: int) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["generate-shards"])))
+    return sorted((r for r in runs if r.name.endswith(f"-group-{group}")), key=lambda r: r.created)
+
+
+def kill_flow_run_process(flow_run_id) -> bool:
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), 9)
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def processes_with_home(home: Path) -> list[str]:
     """Command lines of live processes started under this PREFECT_HOME."""
     found = []
@@ -70,7 +104,9 @@ def test_bring_up_deploys_runs_on_two_worker_groups_and_schedules(tmp_path, tiny
     }
     results = tmp_path / "results"  # the `local-results` block the deployment names points here
     local_store = {"duckdb_path": str(tmp_path / "local.duckdb"), "storage": str(tmp_path / "local-storage")}
-    cluster = bring_up.LocalCluster(tmp_path / "prefect", results=results, python=sys.executable)
+    cluster = bring_up.LocalCluster(
+        tmp_path / "prefect", results=results, python=sys.executable, server_env=server_env_with_pinned_sqlalchemy()
+    )
     try:
         cluster.start()
         assert set(bring_up.deployable_names(REPO / "prefect.yaml")) >= {"sample", "generate-shards"}
@@ -108,6 +144,42 @@ def test_bring_up_deploys_runs_on_two_worker_groups_and_schedules(tmp_path, tiny
         assert locally.returncode == 0, locally.stdout[-4000:] + locally.stderr[-4000:]
         sql = f"SELECT {OUTPUT_COLUMNS} FROM outputs ORDER BY request_key, sample_index"
         assert query(Path(local_store["duckdb_path"]), sql) == query(duckdb_path, sql)
+
+        # A group whose process dies is run again; the shards it had finished come from the cache.
+        killed_store = {"duckdb_path": str(tmp_path / "killed.duckdb"), "storage": str(tmp_path / "killed-storage")}
+        killed_params = {
+            **common, "sampling": {"max_tokens": 5}, "sharding": {**common["sharding"], "shard_size": 2},
+            "store": killed_store, "dispatch": "workers", "n_workers": 2, "workers": {"group_retries": 2},
+        }  # fmt: skip
+        watch = subprocess.Popen(
+            [cluster.prefect, "deployment", "run", "batch-inference/sample", "--params", json.dumps(killed_params),
+             "--watch", "--watch-timeout", "1200"],
+            cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+        with temporary_settings({PREFECT_API_URL: cluster.api_url}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 900
+            while True:  # kill group 0 of this run once it has finished a shard
+                assert watch.poll() is None and time.monotonic() < deadline, "group 0 never finished a shard"
+                first = [r for r in group_runs(client, 0) if r.created > parent.created and r.state.is_running()]
+                if first:
+                    finished = client.read_task_runs(task_run_filter=TaskRunFilter(
+                        flow_run_id=TaskRunFilterFlowRunId(any_=[first[0].id])))  # fmt: skip
+                    if any(t.name.startswith("generate-shard") and t.state.is_completed() for t in finished):
+                        assert kill_flow_run_process(first[0].id)
+                        break
+                time.sleep(0.3)
+        output, _ = watch.communicate(timeout=1300)
+        assert watch.returncode == 0, output[-4000:]
+        with temporary_settings({PREFECT_API_URL: cluster.api_url}), get_client(sync_client=True) as client:
+            attempts = [r for r in group_runs(client, 0) if r.created > parent.created and r.name.startswith(first[0].name)]
+            assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
+            retried = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[attempts[1].id])))
+            assert any(t.state.name == "Cached" for t in retried)  # not computed again
+        killed_db = Path(killed_store["duckdb_path"])
+        assert query(killed_db, "SELECT outputs, errors, unique_requests FROM runs")[0] == (summary[5], 0, summary[5])
+        assert query(killed_db, "SELECT count(*), count(DISTINCT request_key) FROM outputs")[0] == (summary[5], summary[5])
 
         # A short interval schedule starts a run of its own; it finds every shard in the cache.
         with temporary_settings({PREFECT_API_URL: cluster.api_url}), get_client(sync_client=True) as client:
