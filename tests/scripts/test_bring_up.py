@@ -57,9 +57,12 @@ def group_runs(client, group: int) -> list:
 
 
 def kill_flow_run_process(flow_run_id) -> bool:
+    """SIGKILL the flow run's own process (not its vLLM engine processes), as the OOM killer would."""
     for proc in Path("/proc").iterdir():
         try:
-            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            if b"prefect.engine" in (proc / "cmdline").read_bytes() and f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
                 os.kill(int(proc.name), 9)
                 return True
         except (OSError, ValueError):
