@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
@@ -89,6 +89,10 @@ def generate_on_workers(
     keys = [output_key(shard.shard_key, fingerprint, sampling) for shard in shards]
     cached = [cache.exists(key) for key in keys]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
+    get_run_logger().info(
+        "%d of %d shards already cached; dispatching %d in %d groups to %s",
+        sum(cached), len(shards), len(shards) - sum(cached), len(groups), workers.deployment,
+    )
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [
         run_group.submit(i, group, model, sampling, fingerprint, storage, sharding, workers)
