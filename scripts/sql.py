@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=50)
     args = parser.parse_args()
     with duckdb.connect(args.db, read_only=True) as con:
-        table = con.execute(args.query).fetch_arrow_table()
+        table = con.sql(args.query).to_arrow_table()
     frame = table.slice(0, args.max_rows).to_pandas()
     print(frame.to_string(index=False, max_colwidth=60))
     if table.num_rows > args.max_rows:

@@ -21,24 +21,73 @@ def describe_errors(error: ValidationError) -> str:
     )
 
 
+class ValidationConfig(BaseModel):
+    """The Great Expectations suite every batch of rows passes (rows that fail are rejected, not dropped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Context budget per prompt, in approximate tokens (characters / 4)."
+    )
+    allowed_roles: list[str] = Field(["system", "user", "assistant", "tool"], description="Roles allowed in messages.")
+    expectations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="More GX expectations, e.g. {type: expect_column_values_to_match_regex, kwargs: {column: prompt, regex: '\\?$'}}.",
+    )
+    max_rejected_share: float = Field(
+        0.5, ge=0, le=1, description="The run fails when more than this share of the rows is rejected."
+    )
+
+
+class DedupeConfig(BaseModel):
+    """Which requests count as the same: exact (normalized) and, optionally, near-duplicates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalize: bool = Field(True, description="Compare text after Unicode NFKC and whitespace folding.")
+    case_fold: bool = Field(False, description="Also ignore letter case.")
+    near_duplicates: bool = Field(False, description="Also fold near-duplicates (MinHash LSH) into one request.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of shingles that counts as near-duplicate.")
+    shingle_size: int = Field(3, ge=1, description="Words per shingle.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (signature length).")
+
+
+InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
+
+
 class DatasetSpec(BaseModel):
     """Where the prompts are and how each row becomes a request."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Dataset name, recorded with every dataset version.")
-    source: str = Field(description="Parquet file, folder or glob. Relative to the working directory.")
-    id_column: str = Field(description="Column holding a unique id per row; becomes custom_id.")
+    source: str = Field(
+        description="Parquet file, folder (Hive partitions too), glob, JSONL file or any fsspec URL."
+    )
+    format: InputFormat = Field("auto", description="auto: from the file names (and the first JSONL line).")
+    id_column: str | None = Field(
+        None, description="Column holding a unique id per row; becomes custom_id. Unset: an id derived from the row's content."
+    )
     prompt_column: str | None = Field(None, description="Column holding the prompt text.")
     prompt_template: str | None = Field(
         None, description="Jinja template over the row's columns, e.g. 'Summarize: {{ text }}'."
     )
+    messages_column: str | None = Field(None, description="Column holding chat messages (list of {role, content}).")
     system_prompt: str | None = Field(None, description="System message for chat mode.")
+    override_columns: list[str] = Field(
+        default_factory=list, description="Columns holding per-row sampling overrides (e.g. max_tokens, temperature)."
+    )
+    reference_column: str | None = Field(None, description="Column with a reference answer, kept for scoring.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> DatasetSpec:
-        if (self.prompt_column is None) == (self.prompt_template is None):
-            raise ValueError("set exactly one of prompt_column or prompt_template")
+        given = sum(source is not None for source in (self.prompt_column, self.prompt_template, self.messages_column))
+        # OpenAI batch lines say themselves what they send (format auto may turn out to be one).
+        maybe_openai = self.format == "openai_batch" or (self.format == "auto" and not self.source.endswith(".parquet"))
+        if given > 1 or (given == 0 and not maybe_openai):
+            raise ValueError("set exactly one of prompt_column, prompt_template or messages_column")
         return self
 
     @classmethod
@@ -164,6 +213,37 @@ class SamplingConfig(BaseModel):
     structured: StructuredOutput | None = None
 
 
+class SamplingOverrides(BaseModel):
+    """Sampling parameters one request may set for itself (a dataset column, an OpenAI batch body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    n: int | None = Field(None, ge=1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    logprobs: int | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_names(cls, data: Any) -> Any:
+        """OpenAI's spellings: max_completion_tokens, and stop as one string."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if "max_completion_tokens" in data:
+                data.setdefault("max_tokens", data.pop("max_completion_tokens"))
+            if isinstance(data.get("stop"), str):
+                data["stop"] = [data["stop"]]
+        return data
+
+
 class StoreConfig(BaseModel):
     """Where results go: the DuckDB file and the folder (or fsspec URL) for shard files and cache."""
 
@@ -181,7 +261,15 @@ class ShardingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shard_size: int = Field(512, ge=1, description="Unique requests per shard (one inference task each).")
+    shard_size: int = Field(
+        1024, ge=1, description="Most unique requests per shard: one inference task and one generate call each."
+    )
+    max_shard_tokens: int | None = Field(
+        None, ge=1, description="Most approximate prompt tokens (characters / 4) per shard; unset: no budget."
+    )
+    group_prefixes: bool = Field(
+        True, description="Order requests by their text so prompts sharing a prefix land in one shard (prefix cache)."
+    )
     retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
     gpu_limit: str | None = Field(

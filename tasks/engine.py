@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import threading
@@ -107,19 +108,11 @@ def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
     if sampling.structured is not None:
         s = sampling.structured
         structured = StructuredOutputsParams(json=s.json_schema, regex=s.regex, choice=s.choice)
+    # SamplingConfig's field names are vLLM's own
     return SamplingParams(
-        n=sampling.n,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
+        **sampling.model_dump(exclude={"max_tokens", "stop", "structured"}),
         max_tokens=max_tokens,
         stop=sampling.stop or None,
-        seed=sampling.seed,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty,
-        logprobs=sampling.logprobs,
         structured_outputs=structured,
     )
 
@@ -154,8 +147,11 @@ class VllmEngine:
         self.config = config
         # Stats on: vLLM then times each request (queued → last token), which outputs record.
         self.llm = LLM(**{"disable_log_stats": False, **config.vllm_args()})
-        self.tokenizer = self.llm.get_tokenizer()
+        # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
+        self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
+        self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.closed = False
         self.unreported_load_seconds = time.perf_counter() - started
         self.requests_sent = 0  # how many requests reached the engine in this process
 
@@ -183,6 +179,10 @@ class VllmEngine:
 
     def prepare(self, shard: pa.Table, sampling: SamplingConfig) -> tuple[list[PendingRequest], list[dict]]:
         """Requests ready for the engine, and error rows for those that cannot run on their own."""
+        with self.prepare_lock:
+            return self._prepare(shard, sampling)
+
+    def _prepare(self, shard: pa.Table, sampling: SamplingConfig) -> tuple[list[PendingRequest], list[dict]]:
         overrides = shard["overrides"].to_pylist() if "overrides" in shard.column_names else [None] * shard.num_rows
         pending: list[PendingRequest] = []
         errors: list[dict] = []
@@ -212,7 +212,13 @@ class VllmEngine:
         A request that cannot run on its own (prompt longer than the context, a bad per-row
         override or schema) becomes an error row, like the error file of an OpenAI batch.
         """
-        pending, rows = self.prepare(shard, sampling)
+        pending, errors = self.prepare(shard, sampling)
+        return self.generate_prepared(pending, errors, sampling, batch_size)
+
+    def generate_prepared(
+        self, pending: list[PendingRequest], errors: list[dict], sampling: SamplingConfig, batch_size: int | None
+    ) -> pa.Table:
+        rows = list(errors)
         size = batch_size or max(len(pending), 1)
         for start in range(0, len(pending), size):
             rows.extend(self.generate_chunk(pending[start : start + size], per_row=sampling))
@@ -277,6 +283,7 @@ class VllmEngine:
         return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def close(self) -> None:
+        self.closed = True
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
@@ -318,6 +325,10 @@ class ShardOutOfMemory(RuntimeError):
     """Transient: the retry runs the shard in smaller generate batches."""
 
 
+class EngineRestarted(RuntimeError):
+    """Transient: the engine this shard prepared for was closed (crashed or swapped); the retry uses the new one."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -346,10 +357,13 @@ def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: Samplin
     engine = get_engine(config)
     load_seconds = engine.take_load_seconds()
     limit = _batch_limits.get(key)
+    pending, errors = engine.prepare(shard, sampling)  # outside the lock: overlaps the previous shard's generate
     with generate_lock:
+        if engine.closed:
+            raise EngineRestarted(f"the engine for {config.model} was closed while this shard waited")
         started = time.perf_counter()
         try:
-            outputs = engine.generate(shard, sampling, batch_size=limit)
+            outputs = engine.generate_prepared(pending, errors, sampling, limit)
         except EngineDeadError:
             close_engine()  # the retry builds a fresh one
             raise

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
+from typing import IO
 
 import fsspec
 import pyarrow as pa
@@ -36,3 +39,28 @@ def remove_tree(path: str) -> None:
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.exists(fs_path):
         fs.rm(fs_path, recursive=True)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str, mode: str = "wb") -> Iterator[IO]:
+    """A file that appears under its name only once it is complete (like write_parquet)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+    partial = f"{fs_path}.{uuid.uuid4().hex}.partial"
+    try:
+        with fs.open(partial, mode) as handle:
+            yield handle
+    except BaseException:
+        fs.rm(partial)
+        raise
+    fs.mv(partial, fs_path)
+
+
+def move(source: str, target: str) -> None:
+    fs, source_path = fsspec.core.url_to_fs(source)
+    fs.mv(source_path, fsspec.core.url_to_fs(target)[1])
+
+
+def make_parent(path: str) -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)

@@ -6,18 +6,23 @@ The tasks here return small manifests (paths, keys, counts); the rows stay in fi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from pathlib import Path
 
+import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from pydantic import BaseModel
 
 from tasks import files
-from tasks.config import DatasetSpec
-from tasks.dedupe import ExactDeduper
-from tasks.load import check_dataset, iter_batches
-from tasks.render import Mode, Renderer, template_hash
-from tasks.shard import Shard, cut_shards, shard_key
+from tasks.config import DatasetSpec, ShardingConfig, SpecError, StoreConfig
+from tasks.dedupe import ExactDeduper, NearDuplicateIndex
+from tasks.load import check_dataset, iter_batches, prefetch
+from tasks.render import Mode, Renderer, content_hash, template_hash
+from tasks.shard import PREFIX_BUCKET_ROWS, SHARD_COLUMNS, Shard, cut_shards, order_by_prefix, shard_key
+from tasks.validate import Validator
 
 
 class RequestSet(BaseModel):
@@ -29,6 +34,7 @@ class RequestSet(BaseModel):
     requests: int
     unique_requests: int
     rejected: int
+    validation: list[dict] = []  # one row per expectation: the validation result
 
     @property
     def duplicates(self) -> int:
@@ -38,68 +44,174 @@ class RequestSet(BaseModel):
 class DatasetVersioner:
     """Content hash of a dataset as the pipeline sees it: every request and every rejected row."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: object = None) -> None:
         self.digest = hashlib.blake2b(digest_size=16)
+        self.digest.update(content_hash(settings).encode())  # what decides duplicates and rejections
 
     def add(self, requests: pa.Table, rejected: pa.Table) -> None:
-        for table, columns in ((requests, ["custom_id", "request_key"]), (rejected, ["source_row", "reason"])):
+        request_columns = ["custom_id", "request_key", "reference"] if "reference" in requests.column_names else ["custom_id", "request_key"]
+        for table, columns in ((requests, request_columns), (rejected, ["source_file", "source_row", "reason"])):
             for row in zip(*(table[c].to_pylist() for c in columns)):
-                self.digest.update("\t".join(map(str, row)).encode() + b"\n")
+                # a reference is dataset content too; a missing one adds nothing
+                self.digest.update("\t".join(str(value) for value in row if value is not None).encode() + b"\n")
 
     def version(self) -> str:
         return self.digest.hexdigest()
 
 
+# Rows per batch: Python objects exist for one batch at a time, so this bounds the working memory.
+BATCH_ROWS = 32_768
+
+
 @task(name="write-requests")
-def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str) -> RequestSet:
-    """Load, render and dedupe the dataset into request and rejected-row Parquet parts."""
-    source_files = check_dataset(dataset)
-    renderer = Renderer(dataset, mode)
-    deduper = ExactDeduper(id_field=dataset.id_column)
-    versioner = DatasetVersioner()
+def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_tokens: int | None = None) -> RequestSet:
+    """Load, render, validate and dedupe the dataset into request and rejected-row Parquet parts."""
+    source = check_dataset(dataset)
+    renderer = Renderer(source.spec, mode)
+    validator = Validator(dataset.validation, context_tokens)
+    deduper = ExactDeduper(id_field=renderer.id_field, config=dataset.dedupe)
+    versioner = DatasetVersioner(
+        {"dedupe": dataset.dedupe.model_dump(), "validation": validator.expectations, "reference": dataset.reference_column}
+    )
     request_files: list[str] = []
     rejected_files: list[str] = []
-    rows_read = requests = unique = rejected_count = 0
-    for part, source in enumerate(iter_batches(dataset, source_files)):
-        rendered, rejected = renderer.render(source)
-        marked, duplicate_ids = deduper.mark(rendered)
-        rejected = pa.concat_tables([rejected, duplicate_ids])
+    rows_read = requests = rejected_count = 0
+    for part, batch in enumerate(prefetch(iter_batches(source, batch_size=BATCH_ROWS))):
+        rendered, rejected = renderer.render(batch)
+        valid, failed = validator.validate(rendered)
+        marked, duplicate_ids = deduper.mark(valid)
+        marked = marked.drop_columns(["approx_tokens", "roles"])
+        rejected = pa.concat_tables([rejected, failed, duplicate_ids])
         versioner.add(marked, rejected)
-        rows_read += source.batch.num_rows
+        rows_read += batch.rows_read
         requests += marked.num_rows
-        unique += marked.num_rows - pc.sum(pc.is_valid(marked["duplicate_of"])).as_py()
         rejected_count += rejected.num_rows
         request_files.append(files.join(work_dir, "requests", f"part-{part:05d}.parquet"))
         files.write_parquet(marked, request_files[-1])
         if rejected.num_rows:
             rejected_files.append(files.join(work_dir, "rejected", f"part-{part:05d}.parquet"))
             files.write_parquet(rejected, rejected_files[-1])
+    if rows_read == 0:
+        raise SpecError(f"dataset {dataset.name}: {dataset.source} has no rows")
+    if dataset.dedupe.near_duplicates:
+        mark_near_duplicates(request_files, dataset, work_dir)
     return RequestSet(
         dataset_version=versioner.version(),
-        template_hash=template_hash(dataset, mode),
+        template_hash=template_hash(source.spec, mode),
         request_files=request_files,
         rejected_files=rejected_files,
         rows_read=rows_read,
         requests=requests,
-        unique_requests=unique,
+        unique_requests=sum(files.read_parquet(f, ["duplicate_of"])["duplicate_of"].null_count for f in request_files),
         rejected=rejected_count,
+        validation=validator.report(),
     )
 
 
-def unique_requests(request_set: RequestSet):
-    for path in request_set.request_files:
+def mark_near_duplicates(request_files: list[str], dataset: DatasetSpec, work_dir: str) -> None:
+    """Second pass: canonical requests that are near-duplicates of an earlier one point at it.
+
+    Exact duplicates already point at their canonical request; when that one turns out to be a
+    near-duplicate, they are re-pointed at its canonical so every pointer reaches a computed request.
+    """
+    scratch = Path(work_dir, "near-duplicates.u32") if "://" not in work_dir else None
+    if scratch:
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+    index = NearDuplicateIndex(dataset.dedupe, str(scratch) if scratch else None)
+    canonical_ids = []
+    for path in request_files:
+        table = files.read_parquet(path, ["custom_id", "dedupe_text", "duplicate_of"])
+        canonical = table.filter(pc.is_null(table["duplicate_of"]))
+        index.add(canonical["dedupe_text"].combine_chunks())
+        canonical_ids.append(canonical["custom_id"].combine_chunks())
+    roots = index.canonical()
+    ids = pa.chunked_array(canonical_ids, pa.string()).combine_chunks()
+    moved = roots != np.arange(len(roots))
+    root_of = dict(zip(ids.filter(pa.array(moved)).to_pylist(), ids.take(pa.array(roots[moved])).to_pylist()))
+    if not root_of:
+        return
+    for path in request_files:
         table = files.read_parquet(path)
-        yield table.filter(pc.is_null(table["duplicate_of"]))
+        pointers = [
+            root_of.get(custom_id) if duplicate_of is None else root_of.get(duplicate_of, duplicate_of)
+            for custom_id, duplicate_of in zip(table["custom_id"].to_pylist(), table["duplicate_of"].to_pylist())
+        ]
+        table = table.set_column(table.schema.get_field_index("duplicate_of"), "duplicate_of", pa.array(pointers, pa.string()))
+        files.write_parquet(table, path)
+
+
+class ShardPlan(BaseModel):
+    shards: list[Shard]
+    reused_requests: int  # unique requests answered by outputs already in DuckDB (not sent again)
+
+
+def answered_keys(duckdb_path: str, model_fingerprint: str, sampling_hash: str) -> pa.Array | None:
+    """Request keys that already have outputs for this model and sampling (read-only; None on a first run)."""
+    if not Path(duckdb_path).is_file():
+        return None
+    with duckdb.connect(duckdb_path, read_only=True) as con:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchone()[0]:
+            return None
+        keys = con.execute(
+            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
+            [model_fingerprint, sampling_hash],
+        ).to_arrow_table()["request_key"]
+    return keys.combine_chunks() if len(keys) else None
+
+
+def pending_requests(request_set: RequestSet, answered: pa.Array | None) -> Iterator[pa.Table]:
+    """The canonical requests still without an output, with their approximate tokens."""
+    for path in request_set.request_files:
+        table = files.read_parquet(path, [*SHARD_COLUMNS, "dedupe_text", "duplicate_of"])
+        keep = pc.is_null(table["duplicate_of"])
+        if answered is not None:
+            keep = pc.and_(keep, pc.invert(pc.is_in(table["request_key"], value_set=answered)))
+        table = table.filter(keep).drop_columns(["duplicate_of"])
+        tokens = pc.ceil(pc.divide(pc.utf8_length(table["dedupe_text"]).cast(pa.float64()), 4)).cast(pa.int64())
+        yield table.append_column("approx_tokens", tokens)
 
 
 @task(name="write-shards")
-def write_shards(request_set: RequestSet, shard_size: int, storage: str) -> list[Shard]:
-    """Cut the unique requests into shard files named by their content (kept: the cache refers to them)."""
+def write_shards(
+    request_set: RequestSet,
+    sharding: ShardingConfig,
+    store: StoreConfig,
+    model_fingerprint: str,
+    sampling_hash: str,
+    work_dir: str,
+) -> ShardPlan:
+    """Cut the unique requests not yet answered into shard files named by their content.
+
+    Requests with outputs for this model and sampling in the results file are left out (an
+    incremental re-run computes only new requests); the file is read read-only.
+    """
+    pending = pending_requests(request_set, answered_keys(store.duckdb_path, model_fingerprint, sampling_hash))
+    if sharding.group_prefixes:
+        buckets = 1 + request_set.unique_requests // PREFIX_BUCKET_ROWS
+        pending = order_by_prefix(pending, files.join(work_dir, "prefix-buckets"), buckets)
     shards = []
-    for table in cut_shards(unique_requests(request_set), shard_size):
+    for table in cut_shards(pending, sharding.shard_size, sharding.max_shard_tokens):
         key = shard_key(table["request_key"].to_pylist())
-        path = files.join(storage, "shards", f"{key}.parquet")
+        path = files.join(store.storage, "shards", f"{key}.parquet")
         if not files.exists(path):
             files.write_parquet(table, path)
         shards.append(Shard(shard_key=key, path=path, requests=table.num_rows))
-    return shards
+    return ShardPlan(shards=shards, reused_requests=request_set.unique_requests - sum(s.requests for s in shards))
+
+
+def rejected_share_error(request_set: RequestSet, dataset: DatasetSpec) -> str | None:
+    share = request_set.rejected / request_set.rows_read if request_set.rows_read else 0.0
+    if share <= dataset.validation.max_rejected_share:
+        return None
+    return (
+        f"dataset {dataset.name}: {request_set.rejected} of {request_set.rows_read} rows rejected ({share:.1%}), "
+        f"more than validation.max_rejected_share = {dataset.validation.max_rejected_share:.1%}; "
+        "see the dataset-validation artifact for the failing expectations. Nothing was written to DuckDB."
+    )
+
+
+@task(name="check-rejected-share")
+def check_rejected_share(request_set: RequestSet, dataset: DatasetSpec) -> None:
+    """Fail the run, before anything is stored, when too much of the dataset is rejected."""
+    if error := rejected_share_error(request_set, dataset):
+        raise SpecError(error)

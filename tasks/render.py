@@ -1,4 +1,4 @@
-"""Render: each source row becomes a request (custom_id, prompt or chat messages, request_key)."""
+"""Render: each source row becomes a request (custom_id, prompt or chat messages, overrides, request_key)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Literal
 
 import jinja2.sandbox
 import pyarrow as pa
+from pydantic import ValidationError
 
-from tasks.config import DatasetSpec
-from tasks.load import SourceBatch
+from tasks.config import DatasetSpec, SamplingOverrides, describe_errors
+from tasks.load import REJECTED_SCHEMA, SourceBatch
 
 Mode = Literal["chat", "completion"]
 
@@ -20,19 +21,17 @@ REQUEST_SCHEMA = pa.schema(
         ("request_key", pa.string()),
         ("prompt", pa.string()),
         ("messages", pa.string()),  # JSON list of {role, content}; null in completion mode
+        ("overrides", pa.string()),  # JSON object of per-request sampling parameters; null when none
+        ("reference", pa.string()),
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
+        # Working columns for validation, dedupe and sharding (not stored in DuckDB):
+        ("dedupe_text", pa.string()),  # the content as plain text, so normalization can see its whitespace
+        ("approx_tokens", pa.int64()),  # characters / 4: cheap, and close enough for budgets
+        ("roles", pa.string()),  # comma-separated message roles, for the allowed-roles expectation
     ]
 )
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("custom_id", pa.string()),
-        ("field", pa.string()),
-        ("reason", pa.string()),
-    ]
-)
+__all__ = ["REJECTED_SCHEMA", "REQUEST_SCHEMA", "Renderer", "content_hash"]
 
 
 def content_hash(value: object) -> str:
@@ -43,16 +42,77 @@ def content_hash(value: object) -> str:
 
 def template_hash(spec: DatasetSpec, mode: Mode) -> str:
     return content_hash(
-        {"column": spec.prompt_column, "template": spec.prompt_template, "system": spec.system_prompt, "mode": mode}
+        {
+            "column": spec.prompt_column,
+            "template": spec.prompt_template,
+            "messages": spec.messages_column,
+            "overrides": spec.override_columns,
+            "system": spec.system_prompt,
+            "mode": mode,
+        }
     )
 
 
-def request_content(prompt: str, system_prompt: str | None, mode: Mode) -> dict:
+def request_content(
+    prompt: str | None, system_prompt: str | None, mode: Mode, messages: list[dict] | None = None,
+    overrides: dict | None = None,
+) -> dict:  # fmt: skip
     """What is sent to the model; request_key is the hash of exactly this."""
     if mode == "completion":
-        return {"prompt": f"{system_prompt}\n\n{prompt}" if system_prompt else prompt}
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return {"messages": [*messages, {"role": "user", "content": prompt}]}
+        content: dict = {"prompt": f"{system_prompt}\n\n{prompt}" if system_prompt else prompt}
+    else:
+        has_system = bool(messages) and messages[0].get("role") == "system"
+        system = [{"role": "system", "content": system_prompt}] if system_prompt and not has_system else []
+        content = {"messages": [*system, *(messages or [{"role": "user", "content": prompt}])]}
+    if overrides:
+        content["overrides"] = overrides
+    return content
+
+
+def dedupe_text(content: dict) -> str:
+    """The content as one text for dedupe, DEL (0x7f) between role and content and between messages.
+
+    DEL is no whitespace, so folding keeps it; the spaces around it make folding trim each message
+    (" hi " and "hi" compare equal).
+    """
+    if "messages" in content:
+        parts = [f"{m['role']}\x7f {m['content']} " for m in content["messages"]]
+    else:
+        parts = [content["prompt"]]
+    if "overrides" in content:
+        parts.append(" " + json.dumps(content["overrides"], sort_keys=True))
+    return "\x7f\x7f".join(parts)
+
+
+class RowError(ValueError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field = field
+
+
+def as_text(value: object, field: str) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RowError(field, f"invalid UTF-8 at byte {error.start}") from error
+    return value
+
+
+def parse_messages(value: object, field: str) -> list[dict] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(as_text(value, field))
+        except ValueError as error:
+            raise RowError(field, f"messages are not valid JSON ({error})") from error
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok:
+        raise RowError(field, "messages must be a non-empty list of {role, content} with text values")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 class Renderer:
@@ -63,42 +123,80 @@ class Renderer:
         self.mode = mode
         environment = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined)
         self.template = environment.from_string(spec.prompt_template) if spec.prompt_template else None
+        self.openai = spec.format == "openai_batch"
+        self.id_field = "custom_id" if self.openai else spec.id_column
+        self.prompt_field = "prompt" if self.openai else (spec.prompt_column or "prompt_template")
+        self.messages_field = "messages" if self.openai else spec.messages_column
 
     def prompt_of(self, row: dict) -> str | None:
-        if self.template is None:
-            return row[self.spec.prompt_column]
-        return self.template.render(**row)
+        if self.template is not None:
+            try:
+                return self.template.render(**row)
+            except jinja2.TemplateError as error:
+                raise RowError(self.prompt_field, f"template error: {error}") from error
+        if self.messages_field and row.get(self.messages_field) is not None:
+            return None
+        prompt = as_text(row.get(self.prompt_field), self.prompt_field)
+        if prompt is None or not prompt.strip():
+            raise RowError(self.prompt_field, "prompt is null" if prompt is None else "prompt is empty")
+        return prompt
+
+    def overrides_of(self, row: dict) -> dict:
+        if "overrides" in row and (self.openai or self.spec.format == "jsonl"):
+            raw = json.loads(row["overrides"]) if row["overrides"] else {}
+        else:
+            raw = {c: row[c] for c in self.spec.override_columns if row.get(c) is not None}
+        try:
+            return SamplingOverrides.model_validate(raw).model_dump(exclude_none=True)
+        except ValidationError as error:
+            field = error.errors()[0]["loc"][0] if error.errors()[0]["loc"] else "overrides"
+            raise RowError(str(field), f"sampling override: {describe_errors(error)}") from error
+
+    def request_of(self, row: dict, custom_id: str | None) -> dict:
+        prompt = self.prompt_of(row)
+        messages = parse_messages(row.get(self.messages_field), self.messages_field) if self.messages_field else None
+        if prompt is None and messages is None:
+            raise RowError(self.prompt_field, "prompt is null")
+        if messages is not None and self.mode == "completion":
+            raise RowError(self.messages_field, "chat messages need the model's chat mode (mode: chat)")
+        content = request_content(prompt, self.spec.system_prompt, self.mode, messages, self.overrides_of(row))
+        reference = as_text(row.get(self.spec.reference_column), self.spec.reference_column) if self.spec.reference_column else None
+        reference = None if reference is None else str(reference)  # a numeric answer compares as text
+        request_key = content_hash(content)
+        text = dedupe_text(content)
+        return {
+            "custom_id": custom_id or f"row-{request_key[:20]}",
+            "request_key": request_key,
+            "prompt": content.get("prompt", prompt),
+            "messages": json.dumps(content["messages"], ensure_ascii=False) if "messages" in content else None,
+            "overrides": json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else None,
+            "reference": reference,
+            "dedupe_text": text,
+            "approx_tokens": -(-len(text) // 4),
+            "roles": ",".join(m["role"] for m in content["messages"]) if "messages" in content else None,
+        }
 
     def render(self, source: SourceBatch) -> tuple[pa.Table, pa.Table]:
         requests: list[dict] = []
-        rejected: list[dict] = []
-        prompt_field = self.spec.prompt_column or "prompt_template"
+        rejected: list[dict] = list(source.rejected)
         for offset, row in enumerate(source.batch.to_pylist()):
-            location = {"source_file": source.file, "source_row": source.first_row + offset}
-            raw_id = row[self.spec.id_column]
-            custom_id = None if raw_id is None else str(raw_id)
-            if custom_id is None or not custom_id.strip():
-                rejected.append({**location, "custom_id": custom_id, "field": self.spec.id_column, "reason": "id is null or empty"})
-                continue
+            line = row.pop("__line", None)
+            location = {"source_file": source.file, "source_row": source.first_row + offset if line is None else line}
+            custom_id = None
+            if self.id_field:
+                try:
+                    raw_id = as_text(row.get(self.id_field), self.id_field)
+                except RowError as error:
+                    rejected.append({**location, "custom_id": None, "field": error.field, "reason": str(error)})
+                    continue
+                custom_id = None if raw_id is None else str(raw_id)
+                if custom_id is None or not custom_id.strip():
+                    rejected.append({**location, "custom_id": custom_id, "field": self.id_field, "reason": "id is null or empty"})
+                    continue
             try:
-                prompt = self.prompt_of(row)
-            except jinja2.TemplateError as error:
-                rejected.append({**location, "custom_id": custom_id, "field": prompt_field, "reason": f"template error: {error}"})
-                continue
-            if prompt is None or not prompt.strip():
-                reason = "prompt is null" if prompt is None else "prompt is empty"
-                rejected.append({**location, "custom_id": custom_id, "field": prompt_field, "reason": reason})
-                continue
-            content = request_content(prompt, self.spec.system_prompt, self.mode)
-            requests.append(
-                {
-                    **location,
-                    "custom_id": custom_id,
-                    "request_key": content_hash(content),
-                    "prompt": content.get("prompt", prompt),
-                    "messages": json.dumps(content["messages"], ensure_ascii=False) if "messages" in content else None,
-                }
-            )
+                requests.append({**location, **self.request_of(row, custom_id)})
+            except RowError as error:
+                rejected.append({**location, "custom_id": custom_id, "field": error.field, "reason": str(error)})
         return (
             pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA),
             pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),

@@ -55,6 +55,7 @@ class RunSummary(BaseModel):
     shards: int
     cached_shards: int
     engine_requests: int
+    reused_requests: int = 0  # unique requests answered by outputs already in DuckDB (incremental re-run)
     outputs: int
     errors: int
     prompt_tokens: int
@@ -76,6 +77,7 @@ def summarize_run(
     cached: list[bool],
     clock: StageClock,
     duckdb_path: str,
+    reused_requests: int = 0,
 ) -> RunSummary:
     computed = [output for output, was_cached in zip(outputs, cached) if not was_cached]
     generated = sum(output.completion_tokens for output in computed)
@@ -100,6 +102,7 @@ def summarize_run(
         shards=len(outputs),
         cached_shards=sum(cached),
         engine_requests=sum(output.engine_requests for output in computed),
+        reused_requests=reused_requests,
         outputs=sum(output.outputs for output in outputs),
         errors=sum(output.errors for output in outputs),
         prompt_tokens=sum(output.prompt_tokens for output in outputs),
@@ -120,6 +123,7 @@ SUMMARY_LABELS = {
     "shards": "shards",
     "cached_shards": "cached shards",
     "engine_requests": "requests sent to the engine",
+    "reused_requests": "requests answered from earlier runs",
     "outputs": "outputs",
     "errors": "errors",
     "prompt_tokens": "prompt tokens",
@@ -157,6 +161,17 @@ def publish_summary(summary: RunSummary) -> None:
         key="batch-inference-summary",
         table=summary_rows(summary),
         description=f"Run {summary.run_id} of {summary.dataset_name} on {summary.model}",
+    )
+
+
+@task(name="publish-validation")
+def publish_validation(request_set: RequestSet, dataset_name: str) -> None:
+    """The Great Expectations result of the dataset, one row per expectation."""
+    create_table_artifact(
+        key="dataset-validation",
+        table=request_set.validation,
+        description=f"Validation of {dataset_name} ({request_set.dataset_version[:12]}): "
+        f"{request_set.rejected} of {request_set.rows_read} rows rejected",
     )
 
 

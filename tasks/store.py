@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 from prefect import task
 
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, StoreConfig
@@ -16,7 +17,7 @@ from tasks.engine import sampling_hash
 from tasks.infer import ShardOutput
 from tasks.prepare import RequestSet
 from tasks.report import RunSummary, code_version
-from tasks.score import scorers_version
+from tasks.score import ScorerSpec, resolve_scorers, scorers_version
 
 # Ordered and append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -146,6 +147,116 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             FROM runs;
         """,
     ),
+    (
+        3,
+        "scoring, lineage and comparison",
+        """
+        ALTER TABLE requests ADD COLUMN reference VARCHAR;
+        CREATE TABLE comparisons (
+            comparison_id VARCHAR NOT NULL,
+            variant       VARCHAR NOT NULL,
+            run_id        VARCHAR NOT NULL,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (comparison_id, variant)
+        );
+        -- Where one answer came from: its run, shard, dataset version and source file and row.
+        CREATE VIEW output_lineage AS
+            SELECT o.output_id, o.custom_id, o.run_id, o.dataset_version, d.dataset_name, d.source AS dataset_source,
+                   q.source_file, q.source_row, q.request_key, o.shard_key, o.output_key, o.sample_index,
+                   r.model, r.model_fingerprint, r.sampling_hash, r.template_hash, r.code_version, o.created_at
+            FROM outputs o
+            JOIN requests q ON q.dataset_version = o.dataset_version AND q.custom_id = o.custom_id
+            JOIN dataset_versions d ON d.dataset_version = o.dataset_version
+            JOIN runs r ON r.run_id = o.run_id;
+        -- Per run and scorer: the mean over the run's unique outputs with a 95% normal-approximation CI.
+        CREATE VIEW run_scores AS
+            SELECT ro.run_id, s.scorer, s.scorer_version,
+                   count(s.value) AS n,
+                   count(*) - count(s.value) AS unscored,
+                   avg(s.value) AS mean,
+                   stddev_samp(s.value) AS stddev,
+                   avg(s.value) - 1.96 * stddev_samp(s.value) / sqrt(count(s.value)) AS ci95_low,
+                   avg(s.value) + 1.96 * stddev_samp(s.value) / sqrt(count(s.value)) AS ci95_high
+            FROM run_outputs ro
+            JOIN scores s ON s.output_id = ro.output_id
+            WHERE ro.duplicate_of IS NULL
+            GROUP BY ro.run_id, s.scorer, s.scorer_version;
+        CREATE OR REPLACE VIEW run_summary AS
+            SELECT r.run_id, r.dataset_name, r.dataset_version, r.model, r.model_fingerprint, r.engine,
+                   r.sampling_hash, r.template_hash, r.code_version, r.started_at, r.wall_seconds,
+                   r.requests, r.unique_requests, r.duplicates, r.rejected, r.shards, r.cached_shards,
+                   r.engine_requests, r.outputs, r.errors,
+                   CASE WHEN r.outputs > 0 THEN r.errors / r.outputs END AS error_rate,
+                   r.prompt_tokens, r.completion_tokens, r.generated_tokens, r.tokens_per_second,
+                   (SELECT map_from_entries(list((s.scorer || '@' || s.scorer_version, s.mean) ORDER BY s.scorer))
+                    FROM run_scores s WHERE s.run_id = r.run_id) AS mean_scores
+            FROM runs r;
+        -- The newest answer per input row and model: what "the current result" means.
+        CREATE VIEW latest_outputs AS
+            SELECT r.dataset_name, ro.custom_id, r.model, ro.sample_index, ro.run_id, r.started_at,
+                   ro.dataset_version, ro.duplicate_of, ro.text, ro.finish_reason, ro.prompt_tokens,
+                   ro.completion_tokens, ro.error_code, ro.error, ro.output_id, ro.produced_by_run_id,
+                   ro.request_key
+            FROM run_outputs ro
+            JOIN runs r ON r.run_id = ro.run_id
+            QUALIFY row_number() OVER (
+                PARTITION BY r.dataset_name, ro.custom_id, r.model, ro.sample_index
+                ORDER BY r.started_at DESC, r.run_id DESC
+            ) = 1;
+        -- Two runs of the same dataset version, scorer by scorer, over the requests both answered.
+        CREATE MACRO compare_runs(run_a, run_b) AS TABLE
+            WITH checked AS (
+                SELECT CASE WHEN a.dataset_version = b.dataset_version THEN a.dataset_version
+                            ELSE error('compare_runs: runs ' || a.run_id || ' and ' || b.run_id
+                                       || ' are on different dataset versions') END AS dataset_version
+                FROM runs a, runs b WHERE a.run_id = run_a AND b.run_id = run_b
+            ),
+            scored AS (
+                SELECT ro.run_id, ro.custom_id, ro.sample_index, s.scorer, s.scorer_version, s.value
+                FROM run_outputs ro JOIN scores s ON s.output_id = ro.output_id
+                WHERE ro.run_id IN (run_a, run_b) AND ro.duplicate_of IS NULL
+                  AND ro.dataset_version = (SELECT dataset_version FROM checked)
+            )
+            SELECT a.scorer, a.scorer_version, count(*) AS pairs,
+                   avg(a.value) AS mean_a, avg(b.value) AS mean_b, avg(b.value - a.value) AS mean_diff,
+                   avg(b.value - a.value) - 1.96 * stddev_samp(b.value - a.value) / sqrt(count(*)) AS diff_ci95_low,
+                   avg(b.value - a.value) + 1.96 * stddev_samp(b.value - a.value) / sqrt(count(*)) AS diff_ci95_high,
+                   count(*) FILTER (WHERE b.value > a.value) AS b_higher,
+                   count(*) FILTER (WHERE b.value < a.value) AS a_higher,
+                   count(*) FILTER (WHERE b.value = a.value) AS equal
+            FROM scored a
+            JOIN scored b ON b.custom_id = a.custom_id AND b.sample_index = a.sample_index
+                         AND b.scorer = a.scorer AND b.scorer_version = a.scorer_version
+            WHERE a.run_id = run_a AND b.run_id = run_b AND a.value IS NOT NULL AND b.value IS NOT NULL
+            GROUP BY a.scorer, a.scorer_version
+            ORDER BY a.scorer, a.scorer_version;
+        CREATE VIEW comparison_scores AS
+            SELECT c.comparison_id, c.variant, c.run_id, s.scorer, s.scorer_version, s.n, s.unscored, s.mean,
+                   s.stddev, s.ci95_low, s.ci95_high
+            FROM comparisons c JOIN run_scores s ON s.run_id = c.run_id;
+        -- Pairwise win rates per scorer (a higher value wins; ties count half; unscored answers are left out).
+        CREATE VIEW comparison_win_rates AS
+            WITH scored AS (
+                SELECT c.comparison_id, c.variant, ro.custom_id, ro.sample_index, s.scorer, s.scorer_version, s.value
+                FROM comparisons c
+                JOIN run_outputs ro ON ro.run_id = c.run_id AND ro.duplicate_of IS NULL
+                JOIN scores s ON s.output_id = ro.output_id
+                WHERE s.value IS NOT NULL
+            )
+            SELECT a.comparison_id, a.variant AS variant_a, b.variant AS variant_b, a.scorer, a.scorer_version,
+                   count(*) AS pairs,
+                   count(*) FILTER (WHERE a.value > b.value) AS wins,
+                   count(*) FILTER (WHERE a.value < b.value) AS losses,
+                   count(*) FILTER (WHERE a.value = b.value) AS ties,
+                   (count(*) FILTER (WHERE a.value > b.value) + 0.5 * count(*) FILTER (WHERE a.value = b.value))
+                       / count(*) AS win_rate
+            FROM scored a
+            JOIN scored b ON b.comparison_id = a.comparison_id AND b.variant <> a.variant
+                         AND b.custom_id = a.custom_id AND b.sample_index = a.sample_index
+                         AND b.scorer = a.scorer AND b.scorer_version = a.scorer_version
+            GROUP BY a.comparison_id, a.variant, b.variant, a.scorer, a.scorer_version;
+        """,
+    ),
 ]
 MIGRATIONS.append(
     (
@@ -161,7 +272,80 @@ MIGRATIONS.append(
         """,
     )
 )
-LATEST_VERSION = MIGRATIONS[-1][0]
+MIGRATIONS.append(
+    (
+        4,
+        "per-request overrides; duplicates answered through duplicate_of",
+        """
+        ALTER TABLE requests ADD COLUMN overrides JSON;
+        ALTER TABLE runs ADD COLUMN reused_requests BIGINT NOT NULL DEFAULT 0;
+        DROP VIEW run_outputs;
+        -- A duplicate (exact after normalization, or near) gets its canonical request's answer:
+        -- follow duplicate_of, since its own request_key may differ from the canonical's.
+        CREATE VIEW run_outputs AS
+            SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o.text, o.finish_reason,
+                   o.prompt_tokens, o.completion_tokens, o.error_code, o.error, o.output_id,
+                   o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds
+            FROM runs r
+            JOIN requests q ON q.dataset_version = r.dataset_version
+            LEFT JOIN requests c ON c.dataset_version = q.dataset_version AND c.custom_id = q.duplicate_of
+            JOIN outputs o ON o.request_key = coalesce(c.request_key, q.request_key)
+                          AND o.model_fingerprint = r.model_fingerprint
+                          AND o.sampling_hash = r.sampling_hash;
+        """,
+    )
+)
+MIGRATIONS.append(
+    (
+        5,
+        "label studio curation",
+        """
+        CREATE TABLE label_tasks (
+            server_url    VARCHAR NOT NULL,
+            project_id    BIGINT NOT NULL,
+            project_title VARCHAR NOT NULL,
+            run_id        VARCHAR NOT NULL,
+            custom_id     VARCHAR NOT NULL,
+            output_id     VARCHAR NOT NULL,
+            task_id       BIGINT NOT NULL,
+            strategy      VARCHAR NOT NULL,
+            pushed_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (server_url, project_id, run_id, custom_id)
+        );
+        CREATE TABLE annotations (
+            server_url     VARCHAR NOT NULL,
+            annotation_id  BIGINT NOT NULL,
+            task_id        BIGINT NOT NULL,
+            project_id     BIGINT,
+            run_id         VARCHAR NOT NULL,
+            custom_id      VARCHAR NOT NULL,
+            output_id      VARCHAR,
+            annotator      VARCHAR,
+            verdict        VARCHAR,
+            rating         INTEGER,
+            corrected_text VARCHAR,
+            cancelled      BOOLEAN NOT NULL,
+            created_at     TIMESTAMPTZ,
+            updated_at     TIMESTAMPTZ,
+            pulled_at      TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (server_url, annotation_id)
+        );
+        CREATE TABLE curated_versions (
+            curated_version VARCHAR PRIMARY KEY,
+            name            VARCHAR NOT NULL,
+            content_hash    VARCHAR NOT NULL,
+            source_runs     JSON NOT NULL,
+            examples        BIGINT NOT NULL,
+            accepted        BIGINT NOT NULL,
+            corrected       BIGINT NOT NULL,
+            path            VARCHAR NOT NULL,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        );
+        """,
+    )
+)
+# Numbers are handed out per issue and merged in any order: the latest is the largest.
+LATEST_VERSION = max(version for version, _, _ in MIGRATIONS)
 
 
 class StoreError(RuntimeError):
@@ -186,25 +370,32 @@ def connect(path: str | Path, lock_timeout_seconds: float = 60.0) -> duckdb.Duck
             delay = min(delay * 2, 2.0)
 
 
-def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+def applied_versions(con: duckdb.DuckDBPyConnection) -> set[int]:
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
     ).fetchone()[0]
     if not exists:
-        return 0
-    return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+        return set()
+    return {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    return max(applied_versions(con), default=0)
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply the pending migrations, each in its own transaction; refuse a file from a newer version."""
-    current = schema_version(con)
+    applied = applied_versions(con)
+    current = max(applied, default=0)
     if current > LATEST_VERSION:
         raise StoreError(
             f"the results file has schema version {current}, newer than this code knows ({LATEST_VERSION}): "
             "upgrade vllm-batch-flows to use it"
         )
-    for version, name, sql in MIGRATIONS:
-        if version <= current:
+    # By recorded version, not by the highest one: migrations numbered in parallel branches
+    # (1, 3, then a merged 2) still all apply to a file created in between.
+    for version, name, sql in sorted(MIGRATIONS):
+        if version in applied:
             continue
         con.execute("BEGIN")
         con.execute(
@@ -243,7 +434,8 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
         if files.requests:
             con.execute(
                 "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
-                "messages, duplicate_of, source_file, source_row FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                "messages, duplicate_of, source_file, source_row, overrides, reference "
+                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
                 {"dv": keys["dv"], "files": files.requests},
             )
         if files.rejected:
@@ -266,17 +458,7 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
                 """,
                 {**keys, "files": files.outputs},
             )
-        if files.scores:
-            con.execute(
-                f"""
-                INSERT INTO scores BY NAME
-                SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")} AS output_id, s.scorer, s.scorer_version,
-                       s.value, s.label, $run AS run_id
-                FROM read_parquet($files, union_by_name = true) s
-                ON CONFLICT DO NOTHING
-                """,
-                {"fp": keys["fp"], "sh": keys["sh"], "run": keys["run"], "files": files.scores},
-            )
+        insert_scores(con, keys["run"], keys["fp"], keys["sh"], files.scores)
         for shard in shards:
             insert_row(con, "run_shards", {"run_id": keys["run"], **shard})
         insert_row(con, "runs", run)
@@ -284,6 +466,21 @@ def commit_run(con: duckdb.DuckDBPyConnection, run: dict, dataset: dict, shards:
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:
+    """Score files name outputs by request_key and sample; the run's model and sampling complete the output_id."""
+    if paths:
+        con.execute(
+            f"""
+            INSERT INTO scores BY NAME
+            SELECT {OUTPUT_ID_SQL.format(t="s", fp="fp", sh="sh")} AS output_id, s.scorer, s.scorer_version,
+                   s.value, s.label, $run AS run_id
+            FROM read_parquet($files, union_by_name = true) s
+            ON CONFLICT DO NOTHING
+            """,
+            {"fp": fingerprint, "sh": sampling, "run": run_id, "files": paths},
+        )
 
 
 def insert_row(con: duckdb.DuckDBPyConnection, table: str, row: dict) -> None:
@@ -314,7 +511,7 @@ def run_row(
     model: ModelConfig,
     sampling: SamplingConfig,
     template_hash: str,
-    scorer_names: list[str],
+    scorers: list[str | ScorerSpec],
     started_at: datetime,
     finished_at: datetime,
 ) -> dict:
@@ -329,7 +526,7 @@ def run_row(
         "sampling_params": sampling.model_dump_json(),
         "sampling_hash": sampling_hash(sampling),
         "template_hash": template_hash,
-        "scorers": scorers_version(scorer_names),
+        "scorers": scorers_version(resolve_scorers(scorers)),
         "code_version": code_version(),
         "started_at": started_at,
         "finished_at": finished_at,
@@ -352,7 +549,7 @@ def commit_results(
     dataset: DatasetSpec,
     model: ModelConfig,
     sampling: SamplingConfig,
-    scorer_names: list[str],
+    scorers: list[str | ScorerSpec],
     request_set: RequestSet,
     outputs: list[ShardOutput],
     cached: list[bool],
@@ -361,7 +558,7 @@ def commit_results(
     store: StoreConfig,
 ) -> None:
     """The only writer of the DuckDB file: one transaction for the whole run."""
-    run = run_row(summary, model, sampling, request_set.template_hash, scorer_names, started_at, datetime.now(timezone.utc))
+    run = run_row(summary, model, sampling, request_set.template_hash, scorers, started_at, datetime.now(timezone.utc))
     commit_files = CommitFiles(
         requests=request_set.request_files,
         rejected=request_set.rejected_files,
@@ -374,3 +571,38 @@ def commit_results(
         commit_run(con, run, dataset_row(dataset, request_set), shard_rows(outputs, cached), commit_files)
     finally:
         con.close()
+
+
+def read_run_outputs(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:
+    """A run and its unique outputs with what their requests asked: the input of scoring, without inference."""
+    # fetchall, not fetchone: DuckDB 2 refuses the next query while a result is still open
+    found = con.execute("SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id]).fetchall()
+    if not found:
+        raise StoreError(f"run {run_id}: not in this results file")
+    run = found[0]
+    table = con.sql(
+        """
+        SELECT o.request_key, o.sample_index, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
+               o.error_code, o.error, o.mean_logprob, q.prompt, q.messages, q.reference
+        FROM run_outputs ro
+        JOIN outputs o ON o.output_id = ro.output_id
+        JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+        WHERE ro.run_id = ? AND ro.duplicate_of IS NULL
+        ORDER BY o.request_key, o.sample_index
+        """,
+        params=[run_id],
+    ).to_arrow_table()
+    return {"run_id": run[0], "model_fingerprint": run[1], "sampling_hash": run[2]}, table
+
+
+def commit_scores(con: duckdb.DuckDBPyConnection, run: dict, paths: list[str]) -> int:
+    """Add score rows for a run's outputs in one transaction; rows already there are left as they are."""
+    before = con.execute("SELECT count(*) FROM scores").fetchone()[0]
+    con.execute("BEGIN")
+    try:
+        insert_scores(con, run["run_id"], run["model_fingerprint"], run["sampling_hash"], paths)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return con.execute("SELECT count(*) FROM scores").fetchone()[0] - before

@@ -1,12 +1,15 @@
+import json
+import unicodedata
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from flows.batch_inference import batch_inference
 from tasks import engine as engine_module
-from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, SpecError, StoreConfig
+from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig, ValidationConfig
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +55,8 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
 ):
     source = pq.read_table(sample_slice.source).to_pylist()
     blank = sum(1 for row in source if not (row["prompt"] or "").strip())
-    distinct = len({row["prompt"] for row in source if (row["prompt"] or "").strip()})
+    # duplicates are found after NFKC and whitespace folding
+    distinct = len({" ".join(unicodedata.normalize("NFKC", row["prompt"]).split()) for row in source if (row["prompt"] or "").strip()})
 
     first = run(sample_slice, tiny_model, store)
 
@@ -66,13 +70,14 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
         store,
         "SELECT count(*) FROM outputs o JOIN requests q USING (request_key, custom_id) WHERE q.duplicate_of IS NULL",
     ) == [(distinct,)]
-    # every duplicate points at a canonical request with the same content
+    # every duplicate points at a canonical request, and gets its answer
     assert query(
         store,
         """SELECT count(*) FROM requests d JOIN requests c
            ON c.dataset_version = d.dataset_version AND c.custom_id = d.duplicate_of
-           WHERE c.request_key = d.request_key AND c.duplicate_of IS NULL""",
+           WHERE c.duplicate_of IS NULL""",
     ) == [(first.duplicates,)]
+    assert query(store, "SELECT count(*), count(text) FROM run_outputs") == [(first.requests, first.requests)]
     assert query(store, "SELECT count(*) FROM rejected_rows WHERE field = 'prompt'") == [(blank,)]
     # counts on the run row match the rows
     (run_row,) = query(store, "SELECT outputs, errors, unique_requests, duplicates, shards, completion_tokens FROM runs")
@@ -84,20 +89,31 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
         query(store, "SELECT count(*) FROM run_shards")[0][0],
         query(store, "SELECT sum(completion_tokens) FROM outputs")[0][0],
     )
-    assert query(store, "SELECT count(*) FROM scores")[0][0] == 3 * distinct
+    # scorers that always apply score every output; reference and logprob scorers have nothing here
+    assert query(store, "SELECT scorer, count(*) FROM scores WHERE scorer <> 'distinct_2' GROUP BY 1 ORDER BY 1") == [
+        (name, distinct)
+        for name in sorted(["completion_chars", "completion_tokens", "empty_output", "finish_reason", "refusal", "valid_json"])
+    ]
 
     before = snapshot(store.duckdb_path)
     sent_before = engine_module.get_engine(tiny_model).requests_sent
     second = run(sample_slice, tiny_model, store)
 
-    assert second.cached_shards == second.shards == first.shards
-    assert second.engine_requests == 0
+    # every request already has its output in DuckDB: nothing is sharded or sent
+    assert (second.shards, second.engine_requests, second.reused_requests) == (0, 0, distinct)
     assert engine_module.get_engine(tiny_model).requests_sent == sent_before  # the engine saw nothing
-    assert second.outputs == first.outputs and second.dataset_version == first.dataset_version
+    assert second.dataset_version == first.dataset_version
     after = snapshot(store.duckdb_path)
-    assert {t for t in TABLES if after[t] != before[t]} == {"runs", "run_shards"}  # only its own run
+    assert {t for t in TABLES if after[t] != before[t]} == {"runs"}  # only its own run
     assert len(after["runs"]) == 2
-    assert query(store, "SELECT bool_and(cached) FROM run_shards WHERE run_id = ?", [second.run_id]) == [(True,)]
+    assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(first.requests,)]
+
+    # a new results file on the same storage: every shard comes from Prefect's cache
+    elsewhere = store.model_copy(update={"duckdb_path": str(Path(store.duckdb_path).with_name("other.duckdb"))})
+    third = run(sample_slice, tiny_model, elsewhere)
+    assert third.cached_shards == third.shards == first.shards and third.engine_requests == 0
+    assert engine_module.get_engine(tiny_model).requests_sent == sent_before
+    assert third.outputs == first.outputs
 
 
 def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefect_harness, tiny_model, tmp_path, store):
@@ -113,3 +129,91 @@ def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefec
         run(wrong_column, tiny_model, store)
     assert not Path(store.duckdb_path).exists()
     assert not list(Path(store.storage).rglob("*.parquet"))
+
+
+def test_n_samples_with_logprobs_land_as_one_row_per_sample(prefect_harness, tiny_model, sample_slice, store):
+    summary = batch_inference(
+        dataset=sample_slice,
+        model=tiny_model,
+        # logprobs=0 with n > 1 and a seed crashes vLLM's CPU worker ("CPU Generator does not use offset")
+        sampling=SamplingConfig(max_tokens=4, n=2, temperature=0.8, seed=5, logprobs=1),
+        sharding=ShardingConfig(shard_size=200),
+        store=store,
+    )
+    assert summary.outputs == 2 * summary.unique_requests
+    rows = query(
+        store,
+        """SELECT count(*), count(DISTINCT request_key), min(sample_index), max(sample_index),
+                  count(mean_logprob), max(mean_logprob), count(latency_seconds)
+           FROM outputs""",
+    )
+    unique = summary.unique_requests
+    assert rows[0][:4] == (2 * unique, unique, 0, 1)
+    assert rows[0][4] == 2 * unique and rows[0][5] < 0 and rows[0][6] == 2 * unique
+    # duplicates see both samples of their canonical request
+    assert query(store, "SELECT count(*) FROM run_outputs")[0][0] == 2 * summary.requests
+def test_appending_one_percent_of_rows_sends_only_the_new_requests(prefect_harness, tiny_model, tmp_path, store):
+    rows = pq.read_table(SAMPLE_PARQUET).slice(0, 400)
+    base = tmp_path / "grow" / "part-0.parquet"
+    base.parent.mkdir()
+    pq.write_table(rows.select(["id", "prompt"]), base)
+    dataset = DatasetSpec(name="grow", source=str(base.parent), id_column="id", prompt_column="prompt")
+    first = run(dataset, tiny_model, store)
+
+    appended = pa.table({"id": [f"new-{i}" for i in range(4)], "prompt": [f"A brand new question number {i}?" for i in range(4)]})
+    pq.write_table(appended.cast(rows.select(["id", "prompt"]).schema), base.parent / "part-1.parquet")
+    sent_before = engine_module.get_engine(tiny_model).requests_sent
+    second = run(dataset, tiny_model, store)
+
+    assert engine_module.get_engine(tiny_model).requests_sent - sent_before == 4  # only the 1% appended
+    assert (second.engine_requests, second.reused_requests) == (4, first.unique_requests)
+    assert second.unique_requests == first.unique_requests + 4
+    assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(second.requests,)]
+
+
+def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(prefect_harness, tiny_model, tmp_path, store):
+    words = [f"word{i}" for i in range(60)]
+    source = " ".join(words[:40])
+    rows = {
+        "a": source,
+        "b": " ".join(words[:17] + ["CHANGED"] + words[18:40]),  # a near-duplicate of a
+        "c": "  " + source.upper().replace(" ", "\n", 2),  # an exact duplicate of a after normalization and case
+        "d": " ".join(words[20:60]),  # unrelated
+    }
+    path = tmp_path / "near.parquet"
+    pq.write_table(pa.table({"id": list(rows), "prompt": list(rows.values())}), path)
+    dataset = DatasetSpec(
+        name="near", source=str(path), id_column="id", prompt_column="prompt",
+        dedupe=DedupeConfig(near_duplicates=True, case_fold=True),
+    )  # fmt: skip
+    sent_before = engine_module.get_engine(tiny_model).requests_sent
+    summary = run(dataset, tiny_model, store)
+
+    assert (summary.requests, summary.unique_requests, summary.duplicates) == (4, 2, 2)
+    assert engine_module.get_engine(tiny_model).requests_sent - sent_before == 2
+    assert query(store, "SELECT custom_id, duplicate_of FROM requests ORDER BY custom_id") == [
+        ("a", None), ("b", "a"), ("c", "a"), ("d", None)
+    ]
+    answers = dict(query(store, "SELECT custom_id, output_id FROM run_outputs"))
+    assert len(answers) == 4 and answers["b"] == answers["c"] == answers["a"] != answers["d"]
+
+
+def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harness, tiny_model, tmp_path, store):
+    lines = [
+        {"custom_id": "short", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "any", "messages": [{"role": "user", "content": "Tell me a story"}], "max_completion_tokens": 2}},
+        {"custom_id": "default", "method": "POST", "url": "/v1/completions", "body": {"model": "any", "prompt": "Tell me a story"}},
+        {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"model": "any", "input": "no"}},
+    ]  # fmt: skip
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = DatasetSpec(name="openai", source=str(path), validation=ValidationConfig(max_rejected_share=0.5))
+    summary = run(dataset, tiny_model, store)
+
+    assert (summary.requests, summary.rejected) == (2, 1)
+    assert query(store, "SELECT custom_id, overrides FROM requests ORDER BY custom_id") == [
+        ("default", None), ("short", '{"max_tokens": 2}')
+    ]
+    tokens = dict(query(store, "SELECT custom_id, completion_tokens FROM run_outputs"))
+    assert tokens["short"] <= 2 < tokens["default"]  # the run's max_tokens is 8, and random weights rarely stop early
+    assert query(store, "SELECT field, source_row FROM rejected_rows") == [("url", 2)]

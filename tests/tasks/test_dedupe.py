@@ -1,6 +1,7 @@
 import pyarrow as pa
 
-from tasks.dedupe import ExactDeduper
+from tasks.config import DedupeConfig
+from tasks.dedupe import ExactDeduper, NearDuplicateIndex, shingle_hashes
 
 
 def requests(rows: list[tuple[str, str]], first_row: int = 0) -> pa.Table:
@@ -29,3 +30,42 @@ def test_a_repeated_id_is_rejected_with_its_row():
     assert rejected.to_pylist() == [
         {"source_file": "f.parquet", "source_row": 1, "custom_id": "a", "field": "id", "reason": "duplicate id 'a'"}
     ]
+
+
+def texts(rows: list[tuple[str, str]]) -> pa.Table:
+    table = requests([(custom_id, "unused") for custom_id, _ in rows])
+    return table.append_column("dedupe_text", pa.array([text for _, text in rows]))
+
+
+def test_exact_duplicates_are_found_after_nfkc_and_whitespace_folding_and_optionally_case():
+    rows = [("a", "Hello  world"), ("b", " Hello\tworld\n"), ("c", "Ｈｅｌｌｏ world"), ("d", "hello world")]
+    marked, _ = ExactDeduper(config=DedupeConfig()).mark(texts(rows))
+    assert marked["duplicate_of"].to_pylist() == [None, "a", "a", None]
+    marked, _ = ExactDeduper(config=DedupeConfig(case_fold=True)).mark(texts(rows))
+    assert marked["duplicate_of"].to_pylist() == [None, "a", "a", "a"]
+    marked, _ = ExactDeduper(config=DedupeConfig(normalize=False)).mark(texts(rows))
+    assert marked["duplicate_of"].to_pylist() == [None, None, None, None]
+
+
+def test_derived_ids_that_repeat_are_numbered_not_rejected():
+    marked, rejected = ExactDeduper(id_field=None).mark(texts([("row-1", "x"), ("row-1", "x")]))
+    assert marked["custom_id"].to_pylist() == ["row-1", "row-1-2"]
+    assert marked["duplicate_of"].to_pylist() == [None, "row-1"] and rejected.num_rows == 0
+
+
+def test_near_duplicates_point_at_their_earliest_source_and_others_stay_canonical():
+    words = [f"w{i}" for i in range(200)]
+    source = " ".join(words[:40])
+    edited = " ".join(words[:17] + ["CHANGED"] + words[18:40])  # Jaccard of 3-shingles ≈ 0.85
+    unrelated = " ".join(words[100:140])
+    index = NearDuplicateIndex(DedupeConfig(near_duplicates=True))
+    index.add(pa.array([source, unrelated]))
+    index.add(pa.array([edited, edited.upper()]))  # across batches; case is folded for near-duplicates
+    assert index.canonical().tolist() == [0, 1, 0, 0]
+
+
+def test_shingles_cover_short_texts_and_respect_text_boundaries():
+    shingles, offsets = shingle_hashes(pa.array(["a b c d", "a b", "b c d"]), 3)
+    assert offsets.tolist() == [0, 2, 3, 4]
+    assert shingles[1] == shingles[3]  # "b c d" in both texts
+    assert len(set(shingles.tolist())) == 3

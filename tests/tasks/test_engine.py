@@ -188,13 +188,14 @@ def test_another_engine_configuration_frees_the_previous_engine_first(tiny_model
 
 
 def engine_processes() -> set[int]:
-    """Live child processes of vLLM engines (multiprocessing's resource tracker outlives them by design)."""
+    """Live processes that vLLM spawned for its engines (not the Prefect server, not the resource tracker)."""
     import psutil
 
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())  # vLLM renames its processes, e.g. VLLM::EngineCore
+            if child.status() != psutil.STATUS_ZOMBIE and ("spawn_main" in command or "VLLM" in command):
                 pids.add(child.pid)
         except psutil.NoSuchProcess:
             pass

@@ -26,7 +26,7 @@ def test_a_folder_and_a_glob_resolve_to_sorted_parquet_files(tmp_path):
 
 def test_batches_carry_file_and_row_numbers(tmp_path):
     path = write(tmp_path / "x.parquet", [{"id": i, "prompt": f"p{i}", "extra": 1} for i in range(5)])
-    batches = list(iter_batches(spec(path), check_dataset(spec(path)), batch_size=2))
+    batches = list(iter_batches(check_dataset(spec(path)), batch_size=2))
     assert [(b.first_row, b.batch.num_rows) for b in batches] == [(0, 2), (2, 2), (4, 1)]
     assert batches[0].batch.schema.names == ["id", "prompt"]  # only the columns the spec needs
 
@@ -65,5 +65,5 @@ def test_spec_file_errors_name_the_file(tmp_path):
     with pytest.raises(SpecError, match="spec.yaml: file not found"):
         DatasetSpec.from_yaml(tmp_path / "spec.yaml")
     (tmp_path / "spec.yaml").write_text("name: t\nsource: x.parquet\nid_column: id\n")
-    with pytest.raises(SpecError, match="spec.yaml.*exactly one of prompt_column or prompt_template"):
+    with pytest.raises(SpecError, match="spec.yaml.*exactly one of prompt_column, prompt_template or messages_column"):
         DatasetSpec.from_yaml(tmp_path / "spec.yaml")

@@ -68,3 +68,13 @@ def test_null_empty_and_unrenderable_rows_are_rejected_with_their_location():
     _, rejected = templated.render(batch([{"id": 1}]))
     assert rejected["field"].to_pylist() == ["prompt_template"]
     assert "missing" in rejected["reason"][0].as_py()
+
+
+def test_the_reference_column_is_carried_as_text_and_is_not_part_of_the_request_key():
+    with_reference = Renderer(spec(reference_column="answer"), "chat")
+    requests, _ = with_reference.render(batch([{"id": 1, "prompt": "2+2?", "answer": 4}, {"id": 2, "prompt": "2+2?", "answer": None}]))
+    first, second = requests.to_pylist()
+    assert (first["reference"], second["reference"]) == ("4", None)
+    assert first["request_key"] == second["request_key"]  # same question: one answer, computed once
+    plain, _ = Renderer(spec(), "chat").render(batch([{"id": 1, "prompt": "2+2?", "answer": 4}]))
+    assert plain.to_pylist()[0]["reference"] is None
