@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # No network here but the package registries: no telemetry attempts.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install tiny-model demo test test-quick sample label-studio clean
+.PHONY: install tiny-model demo test test-quick sample blocks cluster label-studio clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,16 @@ test: tiny-model
 
 test-quick: tiny-model
 	$(BIN)/python -m pytest -m "not slow"
+
+# Register the block types with the Prefect server of PREFECT_API_URL and save the default blocks
+# that prefect.yaml's deployments name (`tiny-cpu`, `local-results`).
+blocks: tiny-model
+	$(BIN)/prefect block register -m blocks
+	$(BIN)/python scripts/bring_up.py blocks
+
+# The whole system on this machine: server, pools gpu and cpu, workers, blocks, deployments (Ctrl-C stops it).
+cluster: tiny-model
+	$(BIN)/python scripts/bring_up.py up
 
 sample: install
 	$(BIN)/python datasets/sample/make_sample.py

@@ -13,12 +13,17 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.runtime import flow_run
 
+from blocks.model import InferenceModel
+from blocks.store import ResultsStore
 from tasks import files
-from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig, WorkersConfig
+from tasks.dispatch import Dispatch, generate_shards_of_run
 from tasks.engine import close_engine, sampling_hash
-from tasks.infer import collect_shard_outputs, fingerprint_model, generate_shard, result_storage
+from tasks.infer import fingerprint_model
 from tasks.prepare import check_rejected_share, write_requests, write_shards
-from tasks.report import RunSummary, StageClock, format_summary, publish_summary, publish_validation, summarize_run
+from tasks.report import (
+    RunSummary, StageClock, format_summary, publish_report, publish_summary, publish_validation, summarize_run,
+)  # fmt: skip
 from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
 from tasks.store import commit_results
 
@@ -40,12 +45,18 @@ def remove_work_files(work_dir: str) -> None:
 @flow(name="batch-inference", log_prints=True)
 def batch_inference(
     dataset: DatasetSpec = SAMPLE_DATASET,
-    model: ModelConfig = TINY_CPU_MODEL,
+    model: ModelConfig | str = TINY_CPU_MODEL,
     sampling: SamplingConfig = SamplingConfig(),
     sharding: ShardingConfig = ShardingConfig(),
-    store: StoreConfig = StoreConfig(),
+    store: StoreConfig | str = StoreConfig(),
     scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
+    dispatch: Dispatch = "local",
+    n_workers: int = 2,
+    workers: WorkersConfig = WorkersConfig(),
 ) -> RunSummary:
+    """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
+    runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py)."""
+    model, store = InferenceModel.resolve(model), ResultsStore.resolve(store)
     clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}"
     work_dir = files.join(store.storage, "work", run_id)
@@ -58,13 +69,10 @@ def batch_inference(
     with clock("shard"):
         plan = write_shards(request_set, sharding, store, fingerprint, sampling_hash(sampling), work_dir)
     with clock("infer"):
-        generate = generate_shard.with_options(
-            result_storage=result_storage(store.storage),
-            retries=sharding.retries,
-            retry_delay_seconds=sharding.retry_delay_seconds,
-        )
-        futures = [generate.submit(shard, model, sampling, fingerprint, store.storage) for shard in plan.shards]
-        outputs, cached = collect_shard_outputs(futures, f"{len(plan.shards)} shards of {dataset.name} on {model.model}")
+        outputs, cached = generate_shards_of_run(
+            dispatch, plan.shards, model, sampling, fingerprint, store.storage, sharding, n_workers, workers,
+            f"{len(plan.shards)} shards of {dataset.name} on {model.model}",
+        )  # fmt: skip
     with clock("score"):
         score_files = write_scores(outputs, request_set, scorers, store.storage)
     summary = summarize_run(
@@ -74,6 +82,7 @@ def batch_inference(
         commit_results(summary, dataset, model, sampling, scorers, request_set, outputs, cached, score_files, started_at, store)
     summary.stage_seconds["commit"] = clock.seconds["commit"]
     publish_summary(summary)
+    publish_report(summary, score_files)
     remove_work_files(work_dir)
     return summary
 

@@ -272,3 +272,22 @@ class ShardingConfig(BaseModel):
     )
     retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
+    gpu_limit: str | None = Field(
+        None,
+        description="Prefect global concurrency limit a shard holds while it loads and runs the engine "
+        "(slots = GPUs; a shard takes tensor_parallel_size). None: no guard (one process, one engine).",
+    )
+
+
+class WorkersConfig(BaseModel):
+    """How dispatch='workers' runs shard groups as runs of the shard-worker deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: str = Field("generate-shards/generate-shards", description="flow name/deployment name")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="CUDA_VISIBLE_DEVICES of each group, e.g. ['0', '1'] (cycled); empty: the worker's own.",
+    )
+    group_retries: int = Field(2, ge=0, description="New flow runs for a group that failed; its finished shards stay cached.")
+    poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -95,6 +99,24 @@ def is_transient(_task, _task_run, state) -> bool:
     return not isinstance(state.data, PERMANENT_ERRORS)
 
 
+# The shards of one process share its one engine and take turns on it anyway: they share one slot.
+_slot_lock = threading.Lock()
+
+
+@contextmanager
+def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
+    """Hold the model's GPUs in the global concurrency limit while this shard loads and runs the engine.
+
+    Taken inside the task body, so a cached shard returns at once without waiting for a GPU; taken
+    by one shard of a process at a time, so a process never holds more slots than its one engine needs.
+    """
+    if gpu_limit is None or model.engine != "vllm":
+        yield
+        return
+    with _slot_lock, concurrency(gpu_limit, occupy=model.tensor_parallel_size, strict=False):
+        yield
+
+
 @task(
     name="generate-shard",
     cache_key_fn=shard_cache_key,
@@ -102,14 +124,20 @@ def is_transient(_task, _task_run, state) -> bool:
     retry_condition_fn=is_transient,
 )
 def generate_shard(
-    shard: Shard, model: ModelConfig, sampling: SamplingConfig, model_fingerprint: str, storage: str
+    shard: Shard,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    model_fingerprint: str,
+    storage: str,
+    gpu_limit: str | None = None,
 ) -> ShardOutput:
     key = output_key(shard.shard_key, model_fingerprint, sampling)
     requests = files.read_parquet(shard.path)
     if model.engine == "openai":
         result = generate_over_http(model, requests, sampling)
     else:
-        result = generate_with_engine(model, requests, sampling, key)
+        with engine_slot(model, gpu_limit):
+            result = generate_with_engine(model, requests, sampling, key)
     outputs = result.outputs
     outputs = outputs.append_column("shard_key", pa.array([shard.shard_key] * outputs.num_rows, pa.string()))
     outputs = outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,9 +12,10 @@ from importlib import metadata
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from tasks import files
 from tasks.config import ModelConfig
 from tasks.infer import ShardOutput
 from tasks.prepare import RequestSet
@@ -169,6 +172,73 @@ def publish_validation(request_set: RequestSet, dataset_name: str) -> None:
         table=request_set.validation,
         description=f"Validation of {dataset_name} ({request_set.dataset_version[:12]}): "
         f"{request_set.rejected} of {request_set.rows_read} rows rejected",
+    )
+
+
+def score_values(score_files: list[str]) -> dict[str, list[float]]:
+    """Every score value of the run, by scorer."""
+    values: dict[str, list[float]] = {}
+    for path in score_files:
+        table = files.read_parquet(path).select(["scorer", "value"])
+        for scorer, value in zip(table["scorer"].to_pylist(), table["value"].to_pylist()):
+            if value is not None:
+                values.setdefault(scorer, []).append(value)
+    return values
+
+
+def histogram_png(values: dict[str, list[float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(values), figsize=(3.2 * len(values), 2.4), squeeze=False)
+    for ax, (scorer, scores) in zip(axes[0], sorted(values.items())):
+        ax.hist(scores, bins=min(20, max(1, len(set(scores)))), color="#3b6fd8")
+        ax.set_title(scorer, fontsize=9)
+        ax.tick_params(labelsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def format_report(summary: RunSummary, values: dict[str, list[float]], chart_png: bytes | None) -> str:
+    """The run page's markdown report: throughput, error rate, where the time went, score distributions."""
+    error_rate = summary.errors / summary.outputs if summary.outputs else 0.0
+    requests_per_second = summary.engine_requests / summary.wall_seconds if summary.wall_seconds else 0.0
+    lines = [
+        f"# {summary.dataset_name} on {summary.model}",
+        "",
+        "| throughput | error rate | cache |",
+        "|---|---|---|",
+        f"| {summary.tokens_per_second:.1f} generated tokens/s, {requests_per_second:.2f} requests/s "
+        f"| {error_rate:.2%} ({summary.errors} of {summary.outputs}) "
+        f"| {summary.cached_shards} of {summary.shards} shards |",
+        "",
+        "**Seconds per stage:** " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items()),
+        "",
+        "## Scores",
+        "",
+        "| scorer | n | mean | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {len(v)} | {sum(v) / len(v):.3g} | {min(v):.3g} | {max(v):.3g} |" for name, v in sorted(values.items())
+    ]
+    if chart_png:
+        lines += ["", f"![score distributions](data:image/png;base64,{base64.b64encode(chart_png).decode()})"]
+    return "\n".join(lines)
+
+
+@task(name="publish-report")
+def publish_report(summary: RunSummary, score_files: list[str]) -> None:
+    values = score_values(score_files)
+    create_markdown_artifact(
+        key="batch-inference-report",
+        markdown=format_report(summary, values, histogram_png(values) if values else None),
+        description=f"Run report of {summary.run_id}",
     )
 
 

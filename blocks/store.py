@@ -1,0 +1,21 @@
+"""Where results go: the DuckDB file and the storage for shard files and cached task results."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+
+from tasks.config import StoreConfig
+
+
+class ResultsStore(Block):
+    """The DuckDB results file and the result storage (a folder every worker can reach)."""
+
+    _block_type_name = "Results Store"
+    _description = "DuckDB results file and result storage for batch_inference."
+
+    config: StoreConfig
+
+    @classmethod
+    def resolve(cls, store: StoreConfig | str) -> StoreConfig:
+        """The configuration itself, or the one saved in the block of that name."""
+        return store if isinstance(store, StoreConfig) else cls.load(store).config
