@@ -65,7 +65,6 @@ class LocalCluster:
         gpu_slots: int = 2,
         results: Path | None = None,
         extra_env: dict[str, str] | None = None,
-        server_env: dict[str, str] | None = None,
     ):
         self.home = Path(home).resolve()
         self.port = port or free_port()
@@ -75,7 +74,6 @@ class LocalCluster:
         self.results = Path(results or REPO / "results").resolve()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.processes: list[tuple[str, subprocess.Popen]] = []
-        self.server_env = server_env or {}
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.home),
@@ -127,7 +125,7 @@ class LocalCluster:
     # --- the system ----------------------------------------------------------------------------
     def start(self) -> LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), env=self.server_env)
+        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
         self.wait_for_server()
         for pool in ("gpu", "cpu"):
             self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")

@@ -33,22 +33,6 @@ def load_bring_up():
     return module
 
 
-def server_env_with_pinned_sqlalchemy() -> dict[str, str]:
-    """pyproject pins SQLAlchemy below 2.1 (2.1 breaks the Prefect 3.7 scheduler). A venv installed
-    before that pin gets the server an overlay of SQLAlchemy 2.0, outside the venv, instead."""
-    from importlib.metadata import version
-
-    if tuple(map(int, version("sqlalchemy").split(".")[:2])) < (2, 1):
-        return {}
-    overlay = REPO / ".cache" / "sqlalchemy-2.0"
-    if not (overlay / "sqlalchemy").is_dir():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay), "sqlalchemy>=2.0,<2.1"],
-            check=True, timeout=600,
-        )  # fmt: skip
-    return {"PYTHONPATH": os.pathsep.join([str(overlay), str(REPO)])}
-
-
 def group_runs(client, group: int) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
@@ -109,7 +93,7 @@ def test_bring_up_deploys_runs_on_two_worker_groups_and_schedules(tmp_path, tiny
     local_store = {"duckdb_path": str(tmp_path / "local.duckdb"), "storage": str(tmp_path / "local-storage")}
     watch = None
     cluster = bring_up.LocalCluster(
-        tmp_path / "prefect", results=results, python=sys.executable, server_env=server_env_with_pinned_sqlalchemy()
+        tmp_path / "prefect", results=results, python=sys.executable
     )
     try:
         cluster.start()
