@@ -10,16 +10,15 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.filesystems import LocalFileSystem
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.results import ResultStore
 from prefect.runtime import flow_run
 
 from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, WorkersConfig
-from tasks.infer import ShardOutput, collect_shard_outputs, generate_shard, output_key, result_storage
+from tasks.infer import ShardOutput, collect_shard_outputs, generate_shard, output_key, result_storage, wait_with_progress
 from tasks.shard import Shard
 
 Dispatch = Literal["local", "workers"]
@@ -98,11 +97,7 @@ def generate_on_workers(
         run_group.submit(i, group, model, sampling, fingerprint, storage, sharding, workers)
         for i, group in enumerate(groups)
     ]
-    artifact = create_progress_artifact(100.0 if not futures else 0.0, key="batch-inference-progress", description=description)
-    for done, _ in enumerate(as_completed(futures), 1):
-        update_progress_artifact(artifact, 100.0 * done / len(futures))
-    for future in futures:
-        future.result()  # raises the error of a group that failed all its attempts
+    wait_with_progress(futures, description, unit="group")  # raises the error of a group that failed all its attempts
     return [cache.read(key).result for key in keys], cached
 
 

@@ -74,20 +74,24 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult)
     )
 
 
-def collect_shard_outputs(futures: list[PrefectFuture], description: str) -> tuple[list[ShardOutput], list[bool]]:
-    """Wait for every shard, showing progress in the UI and the terminal.
+def wait_with_progress(futures: list[PrefectFuture], description: str, unit: str) -> None:
+    """Wait for every future, showing progress in the UI and the terminal; then raise the first failure.
 
-    All shards finish before a failure is raised, so every finished shard is in the cache for
+    Everything finishes before a failure is raised, so every finished shard is in the cache for
     the re-run.
     """
-    artifact = create_progress_artifact(0.0, key="batch-inference-progress", description=description)
-    with tqdm(total=len(futures), desc="shards", unit="shard", disable=None) as bar:
+    artifact = create_progress_artifact(0.0 if futures else 100.0, key="batch-inference-progress", description=description)
+    with tqdm(total=len(futures), desc=f"{unit}s", unit=unit, disable=None) as bar:
         for done, _ in enumerate(as_completed(futures), 1):
             update_progress_artifact(artifact, 100.0 * done / len(futures))
             bar.update()
     for future in futures:
         if not future.state.is_completed():
-            future.result()  # raises the shard's error
+            future.result()  # raises its error
+
+
+def collect_shard_outputs(futures: list[PrefectFuture], description: str) -> tuple[list[ShardOutput], list[bool]]:
+    wait_with_progress(futures, description, unit="shard")
     return [future.result() for future in futures], [future.state.name == "Cached" for future in futures]
 
 
@@ -110,7 +114,7 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
     Taken inside the task body, so a cached shard returns at once without waiting for a GPU; taken
     by one shard of a process at a time, so a process never holds more slots than its one engine needs.
     """
-    if gpu_limit is None or model.engine != "vllm":
+    if gpu_limit is None:
         yield
         return
     with _slot_lock, concurrency(gpu_limit, occupy=model.tensor_parallel_size, strict=False):
@@ -143,7 +147,6 @@ def generate_shard(
     outputs = outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))
     path = files.join(storage, "outputs", f"{key}.parquet")
     files.write_parquet(outputs, path)
-    result.outputs = outputs
     return summarize_outputs(shard, key, path, result)
 
 
