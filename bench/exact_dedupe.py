@@ -2,7 +2,7 @@
 
     python bench/exact_dedupe.py [--rows 1000000]
 
-Ours: stream the file in Arrow batches (read ahead in a thread, as the pipeline does), normalize (NFKC, whitespace folded), hash, mark the
+Ours: stream the file with the pipeline's reader (read ahead in a thread, batches of BATCH_ROWS), normalize (NFKC, whitespace folded), hash, mark the
 first of each content canonical and the others duplicate_of it, and reject repeated ids.
 Pandas: `pd.read_parquet` + `drop_duplicates` on the raw text. Prints both wall times and the
 ratio (target ≤ 1.0), each the best of three runs.
@@ -17,21 +17,23 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.datagen import prompts_parquet  # noqa: E402
-from tasks.config import DedupeConfig  # noqa: E402
+from tasks.config import DatasetSpec, DedupeConfig  # noqa: E402
 from tasks.dedupe import ExactDeduper  # noqa: E402
-from tasks.load import prefetch  # noqa: E402
+from tasks.load import check_dataset, iter_batches, prefetch  # noqa: E402
+from tasks.prepare import BATCH_ROWS  # noqa: E402
 
 
 def ours(path: Path) -> int:
-    deduper = ExactDeduper(id_field="id", config=DedupeConfig())
+    source = check_dataset(DatasetSpec(name="bench", source=str(path), id_column="id", prompt_column="prompt"))
+    deduper = ExactDeduper(id_field="id", config=DedupeConfig(), expected_rows=source.row_count())
     duplicates = 0
-    for batch in prefetch(pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id", "prompt"])):
+    for part in prefetch(iter_batches(source, batch_size=BATCH_ROWS)):
+        batch = part.batch
         table = pa.table({"custom_id": batch["id"], "dedupe_text": batch["prompt"]})
         marked, _ = deduper.mark(table)
         duplicates += marked.num_rows - marked["duplicate_of"].null_count

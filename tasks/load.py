@@ -375,6 +375,10 @@ class Dataset:
     files: list[str]
     parquet: list[ParquetSource]
 
+    def row_count(self) -> int | None:
+        """From the Parquet footers (already read for the schema check); None for JSON lines."""
+        return sum(source.fragment.metadata.num_rows for source in self.parquet) if self.parquet else None
+
 
 def check_dataset(spec: DatasetSpec) -> Dataset:
     """Resolve the files, settle the format and check every Parquet file's schema; nothing is read yet."""

@@ -69,7 +69,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
     source = check_dataset(dataset)
     renderer = Renderer(source.spec, mode)
     validator = Validator(dataset.validation, context_tokens)
-    deduper = ExactDeduper(id_field=renderer.id_field, config=dataset.dedupe)
+    deduper = ExactDeduper(id_field=renderer.id_field, config=dataset.dedupe, expected_rows=source.row_count())
     versioner = DatasetVersioner(
         {"dedupe": dataset.dedupe.model_dump(), "validation": validator.expectations, "reference": dataset.reference_column}
     )

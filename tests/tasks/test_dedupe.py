@@ -69,3 +69,37 @@ def test_shingles_cover_short_texts_and_respect_text_boundaries():
     assert offsets.tolist() == [0, 2, 3, 4]
     assert shingles[1] == shingles[3]  # "b c d" in both texts
     assert len(set(shingles.tolist())) == 3
+
+
+def test_fold_matches_python_nfkc_and_whitespace_split_on_every_unicode_space():
+    import random
+    import unicodedata
+
+    from tasks.dedupe import fold, needs_folding
+
+    spaces = [chr(c) for c in range(0x3100) if any(x.isspace() for x in unicodedata.normalize("NFKC", chr(c)))]
+    alphabet = spaces + list("ab  ｃé\u0301ﬁ") + ["\x00", "\x7f"]
+    rng = random.Random(1)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))) for _ in range(20_000)]
+    expected = [" ".join(unicodedata.normalize("NFKC", text).split()) for text in texts]
+    assert fold(pa.array(texts)).to_pylist() == expected
+    ascii_texts = pa.array(["".join(rng.choice("ab  \t") for _ in range(rng.randint(0, 9))) for _ in range(20_000)]).slice(3)
+    flagged = set(needs_folding(ascii_texts).tolist())
+    changed = {row for row, text in enumerate(ascii_texts.to_pylist()) if " ".join(text.split()) != text}
+    assert changed <= flagged
+
+
+def test_key_index_grows_and_keeps_the_first_value_of_each_key():
+    import numpy as np
+
+    from tasks.dedupe import KeyIndex
+
+    index = KeyIndex(capacity=16)
+    keys = np.random.default_rng(0).integers(0, 2**63, 5_000, dtype=np.uint64)
+    keys[:2] = [1, 17]  # the same slot in a table of 16
+    keys = np.unique(keys)
+    found = index.setdefault(keys[: len(keys) // 2], np.arange(len(keys) // 2))
+    assert (found == -1).all()
+    again = index.setdefault(keys, np.arange(len(keys)) + 10_000)
+    assert (again[: len(keys) // 2] == np.arange(len(keys) // 2)).all() and (again[len(keys) // 2 :] == -1).all()
+    assert (index.get(keys) >= 0).all() and index.get(np.array([12345], np.uint64))[0] == -1
