@@ -16,16 +16,16 @@ from prefect.runtime import flow_run
 from blocks.model import InferenceModel
 from blocks.store import ResultsStore
 from tasks import files
-from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig, WorkersConfig
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig, WorkersConfig
 from tasks.dispatch import Dispatch, generate_shards_of_run
-from tasks.engine import close_engine, sampling_hash
+from tasks.engine import close_engine, model_fingerprint, sampling_hash, start_engine_in_background
 from tasks.infer import fingerprint_model
-from tasks.prepare import check_rejected_share, write_requests, write_shards
+from tasks.prepare import check_rejected_share, input_fingerprint, write_requests, write_shards
 from tasks.report import (
     RunSummary, StageClock, format_summary, publish_report, publish_summary, publish_validation, summarize_run,
 )  # fmt: skip
 from tasks.score import DEFAULT_SCORERS, ScorerSpec, write_scores
-from tasks.store import commit_results
+from tasks.store import answered_before, commit_results
 
 SAMPLE_DATASET = DatasetSpec(
     name="sample",
@@ -62,7 +62,7 @@ def batch_inference(
     work_dir = files.join(store.storage, "work", run_id)
 
     with clock("prepare"):
-        request_set = write_requests(dataset, model.mode, work_dir, model.max_model_len)
+        request_set = write_requests(dataset, model.mode, store.storage, model.max_model_len)
         publish_validation(request_set, dataset.name)
         check_rejected_share(request_set, dataset)
     fingerprint = fingerprint_model(model)
@@ -100,18 +100,35 @@ def main() -> None:
     args = parser.parse_args()
 
     model = TINY_CPU_MODEL.model_copy(update={"model": args.model})
+    dataset = DatasetSpec.from_yaml(args.spec) if args.spec else SAMPLE_DATASET
+    sampling = SamplingConfig(max_tokens=args.max_tokens)
+    store = StoreConfig(duckdb_path=args.duckdb, storage=args.storage)
+    start_engine_unless_answered(dataset, model, sampling, store)
     summary = batch_inference(
-        dataset=DatasetSpec.from_yaml(args.spec) if args.spec else SAMPLE_DATASET,
+        dataset=dataset,
         model=model,
-        sampling=SamplingConfig(max_tokens=args.max_tokens),
+        sampling=sampling,
         sharding=ShardingConfig(shard_size=args.shard_size),
-        store=StoreConfig(duckdb_path=args.duckdb, storage=args.storage),
+        store=store,
         scorers=args.scorer or DEFAULT_SCORERS,
     )
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
-    close_engine()
+    close_engine(timeout=0)  # everything is committed: nothing for the engine to drain
+
+
+def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampling: SamplingConfig, store: StoreConfig) -> None:
+    """The engine takes the longest to start: load it while Prefect starts and the dataset is
+    prepared — unless an earlier run answered this very input, when no request will need it."""
+    if model.engine != "vllm":
+        return
+    try:
+        fingerprint = input_fingerprint(dataset, model.mode, model.max_model_len)
+    except SpecError:
+        return  # the flow reports a bad source with its context
+    if not answered_before(store.duckdb_path, fingerprint, model_fingerprint(model), sampling_hash(sampling)):
+        start_engine_in_background(model)
 
 
 if __name__ == "__main__":

@@ -164,13 +164,14 @@ class VllmEngine:
         self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.closed = False
-        self.unreported_load_seconds = time.perf_counter() - started
+        self.load_seconds = time.perf_counter() - started
+        self.start_reported = False
         self.requests_sent = 0  # how many requests reached the engine in this process
 
-    def take_load_seconds(self) -> float:
-        """The engine's start-up time, reported by the first shard that waited for it."""
-        seconds, self.unreported_load_seconds = self.unreported_load_seconds, 0.0
-        return seconds
+    def take_start_report(self) -> bool:
+        """True for the first shard to use the engine: it reports how long it waited for the start."""
+        reported, self.start_reported = self.start_reported, True
+        return not reported
 
     def prompt_token_ids(self, prompt: str | None, messages: str | None) -> list[int]:
         if messages is not None:
@@ -294,11 +295,11 @@ class VllmEngine:
     def max_num_seqs(self) -> int:
         return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         self.closed = True
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
+            engine_core.shutdown(timeout=timeout)
         del self.llm
 
 
@@ -319,16 +320,31 @@ def get_engine(config: ModelConfig) -> VllmEngine:
         return _engine
 
 
-def close_engine() -> None:
-    """Stop the engine's processes now rather than at interpreter exit."""
+def start_engine_in_background(config: ModelConfig) -> None:
+    """Start loading the engine in a thread, so its start overlaps the work before the first shard.
+
+    A load that fails is left to the shard that needs the engine to raise, in its own context.
+    """
+
+    def load() -> None:
+        try:
+            get_engine(config)
+        except Exception:  # noqa: BLE001 - the first shard loads again and reports the error
+            pass
+
+    threading.Thread(target=load, name="engine-start", daemon=True).start()
+
+
+def close_engine(timeout: float | None = None) -> None:
+    """Stop the engine's processes now rather than at interpreter exit (timeout=0: kill them, nothing to drain)."""
     with _engine_lock:
-        _close_engine()
+        _close_engine(timeout)
 
 
-def _close_engine() -> None:
+def _close_engine(timeout: float | None = None) -> None:
     global _engine
     if _engine is not None:
-        _engine.close()
+        _engine.close(timeout)
         _engine = None
         gc.collect()
 
@@ -366,8 +382,10 @@ class GenerateResult:
 def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: SamplingConfig, key: str) -> GenerateResult:
     from vllm.v1.engine.exceptions import EngineDeadError
 
+    asked = time.perf_counter()
     engine = get_engine(config)
-    load_seconds = engine.take_load_seconds()
+    waited = time.perf_counter() - asked
+    load_seconds = waited if engine.take_start_report() else 0.0
     limit = _batch_limits.get(key)
     pending, errors = engine.prepare(shard, sampling)  # outside the lock: overlaps the previous shard's generate
     with generate_lock:

@@ -64,3 +64,13 @@ def move(source: str, target: str) -> None:
 def make_parent(path: str) -> None:
     fs, fs_path = fsspec.core.url_to_fs(path)
     fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+
+
+def write_text(text: str, path: str) -> None:
+    with atomic_writer(path, "w") as handle:
+        handle.write(text)
+
+
+def read_text(path: str) -> str:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    return fs.cat_file(fs_path).decode()

@@ -36,7 +36,7 @@ class ShardOutput(BaseModel):
     generate_seconds: float
     batch_size: int  # requests per generate call (smaller after an out-of-memory)
     max_num_seqs: int | None  # the engine's; None for the openai engine
-    engine_load_seconds: float  # non-zero on the shard that started the engine
+    engine_load_seconds: float  # how long the process's first shard waited for the engine to start
 
     @property
     def engine_requests(self) -> int:

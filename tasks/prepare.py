@@ -6,6 +6,7 @@ The tasks here return small manifests (paths, keys, counts); the rows stay in fi
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from tasks import files
 from tasks.config import DatasetSpec, ShardingConfig, SpecError, StoreConfig
 from tasks.dedupe import ExactDeduper, NearDuplicateIndex
-from tasks.load import check_dataset, iter_batches, prefetch
+from tasks.load import check_dataset, filesystem, iter_batches, prefetch, resolve_files
 from tasks.render import Mode, Renderer, content_hash, template_hash
 from tasks.shard import PREFIX_BUCKET_ROWS, SHARD_COLUMNS, Shard, cut_shards, order_by_prefix, shard_key
 from tasks.validate import Validator
@@ -35,6 +36,7 @@ class RequestSet(BaseModel):
     unique_requests: int
     rejected: int
     validation: list[dict] = []  # one row per expectation: the validation result
+    input_fingerprint: str = ""  # the input as prepared: see input_fingerprint()
 
     @property
     def duplicates(self) -> int:
@@ -63,9 +65,38 @@ class DatasetVersioner:
 BATCH_ROWS = 32_768
 
 
+def input_fingerprint(dataset: DatasetSpec, mode: Mode, context_tokens: int | None) -> str:
+    """The input as prepared: the spec, the prompt mode and context budget, and each source file's
+    properties (fsspec's ukey: size and mtime on a local disk, the ETag on an object store)."""
+    source_files = resolve_files(dataset.source)
+    keys = {}
+    for file in source_files:
+        fs, path, _ = filesystem(file)
+        keys[file] = fs.ukey(path)
+    return content_hash({"spec": dataset.model_dump(mode="json"), "mode": mode, "context_tokens": context_tokens, "files": keys})
+
+
+def read_request_set(manifest: str) -> RequestSet | None:
+    """A request set prepared earlier, if its manifest and every part it names are still there."""
+    if not files.exists(manifest):
+        return None
+    request_set = RequestSet.model_validate_json(files.read_text(manifest))
+    parts = [*request_set.request_files, *request_set.rejected_files]
+    return request_set if all(files.exists(part) for part in parts) else None
+
+
 @task(name="write-requests")
-def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_tokens: int | None = None) -> RequestSet:
-    """Load, render, validate and dedupe the dataset into request and rejected-row Parquet parts."""
+def write_requests(dataset: DatasetSpec, mode: Mode, storage: str, context_tokens: int | None = None) -> RequestSet:
+    """Load, render, validate and dedupe the dataset into request and rejected-row Parquet parts.
+
+    The parts are kept under storage/prepared/<input fingerprint>, so an input that has not
+    changed (same spec, same files) is not read again: a re-run starts from its parts.
+    """
+    fingerprint = input_fingerprint(dataset, mode, context_tokens)
+    folder = files.join(storage, "prepared", fingerprint)
+    manifest = files.join(folder, "request-set.json")
+    if (prepared := read_request_set(manifest)) is not None:
+        return prepared
     source = check_dataset(dataset)
     renderer = Renderer(source.spec, mode)
     validator = Validator(dataset.validation, context_tokens)
@@ -86,16 +117,16 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
         rows_read += batch.rows_read
         requests += marked.num_rows
         rejected_count += rejected.num_rows
-        request_files.append(files.join(work_dir, "requests", f"part-{part:05d}.parquet"))
+        request_files.append(files.join(folder, "requests", f"part-{part:05d}.parquet"))
         files.write_parquet(marked, request_files[-1])
         if rejected.num_rows:
-            rejected_files.append(files.join(work_dir, "rejected", f"part-{part:05d}.parquet"))
+            rejected_files.append(files.join(folder, "rejected", f"part-{part:05d}.parquet"))
             files.write_parquet(rejected, rejected_files[-1])
     if rows_read == 0:
         raise SpecError(f"dataset {dataset.name}: {dataset.source} has no rows")
     if dataset.dedupe.near_duplicates:
-        mark_near_duplicates(request_files, dataset, work_dir)
-    return RequestSet(
+        mark_near_duplicates(request_files, dataset)
+    request_set = RequestSet(
         dataset_version=versioner.version(),
         template_hash=template_hash(source.spec, mode),
         request_files=request_files,
@@ -105,26 +136,27 @@ def write_requests(dataset: DatasetSpec, mode: Mode, work_dir: str, context_toke
         unique_requests=sum(files.read_parquet(f, ["duplicate_of"])["duplicate_of"].null_count for f in request_files),
         rejected=rejected_count,
         validation=validator.report(),
+        input_fingerprint=fingerprint,
     )
+    files.write_text(request_set.model_dump_json(), manifest)  # last: the parts are complete
+    return request_set
 
 
-def mark_near_duplicates(request_files: list[str], dataset: DatasetSpec, work_dir: str) -> None:
+def mark_near_duplicates(request_files: list[str], dataset: DatasetSpec) -> None:
     """Second pass: canonical requests that are near-duplicates of an earlier one point at it.
 
     Exact duplicates already point at their canonical request; when that one turns out to be a
     near-duplicate, they are re-pointed at its canonical so every pointer reaches a computed request.
     """
-    scratch = Path(work_dir, "near-duplicates.u32") if "://" not in work_dir else None
-    if scratch:
-        scratch.parent.mkdir(parents=True, exist_ok=True)
-    index = NearDuplicateIndex(dataset.dedupe, str(scratch) if scratch else None)
-    canonical_ids = []
-    for path in request_files:
-        table = files.read_parquet(path, ["custom_id", "dedupe_text", "duplicate_of"])
-        canonical = table.filter(pc.is_null(table["duplicate_of"]))
-        index.add(canonical["dedupe_text"].combine_chunks())
-        canonical_ids.append(canonical["custom_id"].combine_chunks())
-    roots = index.canonical()
+    with tempfile.TemporaryDirectory(prefix="near-duplicates-") as scratch:
+        index = NearDuplicateIndex(dataset.dedupe, str(Path(scratch, "signatures.u32")))
+        canonical_ids = []
+        for path in request_files:
+            table = files.read_parquet(path, ["custom_id", "dedupe_text", "duplicate_of"])
+            canonical = table.filter(pc.is_null(table["duplicate_of"]))
+            index.add(canonical["dedupe_text"].combine_chunks())
+            canonical_ids.append(canonical["custom_id"].combine_chunks())
+        roots = index.canonical()
     ids = pa.chunked_array(canonical_ids, pa.string()).combine_chunks()
     moved = roots != np.arange(len(roots))
     root_of = dict(zip(ids.filter(pa.array(moved)).to_pylist(), ids.take(pa.array(roots[moved])).to_pylist()))

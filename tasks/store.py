@@ -345,6 +345,15 @@ MIGRATIONS.append(
     )
 )
 # Numbers are handed out per issue and merged in any order: the latest is the largest.
+MIGRATIONS.append(
+    (
+        6,
+        "runs record the input as prepared, so an unchanged re-run is known before it starts",
+        """
+        ALTER TABLE runs ADD COLUMN input_fingerprint VARCHAR;
+        """,
+    )
+)
 LATEST_VERSION = max(version for version, _, _ in MIGRATIONS)
 
 
@@ -381,6 +390,26 @@ def applied_versions(con: duckdb.DuckDBPyConnection) -> set[int]:
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return max(applied_versions(con), default=0)
+
+
+def answered_before(duckdb_path: str, input_fingerprint: str, model_fingerprint: str, sampling_hash: str) -> bool:
+    """Whether a committed run already answered this very input with this model and sampling.
+
+    Read-only and best effort: a file that is missing, older or busy answers False.
+    """
+    if not Path(duckdb_path).is_file():
+        return False
+    try:
+        with duckdb.connect(duckdb_path, read_only=True) as con:
+            if 6 not in applied_versions(con):
+                return False
+            found = con.execute(
+                "SELECT count(*) FROM runs WHERE input_fingerprint = ? AND model_fingerprint = ? AND sampling_hash = ?",
+                [input_fingerprint, model_fingerprint, sampling_hash],
+            ).fetchone()
+    except duckdb.Error:
+        return False
+    return found[0] > 0
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
@@ -510,7 +539,7 @@ def run_row(
     summary: RunSummary,
     model: ModelConfig,
     sampling: SamplingConfig,
-    template_hash: str,
+    request_set: RequestSet,
     scorers: list[str | ScorerSpec],
     started_at: datetime,
     finished_at: datetime,
@@ -525,7 +554,8 @@ def run_row(
         "stage_seconds": json.dumps(summary.stage_seconds),
         "sampling_params": sampling.model_dump_json(),
         "sampling_hash": sampling_hash(sampling),
-        "template_hash": template_hash,
+        "template_hash": request_set.template_hash,
+        "input_fingerprint": request_set.input_fingerprint,
         "scorers": scorers_version(resolve_scorers(scorers)),
         "code_version": code_version(),
         "started_at": started_at,
@@ -558,7 +588,7 @@ def commit_results(
     store: StoreConfig,
 ) -> None:
     """The only writer of the DuckDB file: one transaction for the whole run."""
-    run = run_row(summary, model, sampling, request_set.template_hash, scorers, started_at, datetime.now(timezone.utc))
+    run = run_row(summary, model, sampling, request_set, scorers, started_at, datetime.now(timezone.utc))
     commit_files = CommitFiles(
         requests=request_set.request_files,
         rejected=request_set.rejected_files,
