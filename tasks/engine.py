@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
+import queue
 import threading
 import time
 import zlib
@@ -152,6 +154,168 @@ def engine_arguments(config: ModelConfig) -> dict:
     return args
 
 
+class Submission:
+    """One generate call's requests in the engine loop; done once every request has its outcome."""
+
+    def __init__(self, pending: list[PendingRequest], params: list, lora_request, shared_sampling: bool):
+        self.pending, self.params, self.lora_request = pending, params, lora_request
+        self.shared_sampling = shared_sampling  # every request has the run's sampling: a rejection is the run's fault
+        self.outcomes: list = [None] * len(pending)  # RequestOutput, or the exception that rejected the request
+        self.remaining = len(pending)
+        self.engine_seconds = 0.0  # engine wall time spent while this was the oldest unfinished submission
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def settle(self, index: int, outcome) -> None:
+        self.outcomes[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self) -> list:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcomes
+
+
+class EngineLoop:
+    """The one thread that drives vLLM: it adds each shard's requests as they come and steps the
+    engine without pause, so the running batch stays full across shard boundaries instead of
+    draining at the end of every generate call. Each shard waits only for its own requests.
+
+    A shard is admitted while fewer than `admit_below` requests are unfinished (two full batches):
+    the next shard queues behind the running one, and shards still finish roughly in order.
+    """
+
+    def __init__(self, llm, admit_below: int):
+        self.llm = llm
+        self.admit_below = admit_below
+        self.inbox: queue.Queue[Submission | None] = queue.Queue()
+        self.owner: dict[str, tuple[Submission, int]] = {}  # vLLM request id -> (submission, index)
+        self.unfinished: list[Submission] = []  # oldest first
+        self.room = threading.Condition()
+        self.queued = 0  # requests submitted and not finished
+        self.stopped = False
+        self.serial = itertools.count()
+        self.thread = threading.Thread(target=self.run, name="vllm-engine-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, submission: Submission) -> Submission:
+        with self.room:
+            self.room.wait_for(lambda: self.stopped or self.queued < self.admit_below or self.queued == 0)
+            if self.stopped:
+                raise EngineRestarted("the engine was closed while this shard waited")
+            self.queued += len(submission.pending)
+            self.inbox.put(submission)  # under the lock: a stopping loop sees it in its last look at the inbox
+        return submission
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=60)
+
+    def run(self) -> None:
+        last_step = time.perf_counter()
+        while True:
+            arrived = self.take_arrivals(wait=not self.owner)
+            if None in arrived:
+                self.fail_unfinished(EngineRestarted("the engine was closed while this shard waited"), arrived)
+                return
+            if not self.owner:
+                last_step = time.perf_counter()  # idle until now: that time is nobody's
+            for submission in arrived:
+                self.add(submission)
+            if not self.owner:
+                continue
+            try:
+                outputs = self.llm.llm_engine.step()
+            except BaseException as error:  # the engine died: every waiting shard gets the error
+                self.fail_unfinished(error, [])
+                return
+            now = time.perf_counter()
+            self.unfinished[0].engine_seconds += now - last_step
+            last_step = now
+            for output in outputs:
+                if output.finished:
+                    submission, index = self.owner.pop(output.request_id)
+                    self.settle(submission, index, output)
+
+    def take_arrivals(self, wait: bool) -> list[Submission | None]:
+        arrived = [self.inbox.get()] if wait else []
+        while True:
+            try:
+                arrived.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return arrived
+
+    def add(self, submission: Submission) -> None:
+        """Hand the submission's requests to vLLM one by one: a request vLLM rejects is settled with the error."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind
+
+        self.unfinished.append(submission)
+        added: list[str] = []
+        for index, (request, params) in enumerate(zip(submission.pending, submission.params)):
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # the finished output only, as LLM.generate asks
+            request_id = f"request-{next(self.serial)}"
+            try:
+                self.llm.llm_engine.add_request(
+                    request_id, {"prompt_token_ids": request.token_ids}, params, lora_request=submission.lora_request
+                )
+            except VLLMValidationError as error:
+                if submission.shared_sampling:  # every request has the run's sampling: the run's configuration is at fault
+                    self.abort(added)
+                    self.reject(submission, SpecError(f"sampling parameters rejected by vLLM: {error}"))
+                    return
+                self.settle(submission, index, error)  # a row's own parameters are at fault: the others run
+                continue
+            except Exception as error:
+                self.abort(added)
+                self.reject(submission, error)
+                return
+            added.append(request_id)
+            self.owner[request_id] = (submission, index)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(request_ids)
+            for request_id in request_ids:
+                del self.owner[request_id]
+
+    def settle(self, submission: Submission, index: int, outcome) -> None:
+        submission.settle(index, outcome)
+        self.release(1)
+        if submission.done.is_set():
+            self.unfinished.remove(submission)
+
+    def reject(self, submission: Submission, error: BaseException) -> None:
+        submission.fail(error)
+        if submission in self.unfinished:
+            self.unfinished.remove(submission)
+        self.release(submission.remaining)
+
+    def fail_unfinished(self, error: BaseException, arrived: list[Submission | None]) -> None:
+        """The loop ends: fail every submission it holds or that is still in the inbox."""
+        with self.room:
+            self.stopped = True
+            arrived = [*arrived, *self.take_arrivals(wait=False)]
+            for submission in [*self.unfinished, *(s for s in arrived if s is not None)]:
+                submission.fail(error)
+            self.owner.clear()
+            self.unfinished.clear()
+            self.queued = 0
+            self.room.notify_all()
+
+    def release(self, requests: int) -> None:
+        with self.room:
+            self.queued -= requests
+            self.room.notify_all()
+
+
 class VllmEngine:
     def __init__(self, config: ModelConfig):
         started = time.perf_counter()
@@ -159,6 +323,7 @@ class VllmEngine:
 
         self.config = config
         self.llm = LLM(**engine_arguments(config))
+        self.loop = EngineLoop(self.llm, admit_below=2 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
         self.prepare_lock = threading.Lock()
@@ -220,57 +385,43 @@ class VllmEngine:
         return pending, errors
 
     def generate(self, shard: pa.Table, sampling: SamplingConfig, batch_size: int | None = None) -> pa.Table:
-        """One generate call for the shard (vLLM batches it continuously), or chunks of batch_size.
+        """The shard's outputs, one submission to the engine loop (or chunks of batch_size).
 
         A request that cannot run on its own (prompt longer than the context, a bad per-row
         override or schema) becomes an error row, like the error file of an OpenAI batch.
         """
         pending, errors = self.prepare(shard, sampling)
-        return self.generate_prepared(pending, errors, sampling, batch_size)
+        return self.generate_prepared(pending, errors, sampling, batch_size)[0]
 
     def generate_prepared(
         self, pending: list[PendingRequest], errors: list[dict], sampling: SamplingConfig, batch_size: int | None
-    ) -> pa.Table:
-        rows = list(errors)
+    ) -> tuple[pa.Table, float]:
+        """The outputs, and the engine seconds they took."""
+        rows, seconds = list(errors), 0.0
         size = batch_size or max(len(pending), 1)
         for start in range(0, len(pending), size):
-            rows.extend(self.generate_chunk(pending[start : start + size], per_row=sampling))
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+            chunk = pending[start : start + size]
+            chunk_rows, chunk_seconds = self.run(chunk, shared_sampling=all(r.sampling is sampling for r in chunk))
+            rows.extend(chunk_rows)
+            seconds += chunk_seconds
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), seconds
 
-    def generate_chunk(self, pending: list[PendingRequest], per_row: SamplingConfig) -> list[dict]:
+    def run(self, pending: list[PendingRequest], shared_sampling: bool = False) -> tuple[list[dict], float]:
+        """Rows for these requests, and the engine seconds they took."""
         if not pending:
-            return []
-        from vllm.exceptions import VLLMValidationError
-
-        try:
-            return self.run(pending)
-        except VLLMValidationError as error:
-            if all(request.sampling is per_row for request in pending):
-                # every request shares the run's sampling: the run's configuration is at fault
-                raise SpecError(f"sampling parameters rejected by vLLM: {error}") from error
-        # a row's own parameters are at fault: find which, and let the others run
-        rows: list[dict] = []
-        for request in pending:
-            try:
-                rows.extend(self.run([request]))
-            except VLLMValidationError as error:
-                rows.append(error_row(request.request_key, "invalid_request", str(error), len(request.token_ids)))
-        return rows
-
-    def run(self, pending: list[PendingRequest]) -> list[dict]:
+            return [], 0.0
         params = [vllm_sampling_params(r.sampling, min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))) for r in pending]
-        results = self.llm.generate(
-            [{"prompt_token_ids": r.token_ids} for r in pending],
-            params,
-            use_tqdm=False,
-            lora_request=self.lora_request(),
-        )
+        submission = self.loop.submit(Submission(pending, params, self.lora_request(), shared_sampling))
+        outcomes = submission.wait()
         self.requests_sent += len(pending)
         rows = []
-        for request, result in zip(pending, results):
-            stats = result.metrics
+        for request, outcome in zip(pending, outcomes):
+            if isinstance(outcome, Exception):  # vLLM rejected this request on its own (its override, its schema)
+                rows.append(error_row(request.request_key, "invalid_request", str(outcome), len(request.token_ids)))
+                continue
+            stats = outcome.metrics
             latency = stats.last_token_ts - stats.queued_ts if stats is not None and stats.last_token_ts else None
-            for completion in result.outputs:
+            for completion in outcome.outputs:
                 tokens = len(completion.token_ids)
                 mean_logprob = None
                 if request.sampling.logprobs is not None and completion.cumulative_logprob is not None and tokens:
@@ -289,7 +440,7 @@ class VllmEngine:
                         "error": None,
                     }
                 )
-        return rows
+        return rows, submission.engine_seconds
 
     @property
     def max_num_seqs(self) -> int:
@@ -297,6 +448,7 @@ class VllmEngine:
 
     def close(self, timeout: float | None = None) -> None:
         self.closed = True
+        self.loop.stop()
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown(timeout=timeout)
@@ -366,10 +518,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 # After an out-of-memory, the shard's next attempt runs in batches of at most this many requests.
 _batch_limits: dict[str, int] = {}
 
-# vllm.LLM is not thread-safe: shard tasks run in threads and take turns on the engine.
-generate_lock = threading.Lock()
-
-
 @dataclass
 class GenerateResult:
     outputs: pa.Table
@@ -387,21 +535,18 @@ def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: Samplin
     waited = time.perf_counter() - asked
     load_seconds = waited if engine.take_start_report() else 0.0
     limit = _batch_limits.get(key)
-    pending, errors = engine.prepare(shard, sampling)  # outside the lock: overlaps the previous shard's generate
-    with generate_lock:
-        if engine.closed:
-            raise EngineRestarted(f"the engine for {config.model} was closed while this shard waited")
-        started = time.perf_counter()
-        try:
-            outputs = engine.generate_prepared(pending, errors, sampling, limit)
-        except EngineDeadError:
-            close_engine()  # the retry builds a fresh one
+    pending, errors = engine.prepare(shard, sampling)  # in the shard's thread: overlaps the engine's work on other shards
+    if engine.closed:
+        raise EngineRestarted(f"the engine for {config.model} was closed while this shard waited")
+    try:
+        outputs, seconds = engine.generate_prepared(pending, errors, sampling, limit)
+    except EngineDeadError:
+        close_engine()  # the retry builds a fresh one
+        raise
+    except Exception as error:
+        if not is_out_of_memory(error):
             raise
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            smaller = max(1, (limit or shard.num_rows) // 2)
-            _batch_limits[key] = smaller
-            raise ShardOutOfMemory(f"out of memory; the retry runs batches of {smaller} requests: {error}") from error
-        seconds = time.perf_counter() - started
+        smaller = max(1, (limit or shard.num_rows) // 2)
+        _batch_limits[key] = smaller
+        raise ShardOutOfMemory(f"out of memory; the retry runs batches of {smaller} requests: {error}") from error
     return GenerateResult(outputs, seconds, limit or shard.num_rows, engine.max_num_seqs, load_seconds)

@@ -61,10 +61,10 @@ def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
     engine = engine_module.get_engine(tiny_model)
     real_run = engine.run
 
-    def run_with_memory_cap(pending):  # the real engine, with an allocator that fails above 10 requests
+    def run_with_memory_cap(pending, **kwargs):  # the real engine, with an allocator that fails above 10 requests
         if len(pending) > 10:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(pending)
+        return real_run(pending, **kwargs)
 
     monkeypatch.setattr(engine, "run", run_with_memory_cap)
     store = store_in(tmp_path)

@@ -158,11 +158,11 @@ def test_out_of_memory_halves_the_batch_for_the_retry(tiny_model, monkeypatch):
     real_run = engine.run
     batch_sizes: list[int] = []
 
-    def run_with_memory_cap(pending):  # the real engine, with an allocator that fails above 2 requests
+    def run_with_memory_cap(pending, **kwargs):  # the real engine, with an allocator that fails above 2 requests
         batch_sizes.append(len(pending))
         if len(pending) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(pending)
+        return real_run(pending, **kwargs)
 
     monkeypatch.setattr(engine, "run", run_with_memory_cap)
     requests = shard([f"prompt {i}" for i in range(7)])
