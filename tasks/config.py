@@ -50,6 +50,11 @@ class DedupeConfig(BaseModel):
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of shingles that counts as near-duplicate.")
     shingle_size: int = Field(3, ge=1, description="Words per shingle.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations (signature length).")
+    fan_out: bool = Field(
+        True,
+        description="Each duplicate gets its canonical request's answer in run_outputs and exports, so every "
+        "input row has an answer; off: only canonical requests have answers (duplicates keep duplicate_of).",
+    )
 
 
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]

@@ -102,7 +102,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, storage: str, context_token
     validator = Validator(dataset.validation, context_tokens)
     deduper = ExactDeduper(id_field=renderer.id_field, config=dataset.dedupe, expected_rows=source.row_count())
     versioner = DatasetVersioner(
-        {"dedupe": dataset.dedupe.model_dump(), "validation": validator.expectations, "reference": dataset.reference_column}
+        {"dedupe": dataset.dedupe.model_dump(exclude={"fan_out"}), "validation": validator.expectations, "reference": dataset.reference_column}
     )
     request_files: list[str] = []
     rejected_files: list[str] = []
@@ -184,9 +184,9 @@ def answered_keys(duckdb_path: str, model_fingerprint: str, sampling_hash: str) 
     with duckdb.connect(duckdb_path, read_only=True) as con:
         if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchone()[0]:
             return None
-        keys = con.execute(
+        keys = con.sql(
             "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
-            [model_fingerprint, sampling_hash],
+            params=[model_fingerprint, sampling_hash],
         ).to_arrow_table()["request_key"]
     return keys.combine_chunks() if len(keys) else None
 

@@ -348,9 +348,25 @@ MIGRATIONS.append(
 MIGRATIONS.append(
     (
         6,
-        "runs record the input as prepared, so an unchanged re-run is known before it starts",
+        "runs record the input as prepared (an unchanged re-run is known before it starts) and whether duplicates fan out",
         """
         ALTER TABLE runs ADD COLUMN input_fingerprint VARCHAR;
+        ALTER TABLE runs ADD COLUMN fan_out BOOLEAN NOT NULL DEFAULT true;
+        DROP VIEW run_outputs;
+        -- A duplicate (exact after normalization, or near) gets its canonical request's answer:
+        -- follow duplicate_of, since its own request_key may differ from the canonical's. A run
+        -- with fan_out off answers its canonical requests only.
+        CREATE VIEW run_outputs AS
+            SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o.text, o.finish_reason,
+                   o.prompt_tokens, o.completion_tokens, o.error_code, o.error, o.output_id,
+                   o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds
+            FROM runs r
+            JOIN requests q ON q.dataset_version = r.dataset_version
+            LEFT JOIN requests c ON c.dataset_version = q.dataset_version AND c.custom_id = q.duplicate_of
+            JOIN outputs o ON o.request_key = coalesce(c.request_key, q.request_key)
+                          AND o.model_fingerprint = r.model_fingerprint
+                          AND o.sampling_hash = r.sampling_hash
+            WHERE r.fan_out OR q.duplicate_of IS NULL;
         """,
     )
 )
@@ -540,6 +556,7 @@ def run_row(
     model: ModelConfig,
     sampling: SamplingConfig,
     request_set: RequestSet,
+    fan_out: bool,
     scorers: list[str | ScorerSpec],
     started_at: datetime,
     finished_at: datetime,
@@ -556,6 +573,7 @@ def run_row(
         "sampling_hash": sampling_hash(sampling),
         "template_hash": request_set.template_hash,
         "input_fingerprint": request_set.input_fingerprint,
+        "fan_out": fan_out,
         "scorers": scorers_version(resolve_scorers(scorers)),
         "code_version": code_version(),
         "started_at": started_at,
@@ -588,7 +606,7 @@ def commit_results(
     store: StoreConfig,
 ) -> None:
     """The only writer of the DuckDB file: one transaction for the whole run."""
-    run = run_row(summary, model, sampling, request_set, scorers, started_at, datetime.now(timezone.utc))
+    run = run_row(summary, model, sampling, request_set, dataset.dedupe.fan_out, scorers, started_at, datetime.now(timezone.utc))
     commit_files = CommitFiles(
         requests=request_set.request_files,
         rejected=request_set.rejected_files,

@@ -49,6 +49,15 @@ def test_commit_links_outputs_to_canonical_requests_and_twice_changes_nothing(tm
     assert con.execute("SELECT count(*) FROM scores").fetchone() == (3,)  # the error row has no scores
 
 
+def test_with_fan_out_off_duplicates_keep_their_pointer_but_get_no_answer(tmp_path, commit_inputs):
+    run, dataset, shards, commit_files = commit_inputs
+    con = connect(tmp_path / "r.duckdb")
+    migrate(con)
+    commit_run(con, {**run, "fan_out": False}, dataset, shards, commit_files)
+    assert con.execute("SELECT custom_id FROM run_outputs ORDER BY 1").fetchall() == [("a",), ("b",)]
+    assert con.execute("SELECT duplicate_of FROM requests WHERE custom_id = 'c'").fetchone() == ("a",)
+
+
 def test_a_failing_commit_leaves_no_partial_rows(tmp_path, commit_inputs):
     run, dataset, shards, commit_files = commit_inputs
     con = connect(tmp_path / "r.duckdb")
