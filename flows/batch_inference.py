@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from blocks.model import InferenceModel
 from blocks.store import ResultsStore
@@ -104,14 +105,17 @@ def main() -> None:
     sampling = SamplingConfig(max_tokens=args.max_tokens)
     store = StoreConfig(duckdb_path=args.duckdb, storage=args.storage)
     start_engine_unless_answered(dataset, model, sampling, store)
-    summary = batch_inference(
-        dataset=dataset,
-        model=model,
-        sampling=sampling,
-        sharding=ShardingConfig(shard_size=args.shard_size),
-        store=store,
-        scorers=args.scorer or DEFAULT_SCORERS,
-    )
+    # The engine's start competes with Prefect's temporary server for the CPU: on a small machine
+    # the server can need longer than Prefect's default 20 s to come up.
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        summary = batch_inference(
+            dataset=dataset,
+            model=model,
+            sampling=sampling,
+            sharding=ShardingConfig(shard_size=args.shard_size),
+            store=store,
+            scorers=args.scorer or DEFAULT_SCORERS,
+        )
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))

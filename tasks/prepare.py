@@ -182,7 +182,7 @@ def answered_keys(duckdb_path: str, model_fingerprint: str, sampling_hash: str) 
     if not Path(duckdb_path).is_file():
         return None
     with duckdb.connect(duckdb_path, read_only=True) as con:
-        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchone()[0]:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchall()[0][0]:
             return None
         keys = con.sql(
             "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
