@@ -219,6 +219,12 @@ class EngineLoop:
         self.thread.join(timeout=60)
 
     def run(self) -> None:
+        try:
+            self.drive()
+        except BaseException as error:  # the engine died, or this loop broke: no shard may wait forever
+            self.fail_unfinished(error, [])
+
+    def drive(self) -> None:
         last_step = time.perf_counter()
         while True:
             arrived = self.take_arrivals(wait=not self.owner)
@@ -231,18 +237,15 @@ class EngineLoop:
                 self.add(submission)
             if not self.owner:
                 continue
-            try:
-                outputs = self.llm.llm_engine.step()
-            except BaseException as error:  # the engine died: every waiting shard gets the error
-                self.fail_unfinished(error, [])
-                return
+            outputs = self.llm.llm_engine.step()
             now = time.perf_counter()
-            self.unfinished[0].engine_seconds += now - last_step
+            if self.unfinished:
+                self.unfinished[0].engine_seconds += now - last_step
             last_step = now
             for output in outputs:
-                if output.finished:
-                    submission, index = self.owner.pop(output.request_id)
-                    self.settle(submission, index, output)
+                owner = self.owner.pop(output.request_id, None) if output.finished else None
+                if owner is not None:
+                    self.settle(*owner, output)
 
     def take_arrivals(self, wait: bool) -> list[Submission | None]:
         arrived = [self.inbox.get()] if wait else []
