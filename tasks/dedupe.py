@@ -102,7 +102,7 @@ class KeyIndex:
         return self.values[self.slots(keys)]
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Stores distinct keys that are absent."""
+        """Stores the (distinct) keys that are not there yet; keys already there keep their value."""
         self.setdefault(keys, values)
 
     def setdefault(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -196,8 +196,6 @@ class ExactDeduper:
             requests, custom_ids = requests.take(kept), settled.take(kept)
             hashes = {"text": hashes["text"][kept], "check": hashes["check"][kept], **self.hashes(id=custom_ids)}
             ids, first_of_id, _ = sorted_groups(hashes["id"])
-            first_of_id = first_of_id[self.id_index.get(ids) < 0]
-            ids = ids[self.id_index.get(ids) < 0]
         self.id_index.add(ids, self.count + first_of_id)
         self.ids.append(custom_ids)
         canonical = self.canonical_positions(hashes["text"], hashes["check"])

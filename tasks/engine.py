@@ -321,18 +321,15 @@ class EngineLoop:
 
 class VllmEngine:
     def __init__(self, config: ModelConfig):
-        started = time.perf_counter()
         from vllm import LLM
 
         self.config = config
         self.llm = LLM(**engine_arguments(config))
-        self.loop = EngineLoop(self.llm, admit_below=2 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs)
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
         self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.closed = False
-        self.load_seconds = time.perf_counter() - started
         self.start_reported = False
         self.requests_sent = 0  # how many requests reached the engine in this process
 
@@ -450,8 +447,7 @@ class VllmEngine:
         return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def close(self, timeout: float | None = None) -> None:
-        self.closed = True
-        self.loop.stop()
+        self.loop.stop()  # from here on a shard's submission raises EngineRestarted
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown(timeout=timeout)
@@ -539,8 +535,6 @@ def generate_with_engine(config: ModelConfig, shard: pa.Table, sampling: Samplin
     load_seconds = waited if engine.take_start_report() else 0.0
     limit = _batch_limits.get(key)
     pending, errors = engine.prepare(shard, sampling)  # in the shard's thread: overlaps the engine's work on other shards
-    if engine.closed:
-        raise EngineRestarted(f"the engine for {config.model} was closed while this shard waited")
     try:
         outputs, seconds = engine.generate_prepared(pending, errors, sampling, limit)
     except EngineDeadError:
