@@ -23,7 +23,7 @@ tiny-model: install
 	$(BIN)/python scripts/build_tiny_model.py
 
 demo: tiny-model
-	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/python -m flows.batch_inference
+	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/python -m flows
 
 test: tiny-model
 	$(BIN)/python -m pytest

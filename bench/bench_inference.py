@@ -89,8 +89,18 @@ def timed(command: list[str], env: dict) -> float:
     return time.perf_counter() - started
 
 
+def prefect_env(folder: Path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def create_prefect_database(folder: Path) -> None:
+    """Prefect creates its database on a machine's first run: once, before the timed rounds."""
+    seconds = timed([sys.executable, "-c", "from prefect import flow; flow(lambda: None)()"], prefect_env(folder))
+    print(f"Prefect's database created in {seconds:.1f} s (a first run on a machine pays this once)", flush=True)
+
+
 def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: int, round_index: int) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = prefect_env(folder)
     python = sys.executable
     (folder / "bare.py").write_text(BARE)
     bare_json = folder / f"bare-{round_index}.json"
@@ -100,7 +110,7 @@ def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: 
     )
     run_dir = folder / f"run-{round_index}"
     pipeline = [
-        python, "-m", "flows.batch_inference", "--spec", str(spec), "--model", str(MODEL), "--max-tokens", str(max_tokens),
+        python, "-m", "flows", "--spec", str(spec), "--model", str(MODEL), "--max-tokens", str(max_tokens),
         "--duckdb", str(run_dir / "results.duckdb"), "--storage", str(run_dir / "storage"),
     ]  # fmt: skip
     first_wall = timed([*pipeline, "--summary-json", str(run_dir / "first.json")], env)
@@ -145,7 +155,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         folder = Path(tmp)
         inputs = write_inputs(folder, args.requests, args.max_tokens)
-        rounds = [one_round(folder, *inputs, args.max_tokens, i) for i in range(args.rounds)]
+        create_prefect_database(folder)
+        rounds = []
+        for i in range(args.rounds):
+            rounds.append(one_round(folder, *inputs, args.max_tokens, i))
+            r = rounds[-1]
+            print(f"round {i + 1}: bare {r['bare_wall']:.1f} s, pipeline {r['pipeline_wall']:.1f} s, "
+                  f"cached {r['cached_wall']:.1f} s, run_batch {r['run_batch_wall']:.1f} s", flush=True)  # fmt: skip
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)

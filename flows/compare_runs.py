@@ -16,9 +16,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.batch_inference import SAMPLE_DATASET, TINY_CPU_MODEL, batch_inference
+from flows.batch_inference import batch_inference
 from tasks.compare import Comparison, Variant, check_variants, publish_comparison, variant_dataset, write_comparison
-from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
+from tasks.config import SAMPLE_DATASET, TINY_CPU_MODEL, DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
 from tasks.score import DEFAULT_SCORERS, ScorerSpec
 
 

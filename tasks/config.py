@@ -21,6 +21,13 @@ def describe_errors(error: ValidationError) -> str:
     )
 
 
+# The request columns an expectation can name; any other column it names is read from the dataset.
+REQUEST_COLUMNS = (
+    "custom_id", "request_key", "prompt", "messages", "overrides", "reference", "source_file", "source_row",
+    "dedupe_text", "approx_tokens", "roles",
+)  # fmt: skip
+
+
 class ValidationConfig(BaseModel):
     """The Great Expectations suite every batch of rows passes (rows that fail are rejected, not dropped)."""
 
@@ -32,11 +39,22 @@ class ValidationConfig(BaseModel):
     allowed_roles: list[str] = Field(["system", "user", "assistant", "tool"], description="Roles allowed in messages.")
     expectations: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="More GX expectations, e.g. {type: expect_column_values_to_match_regex, kwargs: {column: prompt, regex: '\\?$'}}.",
+        description="More GX expectations, e.g. {type: expect_column_values_to_match_regex, kwargs: {column: prompt, regex: '\\?$'}}; "
+        "a column may be a request column (custom_id, prompt, messages, reference, approx_tokens, ...) or one of the dataset's own.",
     )
     max_rejected_share: float = Field(
         0.5, ge=0, le=1, description="The run fails when more than this share of the rows is rejected."
     )
+
+    def source_columns(self) -> list[str]:
+        """The dataset's own columns that the expectations name (request columns take precedence)."""
+        named = []
+        for expectation in self.expectations:
+            kwargs = expectation.get("kwargs")
+            if not isinstance(kwargs, dict):
+                continue  # the validator reports the malformed expectation
+            named += [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(kwargs.get("column_list") or [])
+        return list(dict.fromkeys(c for c in named if isinstance(c, str) and c not in REQUEST_COLUMNS))
 
 
 class DedupeConfig(BaseModel):
@@ -296,3 +314,14 @@ class WorkersConfig(BaseModel):
     )
     group_retries: int = Field(2, ge=0, description="New flow runs for a group that failed; its finished shards stay cached.")
     poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")
+
+
+# The embedded defaults: the bundled sample on the tiny CPU model that scripts/build_tiny_model.py builds.
+SAMPLE_DATASET = DatasetSpec(
+    name="sample",
+    source="datasets/sample/prompts.parquet",
+    id_column="id",
+    prompt_column="prompt",
+    system_prompt="You are a helpful assistant.",
+)
+TINY_CPU_MODEL = ModelConfig(model=".cache/models/tiny-llama", max_model_len=1024, gpu_memory_utilization=0.15)

@@ -316,7 +316,9 @@ class EngineLoop:
     def release(self, requests: int) -> None:
         with self.room:
             self.queued -= requests
-            self.room.notify_all()
+            # Called per finished request: waking every waiting shard each time costs a core's worth of wake-ups.
+            if self.queued < self.admit_below:
+                self.room.notify_all()
 
 
 class VllmEngine:
@@ -475,7 +477,10 @@ def start_engine_in_background(config: ModelConfig) -> None:
     """Start loading the engine in a thread, so its start overlaps the work before the first shard.
 
     A load that fails is left to the shard that needs the engine to raise, in its own context.
+    vLLM is imported here, in the caller's thread: imported in the thread, beside whatever the
+    caller goes on with, the import (seconds: torch, transformers) shares one GIL and takes longer.
     """
+    from vllm import LLM  # noqa: F401
 
     def load() -> None:
         try:

@@ -62,6 +62,11 @@ def template_columns(template: str) -> list[str]:
 
 
 def needed_columns(spec: DatasetSpec) -> list[str]:
+    return [*request_columns(spec), *expectation_columns(spec)]
+
+
+def request_columns(spec: DatasetSpec) -> list[str]:
+    """The columns that make up the requests."""
     if spec.format == "openai_batch":
         return list(OPENAI_FIELDS.values())
     text_columns = [spec.prompt_column] if spec.prompt_column else template_columns(spec.prompt_template or "")
@@ -69,6 +74,14 @@ def needed_columns(spec: DatasetSpec) -> list[str]:
         text_columns = [spec.messages_column]
     optional = [spec.id_column, spec.reference_column, *spec.override_columns]
     return list(dict.fromkeys([*(c for c in optional if c), *text_columns]))
+
+
+def expectation_columns(spec: DatasetSpec) -> list[str]:
+    """The other columns the spec's expectations name: read for validation only, in their own types."""
+    if spec.format == "openai_batch":
+        return []  # its lines hold requests only: expectations name request columns
+    requests = request_columns(spec)
+    return [c for c in spec.validation.source_columns() if c not in requests]
 
 
 # ---------------------------------------------------------------- files and formats
@@ -278,14 +291,19 @@ def json_type(value: object) -> str:
     )
 
 
-def jsonl_row(spec: DatasetSpec, record: dict, file: str, line: int) -> tuple[dict | None, dict | None]:
-    """A JSONL object as (row, None) or (None, rejected row); text fields must hold text."""
+def jsonl_row(
+    spec: DatasetSpec, record: dict, file: str, line: int, columns: list[str], raw_columns: list[str]
+) -> tuple[dict | None, dict | None]:
+    """A JSONL object as (row, None) or (None, rejected row); text fields must hold text.
+
+    `columns` are the spec's needed columns; `raw_columns` (read for expectations only) keep their JSON values.
+    """
     raw_id = record.get(spec.id_column) if spec.id_column else None
     if isinstance(raw_id, bool) or not (raw_id is None or isinstance(raw_id, str | int)):
         return None, rejected(file, line, spec.id_column, f"line {line + 1}: id is {json_type(raw_id)}, not text or integer")
     custom_id = None if raw_id is None else str(raw_id)
     row: dict = {}
-    for column in needed_columns(spec):
+    for column in columns:
         value = record.get(column)
         if column == spec.id_column:
             row[column] = custom_id
@@ -294,6 +312,8 @@ def jsonl_row(spec: DatasetSpec, record: dict, file: str, line: int) -> tuple[di
             return None, rejected(file, line, column, reason, custom_id)
         elif column == spec.messages_column:
             row[column] = None if value is None else json.dumps(value, ensure_ascii=False)
+        elif column in raw_columns:
+            row[column] = value
         elif column not in spec.override_columns:
             row[column] = jsonl_value(value)
     overrides = {c: record[c] for c in spec.override_columns if record.get(c) is not None}
@@ -309,7 +329,8 @@ def jsonl_columns(spec: DatasetSpec, fmt: str) -> list[str]:
 
 
 def iter_jsonl_batches(spec: DatasetSpec, files: list[str], fmt: str, batch_size: int) -> Iterator[SourceBatch]:
-    columns = jsonl_columns(spec, fmt)
+    columns, needed = jsonl_columns(spec, fmt), needed_columns(spec)
+    raw_columns = [] if fmt == "openai_batch" else expectation_columns(spec)
     for file in files:
         fs, path, _ = filesystem(file)
         rows: list[dict] = []
@@ -336,16 +357,16 @@ def iter_jsonl_batches(spec: DatasetSpec, files: list[str], fmt: str, batch_size
                             row, problem = openai_row(record, file, line)
                         else:
                             check_first_record(spec, file, line, record, seen_rows=bool(rows) or first_row > 0)
-                            row, problem = jsonl_row(spec, record, file, line)
+                            row, problem = jsonl_row(spec, record, file, line, needed, raw_columns)
                         if problem:
                             bad.append(problem)
                         else:
                             rows.append({"__line": line, **row})
                 if line + 1 - first_row >= batch_size:
-                    yield jsonl_batch(file, first_row, line + 1, rows, bad, columns)
+                    yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
                     rows, bad, first_row = [], [], line + 1
             if line + 1 > first_row:
-                yield jsonl_batch(file, first_row, line + 1, rows, bad, columns)
+                yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
 
 
 def check_first_record(spec: DatasetSpec, file: str, line: int, record: dict, seen_rows: bool) -> None:
@@ -361,9 +382,20 @@ def check_first_record(spec: DatasetSpec, file: str, line: int, record: dict, se
         )
 
 
-def jsonl_batch(file: str, first_row: int, end: int, rows: list[dict], bad: list[dict], columns: list[str]) -> SourceBatch:
-    schema = pa.schema([("__line", pa.int64()), *((c, pa.string()) for c in columns)])
-    return SourceBatch(file, first_row, pa.RecordBatch.from_pylist(rows, schema=schema), bad, rows=end - first_row)
+def jsonl_batch(
+    file: str, first_row: int, end: int, rows: list[dict], bad: list[dict], columns: list[str], raw_columns: list[str]
+) -> SourceBatch:
+    """Request columns as text; the expectations' own columns keep their JSON type (JSON text when it varies)."""
+    schema = pa.schema([("__line", pa.int64()), *((c, pa.string()) for c in columns if c not in raw_columns)])
+    batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+    for column in raw_columns:
+        values = [row.get(column) for row in rows]
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            array = pa.array([jsonl_value(value) for value in values], pa.string())
+        batch = batch.append_column(column, array)
+    return SourceBatch(file, first_row, batch, bad, rows=end - first_row)
 
 
 # ---------------------------------------------------------------- the dataset

@@ -111,7 +111,7 @@ def write_requests(dataset: DatasetSpec, mode: Mode, storage: str, context_token
         rendered, rejected = renderer.render(batch)
         valid, failed = validator.validate(rendered)
         marked, duplicate_ids = deduper.mark(valid)
-        marked = marked.drop_columns(["approx_tokens", "roles"])
+        marked = marked.drop_columns(["approx_tokens", "roles", *renderer.source_columns])
         rejected = pa.concat_tables([rejected, failed, duplicate_ids])
         versioner.add(marked, rejected)
         rows_read += batch.rows_read

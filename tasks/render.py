@@ -127,6 +127,8 @@ class Renderer:
         self.id_field = "custom_id" if self.openai else spec.id_column
         self.prompt_field = "prompt" if self.openai else (spec.prompt_column or "prompt_template")
         self.messages_field = "messages" if self.openai else spec.messages_column
+        # The dataset's columns the expectations name: passed through for validation, then dropped.
+        self.source_columns = [] if self.openai else spec.validation.source_columns()
 
     def prompt_of(self, row: dict) -> str | None:
         if self.template is not None:
@@ -177,7 +179,9 @@ class Renderer:
         }
 
     def render(self, source: SourceBatch) -> tuple[pa.Table, pa.Table]:
+        """(requests, with the source columns the expectations name; rejected rows)."""
         requests: list[dict] = []
+        rendered_rows: list[int] = []
         rejected: list[dict] = list(source.rejected)
         for offset, row in enumerate(source.batch.to_pylist()):
             line = row.pop("__line", None)
@@ -195,9 +199,10 @@ class Renderer:
                     continue
             try:
                 requests.append({**location, **self.request_of(row, custom_id)})
+                rendered_rows.append(offset)
             except RowError as error:
                 rejected.append({**location, "custom_id": custom_id, "field": error.field, "reason": str(error)})
-        return (
-            pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA),
-            pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),
-        )
+        table = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+        for column in self.source_columns:
+            table = table.append_column(column, source.batch.column(column).take(pa.array(rendered_rows, pa.int64())))
+        return table, pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA)

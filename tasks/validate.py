@@ -2,7 +2,8 @@
 
 Built in: id present, prompt present and non-empty, prompt within the context budget (in
 approximate tokens, characters / 4), message roles allowed; plus the expectations of the spec,
-over the request columns (custom_id, prompt, messages, overrides, reference, approx_tokens, roles).
+over the request columns (custom_id, prompt, messages, overrides, reference, approx_tokens, roles)
+and the dataset's own columns they name (read for validation only, in their own types).
 Rows an expectation flags become rejected rows with the expectation as the reason; the run goes
 on. Id uniqueness is reported here, and enforced across batches by the deduper (the first row
 with an id is kept, later ones are rejected).
@@ -18,9 +19,6 @@ import pyarrow as pa
 
 from tasks.config import SpecError, ValidationConfig
 from tasks.load import REJECTED_SCHEMA
-
-FRAME_COLUMNS = ["custom_id", "prompt", "messages", "overrides", "reference", "approx_tokens", "roles", "dedupe_text"]
-
 
 def builtin_expectations(config: ValidationConfig, context_tokens: int | None) -> list[dict]:
     roles = "|".join(re.escape(role) for role in config.allowed_roles)
@@ -94,7 +92,7 @@ class Validator:
         """(requests that pass, rejected rows)."""
         if requests.num_rows == 0:
             return requests, pa.Table.from_pylist([], schema=REJECTED_SCHEMA)
-        frame = requests.select(FRAME_COLUMNS).to_pandas()
+        frame = requests.to_pandas()
         result = self.batches.get_batch(batch_parameters={"dataframe": frame}).validate(
             self.suite, result_format={"result_format": "COMPLETE", "include_unexpected_rows": False}
         )

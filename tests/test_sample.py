@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from flows.batch_inference import SAMPLE_DATASET
+from tasks.config import SAMPLE_DATASET
 from tasks.config import DatasetSpec
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample"

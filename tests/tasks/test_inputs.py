@@ -112,3 +112,34 @@ def test_ids_derived_from_content_are_stable_and_never_collide(tmp_path):
     ids = [r["custom_id"] for r in requests]
     assert ids[0] == ids[2] != ids[1] and ids[0].startswith("row-")
     assert ids == [r["custom_id"] for r in render_all(spec(tmp_path / "x.parquet", id_column=None))[1]]
+
+
+def test_jsonl_columns_named_by_expectations_keep_their_json_types(tmp_path):
+    from tasks.config import ValidationConfig
+
+    source = write_jsonl(tmp_path / "rows.jsonl", [
+        {"id": 1, "prompt": "a", "score": 3, "tags": "x"},
+        {"id": 2, "prompt": "b", "score": 7, "tags": ["y"]},
+    ])  # fmt: skip
+    validation = ValidationConfig(expectations=[
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "score", "max_value": 5}},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "tags"}},
+    ])  # fmt: skip
+    checked = check_dataset(spec(source, validation=validation))
+    renderer = Renderer(checked.spec, "chat")
+    requests, _ = renderer.render(next(iter_batches(checked)))
+    assert requests["score"].to_pylist() == [3, 7]  # a number, not JSON text
+    assert requests["tags"].to_pylist() == ["x", '["y"]']  # mixed types in one field: JSON text
+
+
+def test_a_template_column_an_expectation_names_reaches_the_validator_too(tmp_path):
+    from tasks.config import ValidationConfig
+
+    pq.write_table(pa.table({"id": [1, 2], "topic": ["cats", ""]}), tmp_path / "t.parquet")
+    validation = ValidationConfig(expectations=[
+        {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "topic", "min_value": 1}},
+    ])  # fmt: skip
+    dataset = spec(tmp_path / "t.parquet", prompt_column=None, prompt_template="About {{ topic }}.", validation=validation)
+    checked = check_dataset(dataset)
+    requests, _ = Renderer(checked.spec, "chat").render(next(iter_batches(checked)))
+    assert requests["topic"].to_pylist() == ["cats", ""] and requests["prompt"].to_pylist() == ["About cats.", "About ."]

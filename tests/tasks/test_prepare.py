@@ -49,3 +49,50 @@ def test_an_unchanged_input_is_prepared_once_and_a_changed_file_again(tmp_path, 
     os.utime(source, ns=(1, 1))  # even with an old mtime: size and change time tell it apart
     again = prepare.write_requests.fn(spec, "chat", storage, 1024)
     assert again.input_fingerprint != first.input_fingerprint and again.unique_requests == 3
+
+
+def test_expectations_can_name_the_datasets_own_columns(tmp_path):
+    """A column that is not a request column is read from the dataset, in its own type, for validation only."""
+    import pyarrow.parquet as pq
+
+    from tasks import files, prepare
+    from tasks.config import DatasetSpec, ValidationConfig
+
+    source = tmp_path / "prompts.parquet"
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c", "d"], "prompt": ["one", "two", "three", "four"],
+                  "lang": ["en", "de", "xx", "en"], "quality": [0.9, 0.2, 0.8, 0.7]}),
+        source,
+    )  # fmt: skip
+    validation = ValidationConfig(expectations=[
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "lang", "value_set": ["en", "de"]}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "quality", "min_value": 0.5}},
+        {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "prompt", "max_value": 4}},
+    ])  # fmt: skip
+    spec = DatasetSpec(name="t", source=str(source), id_column="id", prompt_column="prompt", validation=validation)
+    request_set = prepare.write_requests.fn(spec, "chat", str(tmp_path / "storage"), 1024)
+
+    rejected = pa.concat_tables([files.read_parquet(f) for f in request_set.rejected_files]).to_pylist()
+    # c fails lang and the prompt length: its rejected row names the first failed expectation
+    assert sorted((r["custom_id"], r["field"], r["source_row"]) for r in rejected) == [("b", "quality", 1), ("c", "lang", 2)]
+    stored = pa.concat_tables([files.read_parquet(f) for f in request_set.request_files])
+    assert stored["custom_id"].to_pylist() == ["a", "d"]
+    assert "lang" not in stored.column_names and "quality" not in stored.column_names  # not part of the requests
+    assert {row["column"]: row["unexpected"] for row in request_set.validation if row["column"] in ("lang", "quality")} == {
+        "lang": 1, "quality": 1
+    }
+
+
+def test_a_column_an_expectation_names_must_exist(tmp_path):
+    import pyarrow.parquet as pq
+    import pytest
+
+    from tasks import prepare
+    from tasks.config import DatasetSpec, SpecError, ValidationConfig
+
+    source = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["one"]}), source)
+    validation = ValidationConfig(expectations=[{"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "lang"}}])
+    spec = DatasetSpec(name="t", source=str(source), id_column="id", prompt_column="prompt", validation=validation)
+    with pytest.raises(SpecError, match=r"prompts.parquet has no column 'lang' \(columns: id, prompt\)"):
+        prepare.write_requests.fn(spec, "chat", str(tmp_path / "storage"), 1024)
