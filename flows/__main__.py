@@ -65,8 +65,7 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
     if model.engine != "vllm":
         return
     from tasks.engine import model_fingerprint, sampling_hash, start_engine_in_background
-    from tasks.prepare import input_fingerprint
-    from tasks.store import answered_before
+    from tasks.reuse import answered_before, input_fingerprint
 
     try:
         fingerprint = input_fingerprint(dataset, model.mode, model.max_model_len)

@@ -10,7 +10,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,8 +19,9 @@ from pydantic import BaseModel
 from tasks import files
 from tasks.config import DatasetSpec, ShardingConfig, SpecError, StoreConfig
 from tasks.dedupe import ExactDeduper, NearDuplicateIndex
-from tasks.load import check_dataset, filesystem, iter_batches, prefetch, resolve_files
+from tasks.load import check_dataset, iter_batches, prefetch
 from tasks.render import Mode, Renderer, content_hash, template_hash
+from tasks.reuse import answered_keys, input_fingerprint
 from tasks.shard import PREFIX_BUCKET_ROWS, SHARD_COLUMNS, Shard, cut_shards, order_by_prefix, shard_key
 from tasks.validate import Validator
 
@@ -63,17 +63,6 @@ class DatasetVersioner:
 
 # Rows per batch: Python objects exist for one batch at a time, so this bounds the working memory.
 BATCH_ROWS = 32_768
-
-
-def input_fingerprint(dataset: DatasetSpec, mode: Mode, context_tokens: int | None) -> str:
-    """The input as prepared: the spec, the prompt mode and context budget, and each source file's
-    properties (fsspec's ukey: size and mtime on a local disk, the ETag on an object store)."""
-    source_files = resolve_files(dataset.source)
-    keys = {}
-    for file in source_files:
-        fs, path, _ = filesystem(file)
-        keys[file] = fs.ukey(path)
-    return content_hash({"spec": dataset.model_dump(mode="json"), "mode": mode, "context_tokens": context_tokens, "files": keys})
 
 
 def read_request_set(manifest: str) -> RequestSet | None:
@@ -175,20 +164,6 @@ def mark_near_duplicates(request_files: list[str], dataset: DatasetSpec) -> None
 class ShardPlan(BaseModel):
     shards: list[Shard]
     reused_requests: int  # unique requests answered by outputs already in DuckDB (not sent again)
-
-
-def answered_keys(duckdb_path: str, model_fingerprint: str, sampling_hash: str) -> pa.Array | None:
-    """Request keys that already have outputs for this model and sampling (read-only; None on a first run)."""
-    if not Path(duckdb_path).is_file():
-        return None
-    with duckdb.connect(duckdb_path, read_only=True) as con:
-        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'outputs'").fetchall()[0][0]:
-            return None
-        keys = con.sql(
-            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
-            params=[model_fingerprint, sampling_hash],
-        ).to_arrow_table()["request_key"]
-    return keys.combine_chunks() if len(keys) else None
 
 
 def pending_requests(request_set: RequestSet, answered: pa.Array | None) -> Iterator[pa.Table]:

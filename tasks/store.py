@@ -408,25 +408,6 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return max(applied_versions(con), default=0)
 
 
-def answered_before(duckdb_path: str, input_fingerprint: str, model_fingerprint: str, sampling_hash: str) -> bool:
-    """Whether a committed run already answered this very input with this model and sampling.
-
-    Read-only and best effort: a file that is missing, older or busy answers False.
-    """
-    if not Path(duckdb_path).is_file():
-        return False
-    try:
-        with duckdb.connect(duckdb_path, read_only=True) as con:
-            if 6 not in applied_versions(con):
-                return False
-            found = con.execute(
-                "SELECT count(*) FROM runs WHERE input_fingerprint = ? AND model_fingerprint = ? AND sampling_hash = ?",
-                [input_fingerprint, model_fingerprint, sampling_hash],
-            ).fetchone()
-    except duckdb.Error:
-        return False
-    return found[0] > 0
-
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply the pending migrations, each in its own transaction; refuse a file from a newer version."""
