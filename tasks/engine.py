@@ -207,7 +207,7 @@ class EngineLoop:
 
     def submit(self, submission: Submission) -> Submission:
         with self.room:
-            self.room.wait_for(lambda: self.stopped or self.queued < self.admit_below or self.queued == 0)
+            self.room.wait_for(lambda: self.stopped or self.queued < self.admit_below)
             if self.stopped:
                 raise EngineRestarted("the engine was closed while this shard waited")
             self.queued += len(submission.pending)

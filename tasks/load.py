@@ -76,12 +76,17 @@ def request_columns(spec: DatasetSpec) -> list[str]:
     return list(dict.fromkeys([*(c for c in optional if c), *text_columns]))
 
 
-def expectation_columns(spec: DatasetSpec) -> list[str]:
-    """The other columns the spec's expectations name: read for validation only, in their own types."""
+def validated_columns(spec: DatasetSpec) -> list[str]:
+    """The dataset's own columns the spec's expectations name: they go to the validator beside the requests."""
     if spec.format == "openai_batch":
         return []  # its lines hold requests only: expectations name request columns
+    return spec.validation.source_columns()
+
+
+def expectation_columns(spec: DatasetSpec) -> list[str]:
+    """Those of them the requests do not need: read for validation only, in their own types."""
     requests = request_columns(spec)
-    return [c for c in spec.validation.source_columns() if c not in requests]
+    return [c for c in validated_columns(spec) if c not in requests]
 
 
 # ---------------------------------------------------------------- files and formats
@@ -329,8 +334,7 @@ def jsonl_columns(spec: DatasetSpec, fmt: str) -> list[str]:
 
 
 def iter_jsonl_batches(spec: DatasetSpec, files: list[str], fmt: str, batch_size: int) -> Iterator[SourceBatch]:
-    columns, needed = jsonl_columns(spec, fmt), needed_columns(spec)
-    raw_columns = [] if fmt == "openai_batch" else expectation_columns(spec)
+    columns, needed, raw_columns = jsonl_columns(spec, fmt), needed_columns(spec), expectation_columns(spec)
     for file in files:
         fs, path, _ = filesystem(file)
         rows: list[dict] = []

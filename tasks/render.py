@@ -11,7 +11,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from tasks.config import DatasetSpec, SamplingOverrides, describe_errors
-from tasks.load import REJECTED_SCHEMA, SourceBatch
+from tasks.load import REJECTED_SCHEMA, SourceBatch, validated_columns
 
 Mode = Literal["chat", "completion"]
 
@@ -127,8 +127,7 @@ class Renderer:
         self.id_field = "custom_id" if self.openai else spec.id_column
         self.prompt_field = "prompt" if self.openai else (spec.prompt_column or "prompt_template")
         self.messages_field = "messages" if self.openai else spec.messages_column
-        # The dataset's columns the expectations name: passed through for validation, then dropped.
-        self.source_columns = [] if self.openai else spec.validation.source_columns()
+        self.source_columns = validated_columns(spec)  # passed through for validation, then dropped
 
     def prompt_of(self, row: dict) -> str | None:
         if self.template is not None:
