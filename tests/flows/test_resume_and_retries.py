@@ -106,8 +106,12 @@ def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness
     assert 2 <= finished_before_kill - 1 <= summary.cached_shards <= finished_before_kill
     assert summary.cached_shards < summary.shards
     cached_requests = summary.unique_requests - summary.engine_requests
-    assert cached_requests == 40 * summary.cached_shards  # ... and only the rest reached the engine
     with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        # ... and only the rest reached the engine. Shards finish out of order in the engine loop, so
+        # the last one (smaller than 40) can be among the cached: count their real sizes.
+        assert con.execute(
+            "SELECT count(*), sum(requests) FROM run_shards WHERE run_id = ? AND cached", [summary.run_id]
+        ).fetchone() == (summary.cached_shards, cached_requests)
         assert con.execute("SELECT count(*), count(DISTINCT request_key) FROM outputs").fetchone() == (
             summary.unique_requests,
             summary.unique_requests,
