@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import duckdb
 import fsspec
 import jinja2
 import jinja2.meta
@@ -235,20 +236,35 @@ def check_schema(spec: DatasetSpec, file: str, schema: pa.Schema) -> None:
 
 def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_size: int) -> Iterator[SourceBatch]:
     columns = needed_columns(spec)
-    for source in sources:
-        physical = [c for c in columns if c not in source.partitions]
-        first_row = 0
-        try:
-            for batch in source.fragment.to_batches(columns=physical, batch_size=batch_size, use_threads=False):
-                for name in columns:
-                    if name in source.partitions:
-                        batch = batch.append_column(name, pa.array([source.partitions[name]] * batch.num_rows))
-                yield SourceBatch(source.file, first_row, batch.select(columns))
-                first_row += batch.num_rows
-        except (pa.ArrowInvalid, OSError) as error:
-            raise SpecError(
-                f"dataset file {source.file}: damaged Parquet data after row {first_row} ({error})"
-            ) from error
+    # DuckDB decodes Parquet (Snappy above all) in about half the CPU time Arrow takes here; one
+    # thread, because the pipeline's work on the previous batch runs on the other core meanwhile.
+    with duckdb.connect(config={"threads": 1}) as reader:
+        for source in sources:
+            physical = [c for c in columns if c not in source.partitions]
+            first_row = 0
+            try:
+                for batch in parquet_batches(reader, source.file, physical, batch_size):
+                    for name in columns:
+                        if name in source.partitions:
+                            batch = batch.append_column(name, pa.array([source.partitions[name]] * batch.num_rows))
+                    yield SourceBatch(source.file, first_row, batch.select(columns))
+                    first_row += batch.num_rows
+            except (duckdb.Error, pa.ArrowInvalid, OSError) as error:
+                raise SpecError(
+                    f"dataset file {source.file}: damaged Parquet data after row {first_row} ({error})"
+                ) from error
+
+
+def parquet_batches(reader: duckdb.DuckDBPyConnection, file: str, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The file's columns, in file order, in batches of at most batch_size rows."""
+    fs, path, prefix = filesystem(file)
+    if prefix:  # a URL: DuckDB reads it through the same fsspec filesystem
+        reader.register_filesystem(fs)
+        path = file
+    select = ", ".join('"' + c.replace('"', '""') + '"' for c in columns) or "NULL AS no_columns"
+    query = f"SELECT {select} FROM read_parquet(?, hive_partitioning = false)"  # partitions come from the dataset
+    for batch in reader.sql(query, params=[path]).to_arrow_reader(batch_size):
+        yield batch.select(columns)
 
 
 # ---------------------------------------------------------------- JSONL and OpenAI batch input

@@ -1,3 +1,6 @@
+import random
+from pathlib import Path
+
 import pyarrow as pa
 
 from tasks.config import DedupeConfig
@@ -72,10 +75,9 @@ def test_shingles_cover_short_texts_and_respect_text_boundaries():
 
 
 def test_fold_matches_python_nfkc_and_whitespace_split_on_every_unicode_space():
-    import random
     import unicodedata
 
-    from tasks.dedupe import fold, needs_folding
+    from tasks.kernels import fold, suspect_rows
 
     spaces = [chr(c) for c in range(0x3100) if any(x.isspace() for x in unicodedata.normalize("NFKC", chr(c)))]
     alphabet = spaces + list("ab  ｃé\u0301ﬁ") + ["\x00", "\x7f"]
@@ -83,23 +85,56 @@ def test_fold_matches_python_nfkc_and_whitespace_split_on_every_unicode_space():
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))) for _ in range(20_000)]
     expected = [" ".join(unicodedata.normalize("NFKC", text).split()) for text in texts]
     assert fold(pa.array(texts)).to_pylist() == expected
-    ascii_texts = pa.array(["".join(rng.choice("ab  \t") for _ in range(rng.randint(0, 9))) for _ in range(20_000)]).slice(3)
-    flagged = set(needs_folding(ascii_texts).tolist())
-    changed = {row for row, text in enumerate(ascii_texts.to_pylist()) if " ".join(text.split()) != text}
-    assert changed <= flagged
+    assert fold(pa.array([" a \u2028 b ", None, "\u3000"]).slice(0)).to_pylist() == ["a b", None, ""]
+    # Lengths across 8-byte words, a sliced array, both offset widths: exactly the rows with a byte
+    # below 0x20 or from 0x80, two spaces in a row, or a space at an end are suspects.
+    mixed = pa.array(["".join(rng.choice("ab  \t\x1f~é") for _ in range(rng.randint(0, 40))) for _ in range(20_000)]).slice(3)
+    for texts in (mixed, mixed.cast(pa.large_string())):
+        expected = [
+            row
+            for row, text in enumerate(texts.to_pylist())
+            if any(ord(c) < 32 or ord(c) > 127 for c in text) or "  " in text or text[:1] == " " or text[-1:] == " "
+        ]
+        assert suspect_rows(texts).tolist() == expected
 
 
-def test_key_index_grows_and_keeps_the_first_value_of_each_key():
+def test_text_hashes_are_xxh64_under_two_seeds_for_every_length_and_offset():
+    import xxhash
+
+    from tasks.kernels import CHECK_SEED, text_hashes
+
+    rng = random.Random(2)
+    texts = ["".join(rng.choice("abcdé€😀 ") for _ in range(length)) for length in range(0, 100) for _ in range(3)]
+    for array in (pa.array(texts).slice(1), pa.array(texts, pa.large_string()), pa.array(["tiny"])):
+        hashes, checks = text_hashes(array)
+        strings = [text.encode() for text in array.to_pylist()]
+        assert hashes.tolist() == [xxhash.xxh64_intdigest(text) for text in strings]
+        assert checks.tolist() == [xxhash.xxh64_intdigest(text, CHECK_SEED) for text in strings]
+
+
+def test_hash_index_grows_and_keeps_the_first_value_of_each_key():
     import numpy as np
 
-    from tasks.dedupe import KeyIndex
+    from tasks.kernels import HashIndex
 
-    index = KeyIndex(capacity=16)
-    keys = np.random.default_rng(0).integers(0, 2**63, 5_000, dtype=np.uint64)
-    keys[:2] = [1, 17]  # the same slot in a table of 16
-    keys = np.unique(keys)
-    found = index.setdefault(keys[: len(keys) // 2], np.arange(len(keys) // 2))
-    assert (found == -1).all()
-    again = index.setdefault(keys, np.arange(len(keys)) + 10_000)
-    assert (again[: len(keys) // 2] == np.arange(len(keys) // 2)).all() and (again[len(keys) // 2 :] == -1).all()
-    assert (index.get(keys) >= 0).all() and index.get(np.array([12345], np.uint64))[0] == -1
+    index = HashIndex()
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 100_000, dtype=np.uint64)
+    hashes[:3] = [1, 1 + 2**16, 1]  # the same slot in the first table; the third is the first's hash with another check
+    checks = rng.integers(0, 2**63, len(hashes), dtype=np.uint64)
+    half = len(hashes) // 2
+    first = index.setdefault(hashes[:half], checks[:half], np.arange(half))
+    assert (first == np.arange(half)).all()  # every key new, including the one whose hash alone repeats
+    again = index.setdefault(hashes, checks, np.arange(len(hashes)) + 10**6)  # grows past the first table
+    assert (again[:half] == np.arange(half)).all() and (again[half:] == np.arange(half, len(hashes)) + 10**6).all()
+    repeated = index.setdefault(hashes[[5, 5]], checks[[5, 5]], np.array([7, 8]))
+    assert repeated.tolist() == [5, 5] and index.size == len(hashes)
+
+
+def test_importing_the_flows_loads_no_numba():
+    """vLLM's spawned CPU worker imports a flow script again and fails to start beside numba (see tasks/dedupe.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flows.batch_inference; assert 'numba' not in sys.modules, 'numba was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
