@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 VOCABULARY = np.array([f"w{i:05d}" for i in range(50_000)])
 
 
-def prompts_parquet(path: Path, rows: int, duplicate_share: float = 0.1, seed: int = 0) -> Path:
-    """`rows` prompts of ~30 words, a share of them repeated with different case and spacing."""
+def prompts_parquet(path: Path, rows: int, duplicate_share: float = 0.1, seed: int = 0, lines: int = 1) -> Path:
+    """`rows` prompts of ~30 words in `lines` lines, a share of them repeated with different case and spacing."""
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
@@ -20,7 +20,7 @@ def prompts_parquet(path: Path, rows: int, duplicate_share: float = 0.1, seed: i
     for start in range(0, rows, 100_000):
         n = min(100_000, rows - start)
         words = VOCABULARY[rng.integers(0, len(VOCABULARY), size=(n, 30))]
-        texts = [" ".join(row) for row in words]
+        texts = ["\n".join(" ".join(line) for line in np.array_split(row, lines)) for row in words]
         for i in np.flatnonzero(rng.random(n) < duplicate_share):
             source = texts[rng.integers(0, max(i, 1))]
             texts[i] = "  " + source.upper() if rng.random() < 0.5 else source.replace(" ", "\n", 3)

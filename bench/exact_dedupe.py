@@ -1,6 +1,6 @@
 """Exact dedupe with normalization vs pandas without it, on the same 1M-row Parquet file.
 
-    python bench/exact_dedupe.py [--rows 1000000]
+    python bench/exact_dedupe.py [--rows 1000000] [--lines 3]
 
 Ours: stream the file with the pipeline's reader (read ahead in a thread, batches of BATCH_ROWS), normalize (NFKC, whitespace folded), hash, mark the
 first of each content canonical and the others duplicate_of it, and reject repeated ids.
@@ -61,9 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--lines", type=int, default=1, help="lines per prompt: with 2 or more every row needs folding")
     parser.add_argument("--data", default=str(ROOT / ".cache" / "bench"))
     args = parser.parse_args()
-    path = prompts_parquet(Path(args.data) / f"prompts-{args.rows}.parquet", args.rows)
+    name = f"prompts-{args.rows}.parquet" if args.lines == 1 else f"prompts-{args.rows}-{args.lines}-lines.parquet"
+    path = prompts_parquet(Path(args.data) / name, args.rows, lines=args.lines)
 
     pandas_duplicates, our_duplicates = with_pandas(path), ours(path)  # also warms both up
     times = alternating(args.rounds, path)

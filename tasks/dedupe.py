@@ -54,8 +54,11 @@ class ExactDeduper:
 
         if self.config.normalize and self.config.case_fold:
             texts = pc.utf8_lower(texts)
+        suspects = suspect_rows(texts) if self.config.normalize else []
+        if len(suspects) == len(texts) > 0:  # multi-line prompts, say
+            return text_hashes(fold(texts))
         hashes, checks = text_hashes(texts)
-        if self.config.normalize and len(suspects := suspect_rows(texts)):
+        if len(suspects):
             hashes[suspects], checks[suspects] = text_hashes(fold(texts.take(pa.array(suspects))))
         return hashes, checks
 

@@ -32,6 +32,7 @@ def string_buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         texts = texts.cast(pa.large_string())
     offsets_type = np.int64 if pa.types.is_large_string(texts.type) else np.int32
     offsets = np.frombuffer(texts.buffers()[1], offsets_type)[texts.offset : texts.offset + len(texts) + 1]
+    offsets = offsets.astype(np.int64)  # one type: each loop compiles once (~1 s per type on first use)
     buffer = texts.buffers()[2]
     if buffer is None or buffer.size == 0:
         return offsets, np.zeros(8, np.uint8), np.zeros(1, np.uint64)
@@ -177,8 +178,10 @@ def whitespace_width(data, at, end):
     """Bytes of the whitespace character at `at` (0: none): Python's str.isspace() set after NFKC,
     which maps the other Unicode spaces to U+0020."""
     byte = data[at]
-    if 9 <= byte <= 13 or 28 <= byte <= 32:
-        return 1
+    if 32 < byte < 0xC2:  # most bytes: printable ASCII (or inside a character), tested first
+        return 0
+    if byte <= 32:
+        return 1 if 9 <= byte <= 13 or 28 <= byte else 0
     if byte == 0xC2 and at + 1 < end and data[at + 1] == 0x85:  # U+0085
         return 2
     if byte == 0xE1 and at + 2 < end and data[at + 1] == 0x9A and data[at + 2] == 0x80:  # U+1680
