@@ -250,6 +250,11 @@ def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_
                     yield SourceBatch(source.file, first_row, batch.select(columns))
                     first_row += batch.num_rows
             except (duckdb.Error, pa.ArrowInvalid, OSError) as error:
+                if "Invalid string encoding" in str(error):
+                    raise SpecError(
+                        f"dataset file {source.file}: a text column holds invalid UTF-8 after row {first_row} ({error}); "
+                        "store that column as binary to have such rows rejected one by one"
+                    ) from error
                 raise SpecError(
                     f"dataset file {source.file}: damaged Parquet data after row {first_row} ({error})"
                 ) from error

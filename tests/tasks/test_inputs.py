@@ -143,3 +143,12 @@ def test_a_template_column_an_expectation_names_reaches_the_validator_too(tmp_pa
     checked = check_dataset(dataset)
     requests, _ = Renderer(checked.spec, "chat").render(next(iter_batches(checked)))
     assert requests["topic"].to_pylist() == ["cats", ""] and requests["prompt"].to_pylist() == ["About cats.", "About ."]
+
+
+def test_invalid_utf8_in_a_text_typed_column_is_a_clear_error_naming_the_file(tmp_path):
+    # Binary columns get a rejected row per bad value (tests/flows/test_bad_input.py); a column typed
+    # as text that holds invalid bytes cannot be read as text at all.
+    prompts = pa.array([b"fine", b"caf\xc3", b"ok"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": prompts}), tmp_path / "bad.parquet")
+    with pytest.raises(SpecError, match=r"bad\.parquet: a text column holds invalid UTF-8 after row 0 .*caf"):
+        render_all(spec(tmp_path / "bad.parquet"))
