@@ -239,6 +239,9 @@ def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_
     # DuckDB decodes Parquet (Snappy above all) in about half the CPU time Arrow takes here; one
     # thread, because the pipeline's work on the previous batch runs on the other core meanwhile.
     with duckdb.connect(config={"threads": 1}) as reader:
+        fs, _, prefix = filesystem(sources[0].file)
+        if prefix:  # URLs: DuckDB reads them through the dataset's fsspec filesystem (one per dataset)
+            reader.register_filesystem(fs)
         for source in sources:
             physical = [c for c in columns if c not in source.partitions]
             first_row = 0
@@ -262,13 +265,10 @@ def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_
 
 def parquet_batches(reader: duckdb.DuckDBPyConnection, file: str, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
     """The file's columns, in file order, in batches of at most batch_size rows."""
-    fs, path, prefix = filesystem(file)
-    if prefix:  # a URL: DuckDB reads it through the same fsspec filesystem
-        reader.register_filesystem(fs)
-        path = file
+    _, path, prefix = filesystem(file)
     select = ", ".join('"' + c.replace('"', '""') + '"' for c in columns) or "NULL AS no_columns"
     query = f"SELECT {select} FROM read_parquet(?, hive_partitioning = false)"  # partitions come from the dataset
-    for batch in reader.sql(query, params=[path]).to_arrow_reader(batch_size):
+    for batch in reader.sql(query, params=[file if prefix else path]).to_arrow_reader(batch_size):
         yield batch.select(columns)
 
 

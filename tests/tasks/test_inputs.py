@@ -51,11 +51,12 @@ def test_fsspec_urls_read_like_local_paths(tmp_path):
     assert requests[0]["custom_id"] == "1"
 
     memory = fsspec.filesystem("memory")
-    with memory.open("/bucket/data/part-0.parquet", "wb") as handle:
-        pq.write_table(pa.table({"id": ["m1", "m2"], "prompt": ["in memory", "too"]}), handle)
+    for part, ids in enumerate((["m1", "m2"], ["m3"])):  # several files behind one URL
+        with memory.open(f"/bucket/data/part-{part}.parquet", "wb") as handle:
+            pq.write_table(pa.table({"id": ids, "prompt": [f"in memory {i}" for i in ids]}), handle)
     _, requests, _ = render_all(spec("memory://bucket/data/*.parquet"))
-    assert [r["custom_id"] for r in requests] == ["m1", "m2"]
-    assert requests[0]["source_file"] == "memory:///bucket/data/part-0.parquet"
+    assert [r["custom_id"] for r in requests] == ["m1", "m2", "m3"]
+    assert [r["source_file"] for r in requests] == ["memory:///bucket/data/part-0.parquet"] * 2 + ["memory:///bucket/data/part-1.parquet"]
 
 
 def test_jsonl_with_messages_overrides_and_reference(tmp_path):
