@@ -408,7 +408,6 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return max(applied_versions(con), default=0)
 
 
-
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply the pending migrations, each in its own transaction; refuse a file from a newer version."""
     applied = applied_versions(con)
