@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # No network here but the package registries: no telemetry attempts.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install tiny-model demo test test-quick sample blocks cluster label-studio clean
+.PHONY: install tiny-model demo test test-quick lint sample blocks cluster label-studio clean
 
 install: $(VENV)/.installed
 
@@ -23,23 +23,28 @@ tiny-model: install
 	$(BIN)/python scripts/build_tiny_model.py
 
 demo: tiny-model
-	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/python -m flows
+	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
-test: tiny-model
+# Lint and format check first (seconds), then every test.
+test: tiny-model lint
 	$(BIN)/python -m pytest
 
-test-quick: tiny-model
+test-quick: tiny-model lint
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Register the block types with the Prefect server of PREFECT_API_URL and save the default blocks
 # that prefect.yaml's deployments name (`tiny-cpu`, `local-results`).
 blocks: tiny-model
 	$(BIN)/prefect block register -m blocks
-	$(BIN)/python scripts/bring_up.py blocks
+	$(BIN)/vbf cluster --blocks-only
 
 # The whole system on this machine: server, pools gpu and cpu, workers, blocks, deployments (Ctrl-C stops it).
 cluster: tiny-model
-	$(BIN)/python scripts/bring_up.py up
+	$(BIN)/vbf cluster
 
 sample: install
 	$(BIN)/python datasets/sample/make_sample.py

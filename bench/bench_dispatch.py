@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_dispatch.py [--rows 2400] [--shard-size 256] [--workers 2] [--max-tokens 16]
 
-Brings up scripts/bring_up.py's cluster (server, pools, two gpu workers), runs `batch-inference/sample`
+Brings up the local cluster of `vbf cluster` (tasks/cluster.py: server, pools, two gpu workers), runs `batch-inference/sample`
 once per mode on fresh result stores, and prints each run's wall time (deployment run to Completed,
 engine start included), the flow's own wall seconds from DuckDB, and the ratio workers / local.
 """
@@ -10,9 +10,6 @@ engine start included), the flow's own wall seconds from DuckDB, and the ratio w
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,13 +19,9 @@ import duckdb
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def load_bring_up():
-    spec = importlib.util.spec_from_file_location("bring_up", REPO / "scripts" / "bring_up.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tasks.cluster import LocalCluster  # noqa: E402
 
 
 def main() -> None:
@@ -39,27 +32,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
 
-    bring_up = load_bring_up()
     tmp = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
     data = tmp / "data.parquet"
     pq.write_table(pq.read_table(REPO / "datasets" / "sample" / "prompts.parquet").slice(0, args.rows), data)
     dataset = {"name": "bench", "source": str(data), "id_column": "id", "prompt_column": "prompt"}
     rows = {}
-    with bring_up.LocalCluster(tmp / "prefect", results=tmp / "results", gpu_workers=args.workers, cpu_workers=0) as cluster:
+    with LocalCluster(tmp / "prefect", results=tmp / "results", gpu_workers=args.workers, cpu_workers=0) as cluster:
         for mode in ("local", "workers"):
             store = {"duckdb_path": str(tmp / f"{mode}.duckdb"), "storage": str(tmp / f"{mode}-storage")}
             params = {
-                "dataset": dataset, "store": store, "dispatch": mode, "n_workers": args.workers,
-                "sampling": {"max_tokens": args.max_tokens}, "sharding": {"shard_size": args.shard_size, "gpu_limit": "gpu"},
-            }  # fmt: skip
+                "dataset": dataset,
+                "store": store,
+                "dispatch": mode,
+                "n_workers": args.workers,
+                "sampling": {"max_tokens": args.max_tokens},
+                "sharding": {"shard_size": args.shard_size, "gpu_limit": "gpu"},
+            }
             started = time.perf_counter()
-            run = subprocess.run(
-                [cluster.prefect, "deployment", "run", "batch-inference/sample", "--params", json.dumps(params), "--watch"],
-                cwd=REPO, env=cluster.env, capture_output=True, text=True,
-            )  # fmt: skip
+            run = cluster.run_deployment("batch-inference/sample", params)
             seconds = time.perf_counter() - started
-            if run.returncode:
-                sys.exit(f"{mode} run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+            if not run.state.is_completed():
+                sys.exit(f"{mode} run ended {run.state.name}; logs in {cluster.home / 'logs'}")
             with duckdb.connect(store["duckdb_path"], read_only=True) as con:
                 flow_seconds, shards, outputs, tokens = con.execute(
                     "SELECT wall_seconds, shards, outputs, generated_tokens FROM runs"

@@ -2,7 +2,7 @@
 
 1. The pipeline vs bare `vllm.LLM.generate` on the same prompts and engine arguments:
    throughput ratio (target >= 0.95), end to end and for the generate phase alone.
-2. The whole pipeline process vs vLLM's own batch runner (`python -m vllm.entrypoints.openai.run_batch`)
+2. The whole pipeline process (`vbf run`) vs vLLM's own batch runner (`python -m vllm.entrypoints.openai.run_batch`)
    on the same chat requests written as an OpenAI batch file: ratio of whole-process wall times (target <= 1.0).
 3. The cached re-run's wall time as a fraction of the first run's (target <= 0.03).
 4. Where the pipeline's time goes (prepare, shard, engine start, generate, score, commit).
@@ -105,24 +105,59 @@ def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: 
     (folder / "bare.py").write_text(BARE)
     bare_json = folder / f"bare-{round_index}.json"
     bare_wall = timed(
-        [python, str(folder / "bare.py"), str(parquet), str(max_tokens), json.dumps(ENGINE_ARGS), SYSTEM, str(bare_json), str(MODEL)],
+        [
+            python,
+            str(folder / "bare.py"),
+            str(parquet),
+            str(max_tokens),
+            json.dumps(ENGINE_ARGS),
+            SYSTEM,
+            str(bare_json),
+            str(MODEL),
+        ],
         env,
     )
     run_dir = folder / f"run-{round_index}"
     pipeline = [
-        python, "-m", "flows", "--spec", str(spec), "--model", str(MODEL), "--max-tokens", str(max_tokens),
-        "--duckdb", str(run_dir / "results.duckdb"), "--storage", str(run_dir / "storage"),
-    ]  # fmt: skip
+        str(Path(python).parent / "vbf"),
+        "run",
+        "--spec",
+        str(spec),
+        "--model",
+        str(MODEL),
+        "--max-model-len",
+        str(ENGINE_ARGS["max_model_len"]),
+        "--gpu-memory-utilization",
+        str(ENGINE_ARGS["gpu_memory_utilization"]),
+        "--max-tokens",
+        str(max_tokens),
+        "--duckdb",
+        str(run_dir / "results.duckdb"),
+        "--storage",
+        str(run_dir / "storage"),
+    ]
     first_wall = timed([*pipeline, "--summary-json", str(run_dir / "first.json")], env)
     cached_wall = timed([*pipeline, "--summary-json", str(run_dir / "cached.json")], env)
     run_batch_wall = timed(
         [
-            python, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(folder / f"out-{round_index}.jsonl"),
-            "--model", str(MODEL), "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
-            "--gpu-memory-utilization", str(ENGINE_ARGS["gpu_memory_utilization"]), "--seed", "0",
+            python,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(batch),
+            "-o",
+            str(folder / f"out-{round_index}.jsonl"),
+            "--model",
+            str(MODEL),
+            "--max-model-len",
+            str(ENGINE_ARGS["max_model_len"]),
+            "--gpu-memory-utilization",
+            str(ENGINE_ARGS["gpu_memory_utilization"]),
+            "--seed",
+            "0",
         ],
         env,
-    )  # fmt: skip
+    )
     bare = json.loads(bare_json.read_text())
     first = json.loads((run_dir / "first.json").read_text())
     cached = json.loads((run_dir / "cached.json").read_text())
@@ -160,8 +195,11 @@ def main() -> None:
         for i in range(args.rounds):
             rounds.append(one_round(folder, *inputs, args.max_tokens, i))
             r = rounds[-1]
-            print(f"round {i + 1}: bare {r['bare_wall']:.1f} s, pipeline {r['pipeline_wall']:.1f} s, "
-                  f"cached {r['cached_wall']:.1f} s, run_batch {r['run_batch_wall']:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"round {i + 1}: bare {r['bare_wall']:.1f} s, pipeline {r['pipeline_wall']:.1f} s, "
+                f"cached {r['cached_wall']:.1f} s, run_batch {r['run_batch_wall']:.1f} s",
+                flush=True,
+            )
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
@@ -170,17 +208,25 @@ def main() -> None:
         return statistics.median(r[numerator] / r[denominator] for r in rounds)
 
     tokens = rounds[0]["completion_tokens"]
-    print(f"{args.requests} unique chat requests x max {args.max_tokens} tokens ({tokens} completion tokens), "
-          f"tiny model on CPU, {rounds[0]['shards']} shards, {args.rounds} round(s), medians")  # fmt: skip
-    print(f"  bare LLM.generate     process {median('bare_wall'):7.1f} s  (engine start {median('bare_engine_start'):.1f} s, generate {median('bare_generate'):.1f} s)")
-    print(f"  pipeline, first run   process {median('pipeline_wall'):7.1f} s  (flow {median('pipeline_flow_wall'):.1f} s, generate {median('pipeline_generate'):.1f} s)")
+    print(
+        f"{args.requests} unique chat requests x max {args.max_tokens} tokens ({tokens} completion tokens), "
+        f"tiny model on CPU, {rounds[0]['shards']} shards, {args.rounds} round(s), medians"
+    )
+    print(
+        f"  bare LLM.generate     process {median('bare_wall'):7.1f} s  (engine start {median('bare_engine_start'):.1f} s, generate {median('bare_generate'):.1f} s)"
+    )
+    print(
+        f"  pipeline, first run   process {median('pipeline_wall'):7.1f} s  (flow {median('pipeline_flow_wall'):.1f} s, generate {median('pipeline_generate'):.1f} s)"
+    )
     print(f"  pipeline, cached      process {median('cached_wall'):7.1f} s  (flow {median('cached_flow_wall'):.2f} s)")
     print(f"  vLLM run_batch        process {median('run_batch_wall'):7.1f} s")
     print("ratios")
     print(f"  throughput pipeline / bare, whole process    {ratio('bare_wall', 'pipeline_wall'):.3f}   (target >= 0.95)")
     print(f"  throughput pipeline / bare, generate phase   {ratio('bare_generate', 'pipeline_generate'):.3f}")
     print(f"  wall pipeline / run_batch, whole process     {ratio('pipeline_wall', 'run_batch_wall'):.3f}   (target <= 1.0)")
-    print(f"  cached re-run / first run, flow wall         {ratio('cached_flow_wall', 'pipeline_flow_wall'):.4f}  (target <= 0.03)")
+    print(
+        f"  cached re-run / first run, flow wall         {ratio('cached_flow_wall', 'pipeline_flow_wall'):.4f}  (target <= 0.03)"
+    )
     print(f"  cached re-run / first run, whole process     {ratio('cached_wall', 'pipeline_wall'):.3f}")
     stages = rounds[len(rounds) // 2]["stages"]
     print("where the pipeline's flow time goes (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))

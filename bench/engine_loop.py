@@ -22,17 +22,21 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import engine as engine_module  # noqa: E402
 from tasks.config import ModelConfig, SamplingConfig  # noqa: E402
-from tasks.engine import vllm_sampling_params  # noqa: E402
-from tasks.render import content_hash, request_content  # noqa: E402
+from tasks.engines import vllm as engine_module  # noqa: E402
+from tasks.engines.vllm import SharedVllmEngine, vllm_sampling_params  # noqa: E402
+from tasks.keys import content_hash  # noqa: E402
+from tasks.prepare.render import request_content  # noqa: E402
 
 
 def shards_of(count: int, size: int) -> list[pa.Table]:
     rng = random.Random(0)
     tables = []
     for s in range(count):
-        prompts = [f"Question {s}-{i}: name {rng.randint(2, 9)} things that are {rng.choice(['red', 'round', 'loud'])}." for i in range(size)]
+        prompts = [
+            f"Question {s}-{i}: name {rng.randint(2, 9)} things that are {rng.choice(['red', 'round', 'loud'])}."
+            for i in range(size)
+        ]
         contents = [request_content(p, "Be brief.", "chat") for p in prompts]
         tables.append(
             pa.table(
@@ -61,7 +65,7 @@ def engine_loop(model: ModelConfig, shards: list[pa.Table], sampling: SamplingCo
     """The pipeline: shard threads hand their requests to the engine loop (tokenizing in their own thread)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda shard: engine_module.generate_with_engine(model, shard, sampling, "bench"), shards))
+        list(pool.map(lambda shard: SharedVllmEngine(model).generate(shard, sampling, "bench"), shards))
     return time.perf_counter() - started
 
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.datagen import prompts_parquet  # noqa: E402
 from tasks.config import DatasetSpec, DedupeConfig  # noqa: E402
-from tasks.dedupe import ExactDeduper  # noqa: E402
-from tasks.load import check_dataset, iter_batches, prefetch  # noqa: E402
-from tasks.prepare import BATCH_ROWS  # noqa: E402
+from tasks.prepare.dataset import check_dataset, iter_batches, prefetch  # noqa: E402
+from tasks.prepare.dedupe import ExactDeduper  # noqa: E402
+from tasks.prepare.requests import BATCH_ROWS  # noqa: E402
 
 
 def ours(path: Path) -> int:
@@ -71,9 +71,16 @@ def main() -> None:
     times = alternating(args.rounds, path)
     pandas_median, our_median = statistics.median(times["pandas"]), statistics.median(times["ours"])
     print(f"{args.rows:,} rows from {path.name}, {args.rounds} alternating rounds: median (min)")
-    print(f"  pandas read_parquet + drop_duplicates (raw text)   {pandas_median:6.2f} s ({min(times['pandas']):.2f})   {pandas_duplicates:,} duplicates")
-    print(f"  ours, normalized (NFKC, whitespace, ids checked)   {our_median:6.2f} s ({min(times['ours']):.2f})   {our_duplicates:,} duplicates")
-    print(f"  ratio ours / pandas, medians = {our_median / pandas_median:.2f} (target ≤ 1.0); of the minimums {min(times['ours']) / min(times['pandas']):.2f}")
+    print(
+        f"  pandas read_parquet + drop_duplicates (raw text)   {pandas_median:6.2f} s ({min(times['pandas']):.2f})   {pandas_duplicates:,} duplicates"
+    )
+    print(
+        f"  ours, normalized (NFKC, whitespace, ids checked)   {our_median:6.2f} s ({min(times['ours']):.2f})   {our_duplicates:,} duplicates"
+    )
+    print(
+        f"  ratio ours / pandas, medians = {our_median / pandas_median:.2f} (target ≤ 1.0); of the minimums {min(times['ours']) / min(times['pandas']):.2f}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -24,21 +24,24 @@ sys.path.insert(0, str(ROOT))
 
 def prepare(rows: int, data_dir: Path, near: bool) -> dict:
     from bench.datagen import prompts_parquet
-    from tasks.config import DatasetSpec, DedupeConfig, ShardingConfig, StoreConfig
-    from tasks.prepare import write_requests, write_shards
+    from tasks.config import DatasetSpec, DedupeConfig, ShardingConfig
+    from tasks.prepare.requests import plan_shards, prepare_requests
 
     source = prompts_parquet(data_dir / f"prompts-{rows}.parquet", rows)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     dataset = DatasetSpec(
-        name=f"bench-{rows}", source=str(source), id_column="id", prompt_column="prompt",
-        system_prompt="You are terse.", dedupe=DedupeConfig(near_duplicates=near),
-    )  # fmt: skip
+        name=f"bench-{rows}",
+        source=str(source),
+        id_column="id",
+        prompt_column="prompt",
+        system_prompt="You are terse.",
+        dedupe=DedupeConfig(near_duplicates=near),
+    )
     with tempfile.TemporaryDirectory() as work:
-        request_set = write_requests.fn(dataset, "chat", f"{work}/work", 4096)
-        store = StoreConfig(duckdb_path=f"{work}/none.duckdb", storage=f"{work}/storage")
+        request_set = prepare_requests(dataset, "chat", f"{work}/work", 4096)
         sharding = ShardingConfig(shard_size=2048, max_shard_tokens=200_000)
-        plan = write_shards.fn(request_set, sharding, store, "fp", "sh", f"{work}/work")
+        plan = plan_shards(request_set, sharding, f"{work}/storage", None, f"{work}/work")
     return {
         "rows": rows,
         "seconds": time.perf_counter() - started,
@@ -68,7 +71,9 @@ def main() -> None:
         results.append(json.loads(output))
     print(f"{'rows':>10} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} {'unique':>9} {'shards':>7}")
     for r in results:
-        print(f"{r['rows']:>10,} {r['peak_mb']:>12.0f} {r['after_imports_mb']:>14.0f} {r['seconds']:>8.1f} {r['unique']:>9,} {r['shards']:>7}")
+        print(
+            f"{r['rows']:>10,} {r['peak_mb']:>12.0f} {r['after_imports_mb']:>14.0f} {r['seconds']:>8.1f} {r['unique']:>9,} {r['shards']:>7}"
+        )
     if len(results) >= 2:
         small, large = results[0], results[-1]
         print(

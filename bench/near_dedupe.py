@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.datagen import near_duplicate_documents  # noqa: E402
 from tasks.config import DedupeConfig  # noqa: E402
-from tasks.dedupe import NearDuplicateIndex  # noqa: E402
+from tasks.prepare.near_dedupe import NearDuplicateIndex  # noqa: E402
 
 
 def score(canonical: np.ndarray, planted: np.ndarray) -> tuple[float, float]:
@@ -61,7 +61,9 @@ def datasketch_lsh(texts: list[str], config: DedupeConfig) -> tuple[np.ndarray, 
     for i, text in enumerate(texts):
         words = text.split()
         minhash = MinHash(num_perm=config.num_perm, seed=42)
-        minhash.update_batch([" ".join(words[j : j + config.shingle_size]).encode() for j in range(len(words) - config.shingle_size + 1)])
+        minhash.update_batch(
+            [" ".join(words[j : j + config.shingle_size]).encode() for j in range(len(words) - config.shingle_size + 1)]
+        )
         candidates = [c for c in lsh.query(minhash) if c < i]
         if candidates:
             canonical[i] = canonical[min(candidates)]
@@ -104,7 +106,9 @@ def main() -> None:
     texts, planted = near_duplicate_documents(args.compare)
     print(f"library comparison on {len(texts):,} documents of 40 words ({(planted >= 0).sum():,} planted near-duplicates)")
     rensa_sign, datasketch_sign = signing_only(texts, config)
-    print(f"  signing only      rensa {rensa_sign:7.2f} s   datasketch {datasketch_sign:7.2f} s   ratio {datasketch_sign / rensa_sign:6.1f}x")
+    print(
+        f"  signing only      rensa {rensa_sign:7.2f} s   datasketch {datasketch_sign:7.2f} s   ratio {datasketch_sign / rensa_sign:6.1f}x"
+    )
     for name, run in (("rensa LSH", rensa_lsh), ("datasketch LSH", datasketch_lsh)):
         canonical, seconds = run(texts, config)
         recall, precision = score(canonical, planted)
@@ -116,10 +120,14 @@ def main() -> None:
     del texts
     started = time.perf_counter()
     texts, planted = near_duplicate_documents(args.documents)
-    print(f"\nour index on {len(texts):,} documents ({(planted >= 0).sum():,} planted; generated in {time.perf_counter() - started:.1f} s)")
+    print(
+        f"\nour index on {len(texts):,} documents ({(planted >= 0).sum():,} planted; generated in {time.perf_counter() - started:.1f} s)"
+    )
     canonical, seconds = ours(texts, config, args.scratch)
     recall, precision = score(canonical, planted)
-    print(f"  wall {seconds:.1f} s (target ≤ 60 s, ratio {seconds / 60:.2f})   recall {recall:.4f}   precision {precision:.4f} (targets ≥ 0.95)")
+    print(
+        f"  wall {seconds:.1f} s (target ≤ 60 s, ratio {seconds / 60:.2f})   recall {recall:.4f}   precision {precision:.4f} (targets ≥ 0.95)"
+    )
     Path(args.scratch).unlink(missing_ok=True)
 
 

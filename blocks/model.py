@@ -18,8 +18,3 @@ class InferenceModel(Block):
     _description = "Model folder and vLLM engine arguments for batch_inference."
 
     config: ModelConfig
-
-    @classmethod
-    def resolve(cls, model: ModelConfig | str) -> ModelConfig:
-        """The configuration itself, or the one saved in the block of that name."""
-        return model if isinstance(model, ModelConfig) else cls.load(model).config

@@ -14,8 +14,3 @@ class ResultsStore(Block):
     _description = "DuckDB results file and result storage for batch_inference."
 
     config: StoreConfig
-
-    @classmethod
-    def resolve(cls, store: StoreConfig | str) -> StoreConfig:
-        """The configuration itself, or the one saved in the block of that name."""
-        return store if isinstance(store, StoreConfig) else cls.load(store).config

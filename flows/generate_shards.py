@@ -10,23 +10,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, SpecError
-from tasks.dispatch import submit_shards
-from tasks.infer import collect_shard_outputs, fingerprint_model
-from tasks.shard import Shard
+from tasks.config import SpecError
+from tasks.inference.job import InferenceJob
+from tasks.inference.tasks import fingerprint_model, generate_here
+from tasks.prepare.shard import Shard
 
 
 @flow(name="generate-shards", log_prints=True)
-def generate_shards(
-    shards: list[Shard],
-    model: ModelConfig,
-    sampling: SamplingConfig,
-    model_fingerprint: str,
-    storage: str,
-    sharding: ShardingConfig = ShardingConfig(),
-) -> dict[str, int]:
-    if fingerprint_model(model) != model_fingerprint:
-        raise SpecError(f"model {model.model}: the files on this worker differ from those the run was planned with")
-    futures = submit_shards(shards, model, sampling, model_fingerprint, storage, sharding)
-    outputs, cached = collect_shard_outputs(futures, f"{len(shards)} shards on {model.model}")
+def generate_shards(shards: list[Shard], job: InferenceJob) -> dict[str, int]:
+    if fingerprint_model(job.model) != job.model_fingerprint:
+        raise SpecError(f"model {job.model.model}: the files on this worker differ from those the run was planned with")
+    outputs, cached = generate_here(shards, job, f"{len(shards)} shards on {job.model.model}")
     return {"shards": len(outputs), "cached": sum(cached), "requests": sum(output.requests for output in outputs)}

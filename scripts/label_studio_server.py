@@ -9,6 +9,7 @@ The tests import this file to start a throwaway server with a preset user and AP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -33,8 +34,9 @@ def ensure_installed(venv: Path = VENV) -> Path:
         with log.open("w") as out:
             done = subprocess.run(
                 [venv / "bin" / "pip", "install", "--progress-bar", "off", f"label-studio=={VERSION}"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if done.returncode != 0:
             raise RuntimeError(f"installing label-studio=={VERSION} into {venv} failed; see {log}")
         marker.touch()
@@ -68,14 +70,31 @@ def start(data_dir: Path, port: int, username: str, password: str, token: str) -
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "server.log").open("ab")
     command = [
-        str(ensure_installed()), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-        "--data-dir", str(data_dir), "--username", username, "--password", password, "--user-token", token,
+        str(ensure_installed()),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--username",
+        username,
+        "--password",
+        password,
+        "--user-token",
+        token,
         "--enable-legacy-api-token",
-    ]  # fmt: skip
+    ]
     return subprocess.Popen(
-        command, env=server_env(data_dir, username, password, token), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        command,
+        env=server_env(data_dir, username, password, token),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, timeout_seconds: float = 180) -> None:
@@ -101,10 +120,8 @@ def stop(process: subprocess.Popen) -> None:
         return
     except subprocess.TimeoutExpired:
         pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

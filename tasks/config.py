@@ -14,18 +14,29 @@ class SpecError(ValueError):
 
 
 def describe_errors(error: ValidationError) -> str:
-    """One line per problem, naming the field: `prompt_column: Field required`."""
-    return "; ".join(
-        f"{'.'.join(map(str, item['loc'])) or 'spec'}: {item['msg'].removeprefix('Value error, ')}"
-        for item in error.errors()
-    )
+    """One line per problem, naming the field: `prompt_column: Field required` (a whole-model problem names none)."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(map(str, item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {message}" if field else message)
+    return "; ".join(problems)
 
 
 # The request columns an expectation can name; any other column it names is read from the dataset.
 REQUEST_COLUMNS = (
-    "custom_id", "request_key", "prompt", "messages", "overrides", "reference", "source_file", "source_row",
-    "dedupe_text", "approx_tokens", "roles",
-)  # fmt: skip
+    "custom_id",
+    "request_key",
+    "prompt",
+    "messages",
+    "overrides",
+    "reference",
+    "source_file",
+    "source_row",
+    "dedupe_text",
+    "approx_tokens",
+    "roles",
+)
 
 
 class ValidationConfig(BaseModel):
@@ -53,7 +64,8 @@ class ValidationConfig(BaseModel):
             kwargs = expectation.get("kwargs")
             if not isinstance(kwargs, dict):
                 continue  # the validator reports the malformed expectation
-            named += [kwargs.get(key) for key in ("column", "column_A", "column_B")] + list(kwargs.get("column_list") or [])
+            named += [kwargs.get(key) for key in ("column", "column_A", "column_B")]
+            named += list(kwargs.get("column_list") or [])
         return list(dict.fromkeys(c for c in named if isinstance(c, str) and c not in REQUEST_COLUMNS))
 
 
@@ -76,6 +88,7 @@ class DedupeConfig(BaseModel):
 
 
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
+Mode = Literal["chat", "completion"]
 
 
 class DatasetSpec(BaseModel):
@@ -84,17 +97,13 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Dataset name, recorded with every dataset version.")
-    source: str = Field(
-        description="Parquet file, folder (Hive partitions too), glob, JSONL file or any fsspec URL."
-    )
+    source: str = Field(description="Parquet file, folder (Hive partitions too), glob, JSONL file or any fsspec URL.")
     format: InputFormat = Field("auto", description="auto: from the file names (and the first JSONL line).")
     id_column: str | None = Field(
         None, description="Column holding a unique id per row; becomes custom_id. Unset: an id derived from the row's content."
     )
     prompt_column: str | None = Field(None, description="Column holding the prompt text.")
-    prompt_template: str | None = Field(
-        None, description="Jinja template over the row's columns, e.g. 'Summarize: {{ text }}'."
-    )
+    prompt_template: str | None = Field(None, description="Jinja template over the row's columns, e.g. 'Summarize: {{ text }}'.")
     messages_column: str | None = Field(None, description="Column holding chat messages (list of {role, content}).")
     system_prompt: str | None = Field(None, description="System message for chat mode.")
     override_columns: list[str] = Field(
@@ -139,6 +148,24 @@ class LoraAdapter(BaseModel):
     path: str = Field(description="Local adapter folder (PEFT layout: adapter_config.json + weights).")
 
 
+# ModelConfig fields passed to vllm.LLM under their own names.
+VLLM_ARGUMENTS = {
+    "revision",
+    "dtype",
+    "max_model_len",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "tensor_parallel_size",
+    "enable_prefix_caching",
+    "quantization",
+    "kv_cache_dtype",
+    "enforce_eager",
+    "seed",
+    "enable_lora",
+    "speculative_config",
+}
+
+
 class ModelConfig(BaseModel):
     """The model, the engine that serves it, and the engine arguments passed through to vLLM."""
 
@@ -149,9 +176,7 @@ class ModelConfig(BaseModel):
     engine: Literal["vllm", "openai"] = Field(
         "vllm", description="vllm: in-process vllm.LLM; openai: any OpenAI-compatible server at base_url."
     )
-    mode: Literal["chat", "completion"] = Field(
-        "chat", description="chat: apply the model's chat template; completion: send the prompt as is."
-    )
+    mode: Mode = Field("chat", description="chat: apply the model's chat template; completion: send the prompt as is.")
     # vllm.LLM engine arguments
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -188,13 +213,7 @@ class ModelConfig(BaseModel):
 
     def vllm_args(self) -> dict[str, Any]:
         """The vllm.LLM arguments: two configs with equal args share one engine."""
-        args = self.model_dump(
-            include={
-                "revision", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
-                "tensor_parallel_size", "enable_prefix_caching", "quantization", "kv_cache_dtype",
-                "enforce_eager", "seed", "enable_lora", "speculative_config",
-            }
-        )
+        args = self.model_dump(include=VLLM_ARGUMENTS)
         if self.enable_lora:
             args.update(max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
         return {"model": self.model, **args, **self.engine_kwargs}
@@ -314,6 +333,38 @@ class WorkersConfig(BaseModel):
     )
     group_retries: int = Field(2, ge=0, description="New flow runs for a group that failed; its finished shards stay cached.")
     poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")
+
+
+class SampleSelection(BaseModel):
+    """Which outputs of a run go to human review, and how they are chosen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="The run whose outputs are reviewed.")
+    strategy: Literal["lowest", "stratified", "disagreement", "where"] = Field(
+        "lowest",
+        description="lowest: lowest `scorer` values first; stratified: equal draws from equal-width buckets "
+        "of `scorer`; disagreement: requests whose answers differ between run_id and other_run_id (both "
+        "answers are pushed); where: a SQL condition over the candidate columns.",
+    )
+    scorer: str = Field("completion_tokens", description="Score that orders or buckets the samples.")
+    limit: int = Field(50, ge=1, description="Samples to push (disagreement: pairs).")
+    buckets: int = Field(5, ge=1, description="stratified: number of score buckets.")
+    seed: int = Field(0, description="stratified: seed of the draw inside each bucket.")
+    other_run_id: str | None = Field(None, description="disagreement: the run to compare with.")
+    where: str | None = Field(
+        None,
+        description="where: e.g. \"scores['empty_output'] = 1 OR completion_tokens < 4\". Columns: run_id, "
+        "custom_id, output_id, prompt, response, finish_reason, completion_tokens, scores (map scorer → value).",
+    )
+
+    @model_validator(mode="after")
+    def _strategy_inputs(self) -> SampleSelection:
+        if self.strategy == "disagreement" and not self.other_run_id:
+            raise ValueError("strategy 'disagreement' needs other_run_id")
+        if self.strategy == "where" and not (self.where or "").strip():
+            raise ValueError("strategy 'where' needs a where condition")
+        return self
 
 
 # The embedded defaults: the bundled sample on the tiny CPU model that scripts/build_tiny_model.py builds.

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model, one vLLM engine per session, the Prefect test harness."""
+"""Shared fixtures: the tiny model, one vLLM engine per session, the Prefect test harness, sample data,
+results files and their rows (built from the store's row models), and read-only views of a results file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -15,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL_DIR = REPO / ".cache" / "models" / "tiny-llama"
 SAMPLE_PARQUET = REPO / "datasets" / "sample" / "prompts.parquet"
+
+
+# ---------------------------------------------------------------- model, engine, Prefect
 
 
 @pytest.fixture(scope="session")
@@ -52,28 +59,162 @@ def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     # The harness does not isolate result storage: give the session its own folder.
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-storage")}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
 def close_engine_at_exit():
     yield
-    from tasks.engine import close_engine
+    from tasks.engines.vllm import close_engine
 
     close_engine()
 
 
-@pytest.fixture
-def commit_inputs(tmp_path):
-    """One small run's commit files: three requests (one a duplicate), one answer and one error row."""
-    import pyarrow as pa
+# ---------------------------------------------------------------- data and results files
 
-    from tasks import files
-    from tasks.engine import OUTPUT_SCHEMA
-    from tasks.score import resolve_scorers, score_outputs
-    from tasks.store import CommitFiles
+
+@pytest.fixture
+def sample_spec(tmp_path):
+    """The first `rows` rows of the bundled sample as a dataset of their own (duplicates, null and empty prompts included)."""
+    from tasks.config import DatasetSpec
+
+    def make(rows: int, name: str = "slice", **fields) -> DatasetSpec:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, rows), path)
+        return DatasetSpec(**{"name": name, "source": str(path), "id_column": "id", "prompt_column": "prompt", **fields})
+
+    return make
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A results file and result storage of the test's own (the file does not exist yet)."""
+    from tasks.config import StoreConfig
+
+    return StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"), storage=str(tmp_path / "storage"))
+
+
+def results_file(target) -> str:
+    """A StoreConfig's results file, or a path."""
+    return str(getattr(target, "duckdb_path", target))
+
+
+@pytest.fixture(scope="session")
+def query():
+    """Rows of a query on a results file (a StoreConfig or a path), read-only."""
+
+    def rows(target, sql: str, params=()) -> list[tuple]:
+        with duckdb.connect(results_file(target), read_only=True) as con:
+            return con.execute(sql, list(params)).fetchall()
+
+    return rows
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """Every row of every table (or of `tables`), sorted: equal snapshots mean nothing changed."""
+
+    def rows_of(target, tables: list[str] | None = None, exclude: tuple[str, ...] = ()) -> dict:
+        with duckdb.connect(results_file(target), read_only=True) as con:
+            return table_rows(con, tables, exclude)
+
+    return rows_of
+
+
+def table_rows(con: duckdb.DuckDBPyConnection, tables: list[str] | None = None, exclude: tuple[str, ...] = ()) -> dict:
+    if tables is None:
+        found = con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1")
+        tables = [name for (name,) in found.fetchall()]
+    snapshot = {}
+    for table in tables:
+        columns = [c for (c,) in con.execute(f"SELECT column_name FROM (DESCRIBE {table})").fetchall() if c not in exclude]
+        snapshot[table] = sorted(map(repr, con.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()))
+    return snapshot
+
+
+@pytest.fixture
+def rows():
+    """Factories of the store's rows with plausible values; a test overrides only what it is about."""
+    from tasks.store.rows import DatasetVersionRow, RunRow, RunShardRow
+
+    class Rows:
+        @staticmethod
+        def run(**fields) -> RunRow:
+            values = dict(
+                run_id="r1",
+                dataset_version="dv1",
+                dataset_name="t",
+                model="m",
+                model_fingerprint="fp",
+                engine="vllm",
+                engine_args="{}",
+                sampling_params="{}",
+                sampling_hash="sh",
+                template_hash="th",
+                scorers="x",
+                code_version="0",
+                started_at="2026-01-01T00:00:00+00:00",
+                finished_at="2026-01-01T00:01:00+00:00",
+                wall_seconds=60.0,
+                rows_read=3,
+                rejected=0,
+                requests=3,
+                unique_requests=2,
+                duplicates=1,
+                shards=1,
+                cached_shards=0,
+                engine_requests=1,
+                outputs=2,
+                errors=1,
+                prompt_tokens=3,
+                completion_tokens=4,
+                generated_tokens=4,
+                tokens_per_second=0.1,
+            )
+            return RunRow(**{**values, **fields})
+
+        @staticmethod
+        def dataset(**fields) -> DatasetVersionRow:
+            values = dict(
+                dataset_version="dv1",
+                dataset_name="t",
+                source="f",
+                spec="{}",
+                template_hash="th",
+                rows_read=3,
+                requests=3,
+                unique_requests=2,
+                rejected=0,
+            )
+            return DatasetVersionRow(**{**values, **fields})
+
+        @staticmethod
+        def shard(**fields) -> RunShardRow:
+            values = dict(
+                run_id="r1",
+                shard_key="s1",
+                output_key="o1",
+                requests=2,
+                errors=1,
+                prompt_tokens=3,
+                completion_tokens=4,
+                generate_seconds=1.0,
+                cached=False,
+            )
+            return RunShardRow(**{**values, **fields})
+
+    return Rows
+
+
+@pytest.fixture
+def commit_inputs(tmp_path, rows):
+    """One small run's record: three requests (one a duplicate), one answer and one error row, their scores."""
+    from tasks import storage
+    from tasks.engines.base import OutputRecord, output_table
+    from tasks.scoring.registry import resolve_scorers, score_outputs
+    from tasks.store.commit import CommitFiles, RunRecord
 
     requests = pa.table(
         {
@@ -88,44 +229,37 @@ def commit_inputs(tmp_path):
             "reference": [None, "r2", None],
         }
     )
-    outputs = pa.Table.from_pylist(
+    outputs = output_table(
         [
-            {"request_key": "k1", "sample_index": 0, "text": "x", "finish_reason": "length",
-             "prompt_tokens": 3, "completion_tokens": 4, "error_code": None, "error": None},
-            {"request_key": "k2", "sample_index": 0, "text": None, "finish_reason": None,
-             "prompt_tokens": 999, "completion_tokens": None, "error_code": "context_length_exceeded", "error": "long"},
-        ],
-        schema=OUTPUT_SCHEMA,
+            OutputRecord("k1", text="x", finish_reason="length", prompt_tokens=3, completion_tokens=4),
+            OutputRecord.failed("k2", "context_length_exceeded", "long", prompt_tokens=999),
+        ]
     )
     scores = score_outputs(outputs, resolve_scorers(["completion_tokens", "finish_reason", "empty_output"]))
     outputs = outputs.append_column("shard_key", pa.array(["s1", "s1"])).append_column("output_key", pa.array(["o1", "o1"]))
     paths = {name: str(tmp_path / f"{name}.parquet") for name in ("requests", "outputs", "scores")}
-    files.write_parquet(requests, paths["requests"])
-    files.write_parquet(outputs, paths["outputs"])
-    files.write_parquet(scores, paths["scores"])
-    run = {
-        "run_id": "r1", "dataset_version": "dv1", "dataset_name": "t", "model": "m", "model_fingerprint": "fp",
-        "engine": "vllm", "engine_args": "{}", "sampling_params": "{}", "sampling_hash": "sh", "template_hash": "th",
-        "scorers": "x", "code_version": "0", "started_at": "2026-01-01 00:00:00+00", "finished_at": "2026-01-01 00:01:00+00",
-        "wall_seconds": 60.0, "rows_read": 3, "rejected": 0, "requests": 3, "unique_requests": 2, "duplicates": 1,
-        "shards": 1, "cached_shards": 0, "engine_requests": 1, "outputs": 2, "errors": 1, "prompt_tokens": 3,
-        "completion_tokens": 4, "generated_tokens": 4, "tokens_per_second": 0.1,
-    }
-    dataset = {"dataset_version": "dv1", "dataset_name": "t", "source": "f", "spec": "{}", "template_hash": "th",
-               "rows_read": 3, "requests": 3, "unique_requests": 2, "rejected": 0}
-    shards = [{"shard_key": "s1", "output_key": "o1", "requests": 2, "errors": 1, "prompt_tokens": 3,
-               "completion_tokens": 4, "generate_seconds": 1.0, "cached": False}]
-    commit_files = CommitFiles(requests=[paths["requests"]], rejected=[], outputs=[paths["outputs"]], scores=[paths["scores"]])
-    return run, dataset, shards, commit_files
+    storage.write_parquet(requests, paths["requests"])
+    storage.write_parquet(outputs, paths["outputs"])
+    storage.write_parquet(scores, paths["scores"])
+    files = CommitFiles(requests=[paths["requests"]], rejected=[], outputs=[paths["outputs"]], scores=[paths["scores"]])
+    return RunRecord(rows.run(), rows.dataset(), [rows.shard()], files)
+
+
+@pytest.fixture
+def committed_store(store, commit_inputs):
+    """A results file holding the commit_inputs run."""
+    from tasks.store.commit import commit_run
+    from tasks.store.connection import writing
+
+    with writing(store.duckdb_path) as con:
+        commit_run(con, commit_inputs)
+    return store
 
 
 @pytest.fixture
 def reference_slice(tmp_path):
     """The first 40 rows of the bundled sample (with duplicates) plus a reference answer per row, one
     null prompt and one prompt longer than the tiny model's context (both rejected rows)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from tasks.config import DatasetSpec
 
     table = pq.read_table(SAMPLE_PARQUET).slice(0, 40)
@@ -136,23 +270,17 @@ def reference_slice(tmp_path):
     reference = pa.array([(w[-1] if w else None) for w in words.to_pylist()], pa.string())
     path = tmp_path / "slice.parquet"
     pq.write_table(table.append_column("answer", reference), path)
-    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt",
-                       reference_column="answer", system_prompt="Be brief.")  # fmt: skip
+    return DatasetSpec(
+        name="slice",
+        source=str(path),
+        id_column="id",
+        prompt_column="prompt",
+        reference_column="answer",
+        system_prompt="Be brief.",
+    )
 
 
-@pytest.fixture
-def committed_store(tmp_path, commit_inputs):
-    """A results file holding the commit_inputs run."""
-    from tasks.config import StoreConfig
-    from tasks.store import commit_run, connect, migrate
-
-    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
-    con = connect(store.duckdb_path)
-    migrate(con)
-    commit_run(con, *commit_inputs)
-    con.close()
-    return store
-
+# ---------------------------------------------------------------- processes
 
 FLOW_PROCESS = """
 import sys
@@ -173,7 +301,12 @@ def start_flow_process(tmp_path):
     script.write_text(FLOW_PROCESS)
 
     def start(name: str, *configs) -> subprocess.Popen:
-        environment = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"), "PREFECT_API_URL": ""}
+        environment = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
+            "PREFECT_API_URL": "",
+            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
         return subprocess.Popen(
             [sys.executable, str(script), *(config.model_dump_json() for config in configs)],
             start_new_session=True,
@@ -183,3 +316,9 @@ def start_flow_process(tmp_path):
         )
 
     return start
+
+
+@pytest.fixture(scope="session")
+def sample_parquet() -> Path:
+    """The bundled sample (2,400 rows), read-only."""
+    return SAMPLE_PARQUET

@@ -1,4 +1,4 @@
-"""prefect.yaml is what `prefect deploy` reads: it must parse, and every entrypoint and parameter must exist."""
+"""prefect.yaml: what `prefect deploy` reads. Entry points load, parameters validate, anchors resolve, schedules hold."""
 
 import importlib
 import inspect
@@ -7,15 +7,37 @@ from pathlib import Path
 import yaml
 from prefect.cli.deploy._models import PrefectYamlModel
 
-PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_deployments_point_at_flows_with_the_parameters_they_set():
-    config = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
-    assert {d.name for d in config.deployments} >= {"push-for-review", "pull-reviews", "export-curated"}
+def test_every_deployment_with_its_flow_file_validates_its_parameters():
+    config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
+    by_name = {d.name: d for d in config.deployments}
+    assert {"sample", "generate-shards", "push-for-review", "pull-reviews", "export-curated"} <= set(by_name)
+    assert by_name["sample"].work_pool.name == by_name["generate-shards"].work_pool.name == "gpu"
+    assert by_name["pull-reviews"].work_pool.name == "cpu"
+    assert by_name["generate-shards"].work_pool.job_variables == {"stream_output": False}
+    (nightly,) = by_name["sample"].schedules
+    assert nightly.cron == "0 2 * * *" and nightly.active is False
     for deployment in config.deployments:
         path, name = deployment.entrypoint.split(":")
+        assert (REPO / path).is_file(), deployment.entrypoint
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
-        assert set(deployment.parameters) <= set(inspect.signature(flow.fn).parameters), deployment.name
-    (pull,) = [d for d in config.deployments if d.name == "pull-reviews"]
-    assert pull.schedules and pull.schedules[0].interval.total_seconds() == 900
+        assert set(deployment.parameters or {}) <= set(inspect.signature(flow.fn).parameters), deployment.name
+        if deployment.name == "sample":
+            flow.validate_parameters(deployment.parameters)  # every value parses into its typed config
+
+
+def test_the_curation_flows_run_on_the_cpu_pool_and_pull_every_15_minutes():
+    config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
+    by_name = {d.name: d for d in config.deployments}
+    assert {by_name[name].work_pool.name for name in ("push-for-review", "pull-reviews", "export-curated")} == {"cpu"}
+    assert by_name["pull-reviews"].schedules[0].interval.total_seconds() == 900
+
+
+def test_the_sample_deployment_points_at_the_bundled_sample_and_the_default_blocks():
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (sample,) = [d for d in config["deployments"] if d["name"] == "sample"]
+    assert (REPO / sample["parameters"]["dataset"]["source"]).is_file()
+    assert (sample["parameters"]["model"], sample["parameters"]["store"]) == ("tiny-cpu", "local-results")
+    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}]

@@ -15,13 +15,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL
 
+from blocks import resolve
+from blocks.label_studio import LabelStudio
 from blocks.model import InferenceModel
 from blocks.store import ResultsStore
 from flows.batch_inference import batch_inference
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, StoreConfig
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_PARQUET = REPO / "datasets" / "sample" / "prompts.parquet"
 API_KEY = "sk-block-test-do-not-leak-7f3a91"
 
 
@@ -29,8 +30,12 @@ def test_one_command_registers_every_block_type(prefect_harness):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "block", "register", "-m", "blocks"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with get_client(sync_client=True) as client:
         slugs = {block_type.slug for block_type in client.read_block_types()}
@@ -42,13 +47,16 @@ def test_a_block_name_stands_for_its_configuration(prefect_harness, tmp_path):
     store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))
     InferenceModel(config=model).save("llama-test", overwrite=True)
     ResultsStore(config=store).save("store-test", overwrite=True)
-    assert InferenceModel.resolve("llama-test") == model and InferenceModel.resolve(model) is model
-    assert ResultsStore.resolve("store-test") == store and ResultsStore.resolve(store) is store
+    assert resolve("llama-test", InferenceModel) == model and resolve(model, InferenceModel) is model
+    assert resolve("store-test", ResultsStore) == store and resolve(store, ResultsStore) is store
+    LabelStudio(url="http://ls:8080/", api_key="k").save("ls-test", overwrite=True)
+    assert resolve("ls-test", LabelStudio).url == "http://ls:8080"  # a block without a config is itself the value
     with pytest.raises(ValueError, match="no-such-block"):
-        InferenceModel.resolve("no-such-block")
+        resolve("no-such-block", InferenceModel)
 
 
-def test_secrets_stay_out_of_logs_artifacts_parameters_and_duckdb(prefect_harness, tmp_path):
+@pytest.mark.slow
+def test_secrets_stay_out_of_logs_artifacts_parameters_and_duckdb(prefect_harness, tmp_path, sample_parquet):
     """The openai engine's key lives in a Secret block; a run that uses it records only the name."""
     Secret(value=API_KEY).save("endpoint-key", overwrite=True)
     # Nothing listens on this port: every request fails on the network and becomes an error row.
@@ -60,13 +68,16 @@ def test_secrets_stay_out_of_logs_artifacts_parameters_and_duckdb(prefect_harnes
         "secret-test-store", overwrite=True
     )
     data = tmp_path / "ten.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 10), data)
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 10), data)
     dataset = DatasetSpec(name="ten", source=str(data), id_column="id", prompt_column="prompt")
 
     state = batch_inference(
-        dataset=dataset, model="endpoint-model", store="secret-test-store", sampling=SamplingConfig(max_tokens=4),
+        dataset=dataset,
+        model="endpoint-model",
+        store="secret-test-store",
+        sampling=SamplingConfig(max_tokens=4),
         return_state=True,
-    )  # fmt: skip
+    )
     summary = state.result()
     assert summary.errors == summary.outputs > 0  # the key was read and used; the requests failed
 

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.slow
 TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores", "schema_migrations"]
 
 
-def snapshot(path) -> dict:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall())) for t in TABLES}
-
-
 def run(dataset, model, store):
     return batch_inference(
         dataset=dataset, model=model, sampling=SamplingConfig(max_tokens=4), sharding=ShardingConfig(shard_size=32), store=store
@@ -69,23 +64,63 @@ def truncated_footer(path):
 
 ERRORS = {
     "missing file": (lambda d: d / "nope.parquet", {}, r"nope\.parquet: no such file"),
-    "not parquet": (lambda d: (d / "x.parquet").write_text("id,prompt\n1,hi\n") and d / "x.parquet", {}, r"x\.parquet: not a readable Parquet file"),
+    "not parquet": (
+        lambda d: (d / "x.parquet").write_text("id,prompt\n1,hi\n") and d / "x.parquet",
+        {},
+        r"x\.parquet: not a readable Parquet file",
+    ),
     "truncated footer": (lambda d: truncated_footer(d / "x.parquet"), {}, r"x\.parquet: not a readable Parquet file"),
     "damaged page": (lambda d: damaged_page(d / "x.parquet"), {}, r"x\.parquet: damaged Parquet data after row 0"),
-    "empty file": (lambda d: (d / "x.parquet").write_bytes(b"") or d / "x.parquet", {}, r"x\.parquet: not a readable Parquet file \(the file is empty\)"),
-    "zero rows": (lambda d: parquet(d / "x.parquet", pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())})), {}, r"has no rows"),
-    "missing prompt column": (lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "text": ["hi"]})), {}, r"x\.parquet has no column 'prompt'"),
-    "missing id column": (lambda d: parquet(d / "x.parquet", pa.table({"key": [1], "prompt": ["hi"]})), {}, r"x\.parquet has no column 'id'"),
-    "wrong prompt type": (lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "prompt": [3]})), {}, r"x\.parquet: prompt column 'prompt' is int64, not text"),
-    "wrong id type": (lambda d: parquet(d / "x.parquet", pa.table({"id": [1.5], "prompt": ["hi"]})), {}, r"x\.parquet: id column 'id' is double"),
-    "struct prompt": (lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "prompt": [{"text": "hi"}]})), {}, r"prompt column 'prompt' is struct<text: string>, not text"),
-    "jsonl without the prompt field": (lambda d: (d / "x.jsonl").write_text('{"id": 1, "text": "hi"}\n') and d / "x.jsonl", {}, r"x\.jsonl line 1 has no field 'prompt'"),
-    "too many rejected rows": (lambda d: parquet(d / "x.parquet", pa.table({"id": [1, 2], "prompt": [None, " "]})), {"validation": ValidationConfig(max_rejected_share=0.1)}, r"2 of 2 rows rejected \(100\.0%\), more than validation\.max_rejected_share"),
-}  # fmt: skip
+    "empty file": (
+        lambda d: (d / "x.parquet").write_bytes(b"") or d / "x.parquet",
+        {},
+        r"x\.parquet: not a readable Parquet file \(the file is empty\)",
+    ),
+    "zero rows": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())})),
+        {},
+        r"has no rows",
+    ),
+    "missing prompt column": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "text": ["hi"]})),
+        {},
+        r"x\.parquet has no column 'prompt'",
+    ),
+    "missing id column": (
+        lambda d: parquet(d / "x.parquet", pa.table({"key": [1], "prompt": ["hi"]})),
+        {},
+        r"x\.parquet has no column 'id'",
+    ),
+    "wrong prompt type": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "prompt": [3]})),
+        {},
+        r"x\.parquet: prompt column 'prompt' is int64, not text",
+    ),
+    "wrong id type": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": [1.5], "prompt": ["hi"]})),
+        {},
+        r"x\.parquet: id column 'id' is double",
+    ),
+    "struct prompt": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": [1], "prompt": [{"text": "hi"}]})),
+        {},
+        r"prompt column 'prompt' is struct<text: string>, not text",
+    ),
+    "jsonl without the prompt field": (
+        lambda d: (d / "x.jsonl").write_text('{"id": 1, "text": "hi"}\n') and d / "x.jsonl",
+        {},
+        r"x\.jsonl line 1 has no field 'prompt'",
+    ),
+    "too many rejected rows": (
+        lambda d: parquet(d / "x.parquet", pa.table({"id": [1, 2], "prompt": [None, " "]})),
+        {"validation": ValidationConfig(max_rejected_share=0.1)},
+        r"2 of 2 rows rejected \(100\.0%\), more than validation\.max_rejected_share",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_fails_clearly_and_leaves_duckdb_as_it_was(case, tiny_model, store, tmp_path):
+def test_bad_input_fails_clearly_and_leaves_duckdb_as_it_was(case, tiny_model, store, tmp_path, snapshot):
     make, fields, message = ERRORS[case]
     before = snapshot(store.duckdb_path)
     with pytest.raises(SpecError, match=message):
@@ -93,7 +128,7 @@ def test_bad_input_fails_clearly_and_leaves_duckdb_as_it_was(case, tiny_model, s
     assert snapshot(store.duckdb_path) == before
 
 
-def test_bad_rows_are_rejected_with_file_row_and_field_and_nothing_stored_is_lost(tiny_model, store, tmp_path):
+def test_bad_rows_are_rejected_with_file_row_and_field_and_nothing_stored_is_lost(tiny_model, store, tmp_path, snapshot):
     rows = pa.table(
         {
             "id": ["ok", "null", "empty", "utf8", "ok", "long", "ok2"],

@@ -2,32 +2,23 @@ import json
 import unicodedata
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from flows.batch_inference import batch_inference
-from tasks import engine as engine_module
-from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig, ValidationConfig
+from tasks.config import DatasetSpec, DedupeConfig, SamplingConfig, ShardingConfig, SpecError, ValidationConfig
+from tasks.engines import vllm as engine_module
 
 pytestmark = pytest.mark.slow
 
-SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
 TABLES = ["dataset_versions", "requests", "rejected_rows", "runs", "run_shards", "outputs", "scores", "schema_migrations"]
 
 
 @pytest.fixture
-def sample_slice(tmp_path) -> DatasetSpec:
+def sample_slice(sample_spec) -> DatasetSpec:
     """The first 400 rows of the bundled sample: duplicates, null and empty prompts included."""
-    path = tmp_path / "slice.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 400), path)
-    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt", system_prompt="Be brief.")
-
-
-@pytest.fixture
-def store(tmp_path) -> StoreConfig:
-    return StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"), storage=str(tmp_path / "storage"))
+    return sample_spec(400, system_prompt="Be brief.")
 
 
 def run(dataset, model, store):
@@ -40,23 +31,15 @@ def run(dataset, model, store):
     )
 
 
-def snapshot(path) -> dict:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall())) for t in TABLES}
-
-
-def query(store, sql, params=()):
-    with duckdb.connect(store.duckdb_path, read_only=True) as con:
-        return con.execute(sql, list(params)).fetchall()
-
-
 def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
-    prefect_harness, tiny_model, sample_slice, store
+    prefect_harness, tiny_model, sample_slice, store, query, snapshot
 ):
     source = pq.read_table(sample_slice.source).to_pylist()
     blank = sum(1 for row in source if not (row["prompt"] or "").strip())
     # duplicates are found after NFKC and whitespace folding
-    distinct = len({" ".join(unicodedata.normalize("NFKC", row["prompt"]).split()) for row in source if (row["prompt"] or "").strip()})
+    distinct = len(
+        {" ".join(unicodedata.normalize("NFKC", row["prompt"]).split()) for row in source if (row["prompt"] or "").strip()}
+    )
 
     first = run(sample_slice, tiny_model, store)
 
@@ -116,14 +99,16 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
     assert third.outputs == first.outputs
 
 
-def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefect_harness, tiny_model, tmp_path, store):
+def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(
+    prefect_harness, tiny_model, tmp_path, store, sample_parquet
+):
     missing_file = DatasetSpec(name="x", source=str(tmp_path / "nope.parquet"), id_column="id", prompt_column="prompt")
     with pytest.raises(SpecError, match=r"nope\.parquet: no such file"):
         run(missing_file, tiny_model, store)
     assert not Path(store.duckdb_path).exists()
 
     path = tmp_path / "data.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 10), path)
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 10), path)
     wrong_column = DatasetSpec(name="x", source=str(path), id_column="id", prompt_column="question")
     with pytest.raises(SpecError, match=r"data\.parquet has no column 'question'"):
         run(wrong_column, tiny_model, store)
@@ -131,7 +116,7 @@ def test_bad_spec_fails_naming_file_and_column_before_anything_is_written(prefec
     assert not list(Path(store.storage).rglob("*.parquet"))
 
 
-def test_n_samples_with_logprobs_land_as_one_row_per_sample(prefect_harness, tiny_model, sample_slice, store):
+def test_n_samples_with_logprobs_land_as_one_row_per_sample(prefect_harness, tiny_model, sample_slice, store, query):
     summary = batch_inference(
         dataset=sample_slice,
         model=tiny_model,
@@ -152,8 +137,12 @@ def test_n_samples_with_logprobs_land_as_one_row_per_sample(prefect_harness, tin
     assert rows[0][4] == 2 * unique and rows[0][5] < 0 and rows[0][6] == 2 * unique
     # duplicates see both samples of their canonical request
     assert query(store, "SELECT count(*) FROM run_outputs")[0][0] == 2 * summary.requests
-def test_appending_one_percent_of_rows_sends_only_the_new_requests(prefect_harness, tiny_model, tmp_path, store):
-    rows = pq.read_table(SAMPLE_PARQUET).slice(0, 400)
+
+
+def test_appending_one_percent_of_rows_sends_only_the_new_requests(
+    prefect_harness, tiny_model, tmp_path, store, query, sample_parquet
+):
+    rows = pq.read_table(sample_parquet).slice(0, 400)
     base = tmp_path / "grow" / "part-0.parquet"
     base.parent.mkdir()
     pq.write_table(rows.select(["id", "prompt"]), base)
@@ -171,7 +160,7 @@ def test_appending_one_percent_of_rows_sends_only_the_new_requests(prefect_harne
     assert query(store, "SELECT count(text) FROM run_outputs WHERE run_id = ?", [second.run_id]) == [(second.requests,)]
 
 
-def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(prefect_harness, tiny_model, tmp_path, store):
+def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(prefect_harness, tiny_model, tmp_path, store, query):
     words = [f"word{i}" for i in range(60)]
     source = " ".join(words[:40])
     rows = {
@@ -183,28 +172,43 @@ def test_near_duplicates_are_computed_once_and_answered_through_duplicate_of(pre
     path = tmp_path / "near.parquet"
     pq.write_table(pa.table({"id": list(rows), "prompt": list(rows.values())}), path)
     dataset = DatasetSpec(
-        name="near", source=str(path), id_column="id", prompt_column="prompt",
+        name="near",
+        source=str(path),
+        id_column="id",
+        prompt_column="prompt",
         dedupe=DedupeConfig(near_duplicates=True, case_fold=True),
-    )  # fmt: skip
+    )
     sent_before = engine_module.get_engine(tiny_model).requests_sent
     summary = run(dataset, tiny_model, store)
 
     assert (summary.requests, summary.unique_requests, summary.duplicates) == (4, 2, 2)
     assert engine_module.get_engine(tiny_model).requests_sent - sent_before == 2
     assert query(store, "SELECT custom_id, duplicate_of FROM requests ORDER BY custom_id") == [
-        ("a", None), ("b", "a"), ("c", "a"), ("d", None)
+        ("a", None),
+        ("b", "a"),
+        ("c", "a"),
+        ("d", None),
     ]
     answers = dict(query(store, "SELECT custom_id, output_id FROM run_outputs"))
     assert len(answers) == 4 and answers["b"] == answers["c"] == answers["a"] != answers["d"]
 
 
-def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harness, tiny_model, tmp_path, store):
+def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harness, tiny_model, tmp_path, store, query):
     lines = [
-        {"custom_id": "short", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "any", "messages": [{"role": "user", "content": "Tell me a story"}], "max_completion_tokens": 2}},
-        {"custom_id": "default", "method": "POST", "url": "/v1/completions", "body": {"model": "any", "prompt": "Tell me a story"}},
+        {
+            "custom_id": "short",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "any", "messages": [{"role": "user", "content": "Tell me a story"}], "max_completion_tokens": 2},
+        },
+        {
+            "custom_id": "default",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "any", "prompt": "Tell me a story"},
+        },
         {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"model": "any", "input": "no"}},
-    ]  # fmt: skip
+    ]
     path = tmp_path / "batch.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     dataset = DatasetSpec(name="openai", source=str(path), validation=ValidationConfig(max_rejected_share=0.5))
@@ -212,7 +216,8 @@ def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harnes
 
     assert (summary.requests, summary.rejected) == (2, 1)
     assert query(store, "SELECT custom_id, overrides FROM requests ORDER BY custom_id") == [
-        ("default", None), ("short", '{"max_tokens": 2}')
+        ("default", None),
+        ("short", '{"max_tokens": 2}'),
     ]
     tokens = dict(query(store, "SELECT custom_id, completion_tokens FROM run_outputs"))
     assert tokens["short"] <= 2 < tokens["default"]  # the run's max_tokens is 8, and random weights rarely stop early

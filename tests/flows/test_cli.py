@@ -1,4 +1,5 @@
-"""The command line: `python -m flows` runs batch-inference, and a re-run of the same input starts no engine."""
+"""The `vbf` command: `vbf run` on a spec (and `python -m flows`, its alias) and on a plain data file with
+flags, a re-run that starts no engine, one clear line for a bad input, and `vbf sql` on the results."""
 
 import json
 import os
@@ -6,42 +7,159 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
+VBF = str(Path(sys.executable).parent / "vbf")  # the console script pip installed beside this Python
 ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's engine process logs this as it starts
+TINY_ENGINE = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.15"]
 
 
-def run_cli(tmp_path: Path, name: str, spec: Path, model_dir: Path) -> tuple[dict, str]:
-    summary = tmp_path / f"{name}.json"
+def vbf(tmp_path: Path, *args: str, command: tuple[str, ...] = (VBF,), check: bool = True) -> subprocess.CompletedProcess:
     completed = subprocess.run(
-        [
-            sys.executable, "-m", "flows", "--spec", str(spec), "--model", str(model_dir), "--max-tokens", "4",
-            "--duckdb", str(tmp_path / "results.duckdb"), "--storage", str(tmp_path / "storage"),
-            "--summary-json", str(summary),
-        ],
+        [*command, *args],
         cwd=ROOT,
         env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""},
         capture_output=True,
         text=True,
         timeout=600,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(summary.read_text()), completed.stdout + completed.stderr
+    )
+    if check:
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
 
 
-def test_the_cli_answers_a_spec_and_a_rerun_never_starts_the_engine(tmp_path, tiny_model_dir):
-    pq.write_table(pq.read_table(ROOT / "datasets/sample/prompts.parquet").slice(0, 12), tmp_path / "prompts.parquet")
+def store_flags(tmp_path: Path) -> list[str]:
+    return ["--duckdb", str(tmp_path / "results.duckdb"), "--storage", str(tmp_path / "storage")]
+
+
+@pytest.mark.slow
+def test_vbf_run_answers_a_spec_and_a_rerun_through_the_alias_never_starts_the_engine(tmp_path, tiny_model_dir, sample_parquet):
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 12), tmp_path / "prompts.parquet")
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: cli\nsource: prompts.parquet\nid_column: id\nprompt_column: prompt\n")
+    args = ["--spec", str(spec), "--model", str(tiny_model_dir), *TINY_ENGINE, "--max-tokens", "4", *store_flags(tmp_path)]
 
-    first, first_log = run_cli(tmp_path, "first", spec, tiny_model_dir)
-    assert first["engine_requests"] == first["unique_requests"] > 0
-    assert ENGINE_START in first_log and f"run {first['run_id']}" in first_log  # the summary is printed
+    first = vbf(tmp_path, "run", *args, "--summary-json", str(tmp_path / "first.json"))
+    summary = json.loads((tmp_path / "first.json").read_text())
+    assert summary["engine_requests"] == summary["unique_requests"] > 0
+    log = first.stdout + first.stderr
+    assert ENGINE_START in log and f"run {summary['run_id']}" in first.stdout  # the summary is printed
+    assert "vbf sql --duckdb" in first.stdout  # and what to try next
 
-    second, second_log = run_cli(tmp_path, "second", spec, tiny_model_dir)
-    assert second["engine_requests"] == 0 and second["reused_requests"] == first["unique_requests"]
-    assert ENGINE_START not in second_log  # the results file already answers this input: no engine was loaded
+    second = vbf(tmp_path, *args, "--summary-json", str(tmp_path / "second.json"), command=(sys.executable, "-m", "flows"))
+    again = json.loads((tmp_path / "second.json").read_text())
+    assert again["engine_requests"] == 0 and again["reused_requests"] == summary["unique_requests"]
+    assert ENGINE_START not in second.stdout + second.stderr  # the results file already answers this input: no engine
+
+    table = vbf(
+        tmp_path,
+        "sql",
+        "SELECT count(*) AS runs, sum(engine_requests) AS sent FROM runs",
+        "--duckdb",
+        str(tmp_path / "results.duckdb"),
+    )
+    assert table.stdout.split() == ["runs", "sent", "2", str(summary["unique_requests"])]
+
+
+@pytest.mark.slow
+def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_sharding_flags(tmp_path, tiny_model_dir, query):
+    data = tmp_path / "questions.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(7)], "question": [f"Question number {i}?" for i in range(7)]}), data)
+    flags = ["--prompt-column", "question", "--id-column", "key", "--temperature", "0.7", "--seed", "3", "--n", "2"]
+    vbf(
+        tmp_path,
+        "run",
+        str(data),
+        *flags,
+        "--max-tokens",
+        "3",
+        "--shard-size",
+        "3",
+        "--model",
+        str(tiny_model_dir),
+        *TINY_ENGINE,
+        *store_flags(tmp_path),
+    )
+
+    (run,) = query(tmp_path / "results.duckdb", "SELECT dataset_name, shards, outputs, sampling_params FROM runs")
+    sampling = json.loads(run[3])
+    assert run[:3] == ("questions", 3, 14)  # 7 requests in shards of 3, two samples each
+    assert (sampling["temperature"], sampling["seed"], sampling["n"], sampling["max_tokens"]) == (0.7, 3, 2, 3)
+    assert query(tmp_path / "results.duckdb", "SELECT count(DISTINCT custom_id), max(completion_tokens) FROM run_outputs") == [
+        (7, 3)
+    ]
+
+
+@pytest.mark.slow
+def test_a_bad_input_prints_one_line_naming_the_file_and_verbose_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("id,prompt\n1,hi\n")
+    quiet = vbf(tmp_path, "run", str(bad), "--prompt-column", "prompt", *store_flags(tmp_path), check=False)
+    assert quiet.returncode == 1
+    assert f"vbf run: error: dataset file {bad}: not a readable Parquet file" in quiet.stderr
+    # no traceback of the error (Prefect may still log its own hiccups), and no engine for a bad input
+    assert f'File "{ROOT / "tasks"}' not in quiet.stdout + quiet.stderr
+    assert ENGINE_START not in quiet.stderr
+    assert not (tmp_path / "results.duckdb").exists()
+
+    verbose = vbf(tmp_path, "run", str(bad), "--prompt-column", "prompt", "--verbose", *store_flags(tmp_path), check=False)
+    assert verbose.returncode == 1 and f'File "{ROOT / "tasks" / "prepare" / "parquet.py"}' in verbose.stderr
+
+
+def test_configuration_mistakes_are_one_line_before_anything_starts(tmp_path):
+    cases = {
+        ("run", "--temperature", "-1"): "vbf run: error: temperature: Input should be greater than or equal to 0",
+        ("run", "--engine", "openai"): "vbf run: error: engine 'openai' needs base_url",
+        ("run", "--spec", str(tmp_path / "nope.yaml")): "nope.yaml: file not found",
+        ("sql", "SELECT 1", "--duckdb", str(tmp_path / "none.duckdb")): "none.duckdb does not exist: run `vbf run` first",
+    }
+    for args, message in cases.items():
+        completed = vbf(tmp_path, *args, check=False)
+        assert completed.returncode == 1 and message in completed.stderr, (args, completed.stderr)
+        assert "Traceback" not in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+
+
+def test_every_subcommand_says_what_it_does_with_an_example(tmp_path):
+    for command in (
+        ["run"],
+        ["export"],
+        ["rescore"],
+        ["compare"],
+        ["review", "push"],
+        ["review", "pull"],
+        ["review", "export"],
+        ["sql"],
+        ["cluster"],
+    ):
+        completed = vbf(tmp_path, *command, "--help")
+        assert "example:" in completed.stdout and f"vbf {' '.join(command)}" in completed.stdout.split("example:")[1]
+
+
+@pytest.mark.slow
+def test_vbf_rescore_and_export_work_on_a_stored_run(tmp_path, committed_store, query):
+    flags = ["--duckdb", committed_store.duckdb_path, "--storage", committed_store.storage]
+    vbf(tmp_path, "rescore", "r1", "--scorer", "valid_json", *flags)
+    assert query(committed_store, "SELECT count(*) FROM scores WHERE scorer = 'valid_json'") == [(1,)]  # the error row has none
+
+    vbf(tmp_path, "export", str(tmp_path / "out"), "--run", "r1", "--format", "chat_jsonl", *flags)
+    lines = (tmp_path / "out" / "r1.chat.jsonl").read_text().splitlines()
+    assert [json.loads(line)["messages"][-1] for line in lines] == [{"role": "assistant", "content": "x"}]
+    assert not (tmp_path / "out" / "r1.parquet").exists()  # only the format asked for
+
+    unknown = vbf(tmp_path, "export", str(tmp_path / "out"), "--run", "nope", *flags, check=False)
+    assert unknown.returncode == 1 and "vbf export: error: run nope: not in this results file" in unknown.stderr
+
+
+def test_compare_variants_are_names_with_sampling_and_prompt_settings():
+    from flows.commands import parse_variant
+    from tasks.config import SamplingConfig
+
+    base = SamplingConfig(max_tokens=8)
+    assert parse_variant("greedy", base) == {"name": "greedy", "sampling": None}
+    sampled = parse_variant("sampled:temperature=0.8,seed=1,system_prompt=Be brief.", base)
+    assert sampled["sampling"] == {**base.model_dump(), "temperature": 0.8, "seed": 1}
+    assert sampled["system_prompt"] == "Be brief." and sampled["name"] == "sampled"
+    assert parse_variant("other:model=/models/x", base)["model"].model == "/models/x"

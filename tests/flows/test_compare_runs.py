@@ -5,16 +5,11 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.compare_runs import compare_runs
-from tasks.compare import Variant, check_variants
-from tasks.config import LoraAdapter, SamplingConfig, ShardingConfig, SpecError, StoreConfig
-from tasks.score import DEFAULT_SCORERS, UNPARSEABLE, ScorerSpec
-
-
-def test_check_variants_names_the_problem():
-    with pytest.raises(SpecError, match="at least two"):
-        check_variants([Variant(name="a")])
-    with pytest.raises(SpecError, match="names must be unique"):
-        check_variants([Variant(name="a"), Variant(name="a")])
+from tasks.config import LoraAdapter, SamplingConfig, ShardingConfig
+from tasks.scoring.compare import Variant
+from tasks.scoring.judge import UNPARSEABLE
+from tasks.scoring.registry import DEFAULT_SCORERS
+from tasks.scoring.scorers import ScorerSpec
 
 
 async def read_artifact(key: str):
@@ -26,16 +21,17 @@ async def read_artifact(key: str):
 
 @pytest.mark.slow
 def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
-    prefect_harness, tiny_model, tiny_lora_dir, reference_slice, tmp_path
+    prefect_harness, tiny_model, tiny_lora_dir, reference_slice, store
 ):
-    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "storage"))
     judge = ScorerSpec(name="judge", options={"model": tiny_model.model_dump(), "sampling": {"max_tokens": 8}})
 
     result = compare_runs(
         variants=[
             Variant(name="greedy"),
             Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=7, max_tokens=8, logprobs=0)),
-            Variant(name="lora", model=tiny_model.model_copy(update={"lora_adapter": LoraAdapter(name="a", path=str(tiny_lora_dir))})),
+            Variant(
+                name="lora", model=tiny_model.model_copy(update={"lora_adapter": LoraAdapter(name="a", path=str(tiny_lora_dir))})
+            ),
         ],
         dataset=reference_slice,
         model=tiny_model,
@@ -51,7 +47,11 @@ def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
         q = lambda sql, *p: con.execute(sql, list(p)).fetchall()  # noqa: E731
         # all runs are on one dataset version, so compare_runs works on them too; the adapter is recorded
         assert q("SELECT count(DISTINCT dataset_version), count(DISTINCT model_fingerprint) FROM runs") == [(1, 2)]
-        assert q("SELECT count(*) FROM compare_runs(?, ?) WHERE scorer = 'completion_tokens'", comparison.runs["greedy"], comparison.runs["sampled"]) == [(1,)]
+        assert q(
+            "SELECT count(*) FROM compare_runs(?, ?) WHERE scorer = 'completion_tokens'",
+            comparison.runs["greedy"],
+            comparison.runs["sampled"],
+        ) == [(1,)]
         unique, errors, rejected = q("SELECT unique_requests, errors, rejected FROM runs LIMIT 1")[0]
         assert (errors, rejected) == (0, 2)  # the null and the over-long prompt: rejected before inference
         answered = unique - errors
@@ -63,12 +63,17 @@ def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
                 assert row["ci95_low"] < row["mean"] < row["ci95_high"]
         assert {row["scorer"] for row in comparison.scores} >= {"completion_tokens", "chrf", "exact_match", "judge"}
         # logprobs were asked for in one variant only: only its answers have logprob scores, all negative or zero
-        logprob_scores = {(r["variant"], r["scorer"]): r for r in comparison.scores if r["scorer"] in ("mean_logprob", "perplexity")}
+        logprob_scores = {
+            (r["variant"], r["scorer"]): r for r in comparison.scores if r["scorer"] in ("mean_logprob", "perplexity")
+        }
         assert set(logprob_scores) == {("sampled", "mean_logprob"), ("sampled", "perplexity")}
         assert logprob_scores[("sampled", "mean_logprob")]["n"] == answered
         assert q("SELECT max(value) <= 0 FROM scores WHERE scorer = 'mean_logprob'") == [(True,)]
         # the judge's gibberish answers are recorded as unparseable, never as a score of 0
-        judged = q("SELECT count(*), count(*) FILTER (WHERE label = ?), count(*) FILTER (WHERE value IS NOT NULL AND (value < 1 OR value > 10)) FROM scores WHERE scorer = 'judge'", UNPARSEABLE)
+        judged = q(
+            "SELECT count(*), count(*) FILTER (WHERE label = ?), count(*) FILTER (WHERE value IS NOT NULL AND (value < 1 OR value > 10)) FROM scores WHERE scorer = 'judge'",
+            UNPARSEABLE,
+        )
         total, unparseable, out_of_range = judged[0]
         assert total == 3 * answered and unparseable > 0 and out_of_range == 0
         # win rates pair the variants on every request both scored

@@ -1,7 +1,5 @@
 """Two flows, in two processes, committing to one DuckDB file at the same time."""
 
-from pathlib import Path
-
 import duckdb
 import pyarrow.parquet as pq
 import pytest
@@ -10,13 +8,11 @@ from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, StoreConfi
 
 pytestmark = pytest.mark.slow
 
-SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
-
 
 def test_two_flows_committing_to_one_file_both_land_with_nothing_lost_or_duplicated(
-    tiny_model, tmp_path, start_flow_process
+    tiny_model, tmp_path, start_flow_process, sample_parquet
 ):
-    sample = pq.read_table(SAMPLE_PARQUET)
+    sample = pq.read_table(sample_parquet)
     specs = []
     for name, start in (("first", 0), ("second", 100)):  # overlapping rows: shared requests, shared outputs
         path = tmp_path / f"{name}.parquet"
@@ -31,9 +27,7 @@ def test_two_flows_committing_to_one_file_both_land_with_nothing_lost_or_duplica
 
     with duckdb.connect(store.duckdb_path, read_only=True) as con:
         assert sorted(con.execute("SELECT dataset_name FROM runs").fetchall()) == [("first",), ("second",)]
-        canonical_keys = con.execute(
-            "SELECT count(DISTINCT request_key) FROM requests WHERE duplicate_of IS NULL"
-        ).fetchone()[0]
+        canonical_keys = con.execute("SELECT count(DISTINCT request_key) FROM requests WHERE duplicate_of IS NULL").fetchone()[0]
         assert con.execute("SELECT count(*), count(DISTINCT request_key) FROM outputs").fetchone() == (
             canonical_keys,
             canonical_keys,

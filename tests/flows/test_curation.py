@@ -8,7 +8,6 @@ import os
 import time
 from pathlib import Path
 
-import duckdb
 import httpx
 import pyarrow.parquet as pq
 import pytest
@@ -20,14 +19,12 @@ from flows.batch_inference import batch_inference
 from flows.export_curated import export_curated
 from flows.pull_reviews import pull_reviews
 from flows.push_for_review import push_for_review
-from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, StoreConfig
-from tasks.curate import SampleSelection
-from tasks.label_studio import LabelStudioError
+from tasks.config import DatasetSpec, SampleSelection, SamplingConfig, ShardingConfig, StoreConfig
+from tasks.curation.label_studio import LabelStudioError
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_PARQUET = REPO / "datasets" / "sample" / "prompts.parquet"
 TOKEN = "curation-test-token-5f2c9a"
 REVIEWER = "reviewer@example.com"
 CURATION_TABLES = ["label_tasks", "annotations", "curated_versions"]
@@ -64,29 +61,28 @@ def connection(label_studio_url) -> LabelStudio:
 
 
 @pytest.fixture(scope="module")
-def runs(prefect_harness, tiny_model, tmp_path_factory):
+def runs(prefect_harness, tiny_model, tmp_path_factory, sample_parquet):
     """Two real runs over the same 40 prompts: greedy, and sampled (so some answers differ)."""
     folder = tmp_path_factory.mktemp("curation")
     source = folder / "slice.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 40), source)
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 40), source)
     dataset = DatasetSpec(name="curation", source=str(source), id_column="id", prompt_column="prompt", system_prompt="Be brief.")
     store = StoreConfig(duckdb_path=str(folder / "results.duckdb"), storage=str(folder / "storage"))
-    greedy = batch_inference(dataset=dataset, model=tiny_model, sampling=SamplingConfig(max_tokens=8),
-                             sharding=ShardingConfig(shard_size=64), store=store)  # fmt: skip
-    sampled = batch_inference(dataset=dataset, model=tiny_model, sampling=SamplingConfig(max_tokens=8, temperature=1.0, seed=3),
-                              sharding=ShardingConfig(shard_size=64), store=store)  # fmt: skip
+    greedy = batch_inference(
+        dataset=dataset,
+        model=tiny_model,
+        sampling=SamplingConfig(max_tokens=8),
+        sharding=ShardingConfig(shard_size=64),
+        store=store,
+    )
+    sampled = batch_inference(
+        dataset=dataset,
+        model=tiny_model,
+        sampling=SamplingConfig(max_tokens=8, temperature=1.0, seed=3),
+        sharding=ShardingConfig(shard_size=64),
+        store=store,
+    )
     return store, greedy.run_id, sampled.run_id
-
-
-def query(store: StoreConfig, sql: str, params=()):
-    with duckdb.connect(store.duckdb_path, read_only=True) as con:
-        return con.execute(sql, list(params)).fetchall()
-
-
-def snapshot(store: StoreConfig) -> dict:
-    with duckdb.connect(store.duckdb_path, read_only=True) as con:
-        tables = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall()]
-        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall())) for t in tables}
 
 
 def api(connection: LabelStudio) -> httpx.Client:
@@ -110,7 +106,7 @@ def review(verdict: str, rating: int | None = None, corrected: str | None = None
     return result
 
 
-def test_push_review_pull_export_round_trip(runs, connection, tmp_path):
+def test_push_review_pull_export_round_trip(runs, connection, tmp_path, query, snapshot):
     store, run_id, _ = runs
     selection = SampleSelection(run_id=run_id, strategy="lowest", scorer="completion_tokens", limit=5)
 
@@ -130,15 +126,19 @@ def test_push_review_pull_export_round_trip(runs, connection, tmp_path):
     with api(connection) as client:
         made = [
             client.post(f"/api/tasks/{ordered[0]['id']}/annotations", json={"result": review("accept", 5)}),
-            client.post(f"/api/tasks/{ordered[1]['id']}/annotations", json={"result": review("reject", 2, "A corrected answer.")}),
+            client.post(
+                f"/api/tasks/{ordered[1]['id']}/annotations", json={"result": review("reject", 2, "A corrected answer.")}
+            ),
             client.post(f"/api/tasks/{ordered[2]['id']}/annotations", json={"result": review("reject", 1)}),
             client.post(f"/api/tasks/{ordered[3]['id']}/annotations", json={"result": [], "was_cancelled": True}),
-        ]  # fmt: skip
+        ]
         assert all(response.status_code == 201 for response in made), [r.text for r in made]
 
     pulled = pull_reviews("Round trip", connection, store)
     assert pulled == {"pulled": 4, "new": 4, "changed": 0, "unchanged": 0, "removed": 0}
-    rows = query(store, "SELECT custom_id, annotator, verdict, rating, corrected_text, cancelled FROM annotations ORDER BY custom_id")
+    rows = query(
+        store, "SELECT custom_id, annotator, verdict, rating, corrected_text, cancelled FROM annotations ORDER BY custom_id"
+    )
     ids = [t["data"]["custom_id"] for t in ordered]
     assert rows == [
         (ids[0], REVIEWER, "accept", 5, None, False),
@@ -181,12 +181,14 @@ def test_push_review_pull_export_round_trip(runs, connection, tmp_path):
     assert TOKEN not in json.dumps(snapshot(store))
 
 
-def test_other_strategies_push_what_they_select(runs, connection):
+def test_other_strategies_push_what_they_select(runs, connection, query):
     store, greedy, sampled = runs
     stratified = push_for_review(
         SampleSelection(run_id=greedy, strategy="stratified", scorer="completion_tokens", buckets=3, limit=6, seed=1),
-        "Stratified", connection, store,
-    )  # fmt: skip
+        "Stratified",
+        connection,
+        store,
+    )
     differing = query(
         store,
         """SELECT count(*) FROM run_outputs a JOIN run_outputs b USING (custom_id)
@@ -199,7 +201,10 @@ def test_other_strategies_push_what_they_select(runs, connection):
         SampleSelection(run_id=greedy, strategy="disagreement", other_run_id=sampled, limit=3), "A/B", connection, store
     )
     where = push_for_review(
-        SampleSelection(run_id=greedy, strategy="where", where="finish_reason = 'length'", limit=4), "Truncated", connection, store
+        SampleSelection(run_id=greedy, strategy="where", where="finish_reason = 'length'", limit=4),
+        "Truncated",
+        connection,
+        store,
     )
 
     assert stratified["pushed"] == 6
@@ -207,7 +212,9 @@ def test_other_strategies_push_what_they_select(runs, connection):
     pairs = query(store, "SELECT custom_id, count(DISTINCT run_id) FROM label_tasks WHERE project_title = 'A/B' GROUP BY ALL")
     assert all(runs_per_sample == 2 for _, runs_per_sample in pairs)
     assert len(project_tasks(connection, disagreement["project_id"])) == disagreement["pushed"]
-    truncated = query(store, "SELECT count(*) FROM run_outputs WHERE run_id = ? AND duplicate_of IS NULL AND finish_reason = 'length'", [greedy])[0][0]
+    truncated = query(
+        store, "SELECT count(*) FROM run_outputs WHERE run_id = ? AND duplicate_of IS NULL AND finish_reason = 'length'", [greedy]
+    )[0][0]
     assert where["pushed"] == min(4, truncated)
 
 
@@ -241,9 +248,11 @@ def ensure_project_run_count(flow_state) -> int:
             time.sleep(0.5)
 
 
-def test_unreachable_server_is_retried_then_fails_clearly_and_changes_nothing(runs):
+def test_unreachable_server_is_retried_then_fails_clearly_and_changes_nothing(runs, snapshot):
     store, run_id, _ = runs
-    nowhere = LabelStudio(url=f"http://127.0.0.1:{load_server_script().free_port()}", api_key=TOKEN, retries=2, retry_delay_seconds=0)
+    nowhere = LabelStudio(
+        url=f"http://127.0.0.1:{load_server_script().free_port()}", api_key=TOKEN, retries=2, retry_delay_seconds=0
+    )
     before = snapshot(store)
 
     state = push_for_review(SampleSelection(run_id=run_id, limit=3), "Never created", nowhere, store, return_state=True)
@@ -259,7 +268,7 @@ def test_unreachable_server_is_retried_then_fails_clearly_and_changes_nothing(ru
     assert snapshot(store) == before
 
 
-def test_a_wrong_api_key_is_not_retried_and_names_the_block(runs, label_studio_url):
+def test_a_wrong_api_key_is_not_retried_and_names_the_block(runs, label_studio_url, snapshot):
     store, run_id, _ = runs
     wrong = LabelStudio(url=label_studio_url, api_key="not-the-token-0000", retries=2, retry_delay_seconds=0)
     before = snapshot(store)

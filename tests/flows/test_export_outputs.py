@@ -4,13 +4,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.export_outputs import export_outputs
-from tasks.config import SpecError, StoreConfig
-from tasks.export import BatchOutputLine, ChatExample, batch_line, chat_example
+from tasks.config import SpecError
+from tasks.export.formats import BatchOutputLine
 
-
-@pytest.fixture
-def store(committed_store) -> StoreConfig:
-    return committed_store
+pytestmark = pytest.mark.slow  # whole flows (no vLLM)
 
 
 def read_lines(path) -> list[dict]:
@@ -18,8 +15,8 @@ def read_lines(path) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def test_a_run_exports_to_parquet_chat_jsonl_and_openai_batch_files(prefect_harness, store, tmp_path):
-    exported = {item.format: item for item in export_outputs(str(tmp_path / "out"), run_id="r1", store=store)}
+def test_a_run_exports_to_parquet_chat_jsonl_and_openai_batch_files(prefect_harness, committed_store, tmp_path):
+    exported = {item.format: item for item in export_outputs(str(tmp_path / "out"), run_id="r1", store=committed_store)}
 
     table = pq.read_table(exported["parquet"].path)
     assert sorted(table["custom_id"].to_pylist()) == ["a", "b", "c"]  # duplicates included, with lineage
@@ -40,34 +37,11 @@ def test_a_run_exports_to_parquet_chat_jsonl_and_openai_batch_files(prefect_harn
     assert len({line["id"] for line in outputs + errors}) == 3
 
 
-def test_a_filter_narrows_the_export_and_an_unknown_run_is_named(prefect_harness, store, tmp_path):
-    (parquet,) = export_outputs(str(tmp_path / "out"), where="error_code IS NOT NULL", formats=["parquet"], store=store)
+def test_a_filter_narrows_the_export_and_an_unknown_run_is_named(prefect_harness, committed_store, tmp_path):
+    (parquet,) = export_outputs(str(tmp_path / "out"), where="error_code IS NOT NULL", formats=["parquet"], store=committed_store)
     assert pq.read_table(parquet.path)["custom_id"].to_pylist() == ["b"]
     with pytest.raises(SpecError, match="run nope: not in this results file"):
-        export_outputs(str(tmp_path / "out2"), run_id="nope", formats=["chat_jsonl"], store=store)
+        export_outputs(str(tmp_path / "out2"), run_id="nope", formats=["chat_jsonl"], store=committed_store)
     assert not (tmp_path / "out2" / "nope.chat.jsonl").exists()
     with pytest.raises(SpecError, match="export filter 'no_such_column = 1'.*no_such_column"):
-        export_outputs(str(tmp_path / "out3"), where="no_such_column = 1", formats=["parquet"], store=store)
-
-
-def row(**overrides) -> dict:
-    return {"run_id": "r", "model": "m", "dataset_name": "d", "custom_id": "1", "sample_index": 0, "prompt": "hi",
-            "messages": json.dumps([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]),
-            "text": "hello", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 1, "error_code": None,
-            "error": None, "output_id": "o1", "created": 1700000000, **overrides}  # fmt: skip
-
-
-def test_chat_lines_match_the_openai_schema_and_vllms_own_batch_record():
-    line = batch_line([row(), row(sample_index=1, text="hey", finish_reason="length", completion_tokens=3)])
-    assert line.response.body.object == "chat.completion"
-    assert [c.message.content for c in line.response.body.choices] == ["hello", "hey"]
-    assert line.response.body.usage.total_tokens == 9
-    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
-
-    BatchRequestOutput.model_validate_json(line.model_dump_json())  # vLLM's run_batch reads it too
-    BatchRequestOutput.model_validate_json(batch_line([row(error_code="invalid_prompt", error="bad")]).model_dump_json())
-    assert chat_example(row()) == ChatExample(messages=[
-        {"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
-    ])  # fmt: skip
-    with pytest.raises(ValueError, match="exactly one of response and error"):
-        BatchOutputLine(id="x", custom_id="1", response=None, error=None)
+        export_outputs(str(tmp_path / "out3"), where="no_such_column = 1", formats=["parquet"], store=committed_store)

@@ -15,14 +15,12 @@ from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, StoreConfi
 
 pytestmark = pytest.mark.slow
 
-SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
-
 
 def test_a_held_gpu_stalls_new_work_but_not_cached_shards_and_a_missing_limit_blocks_nothing(
-    prefect_harness, tiny_model, tmp_path
+    prefect_harness, tiny_model, tmp_path, sample_parquet
 ):
     data = tmp_path / "twenty.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, 20), data)
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 20), data)
     dataset = DatasetSpec(name="twenty", source=str(data), id_column="id", prompt_column="prompt")
     store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))
     with get_client(sync_client=True) as client:

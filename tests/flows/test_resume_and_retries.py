@@ -6,28 +6,15 @@ import time
 from pathlib import Path
 
 import duckdb
-import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.batch_inference import batch_inference
-from tasks import engine as engine_module
-from tasks.config import DatasetSpec, SamplingConfig, ShardingConfig, StoreConfig, StructuredOutput
+from tasks.config import SamplingConfig, ShardingConfig, StructuredOutput
+from tasks.engines import vllm as engine_module
 
 pytestmark = pytest.mark.slow
-
-SAMPLE_PARQUET = Path(__file__).resolve().parents[2] / "datasets" / "sample" / "prompts.parquet"
-
-
-def sample_spec(tmp_path, rows: int) -> DatasetSpec:
-    path = tmp_path / "slice.parquet"
-    pq.write_table(pq.read_table(SAMPLE_PARQUET).slice(0, rows), path)
-    return DatasetSpec(name="slice", source=str(path), id_column="id", prompt_column="prompt")
-
-
-def store_in(tmp_path) -> StoreConfig:
-    return StoreConfig(duckdb_path=str(tmp_path / "results.duckdb"), storage=str(tmp_path / "storage"))
 
 
 def task_runs(state) -> list:
@@ -36,13 +23,13 @@ def task_runs(state) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, tiny_model, tmp_path):
+def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, tiny_model, tmp_path, sample_spec, store):
     state = batch_inference(
-        dataset=sample_spec(tmp_path, 20),
+        dataset=sample_spec(20),
         model=tiny_model,
         sampling=SamplingConfig(max_tokens=4, structured=StructuredOutput(json_schema={"type": "objectx"})),
         sharding=ShardingConfig(shard_size=64, retries=3, retry_delay_seconds=[0]),
-        store=store_in(tmp_path),
+        store=store,
         return_state=True,
     )
     assert state.is_failed()
@@ -54,7 +41,7 @@ def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, 
 
 
 def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
-    prefect_harness, tiny_model, tmp_path, monkeypatch
+    prefect_harness, tiny_model, tmp_path, monkeypatch, sample_spec, store
 ):
     import torch
 
@@ -67,9 +54,8 @@ def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
         return real_run(pending, **kwargs)
 
     monkeypatch.setattr(engine, "run", run_with_memory_cap)
-    store = store_in(tmp_path)
     state = batch_inference(
-        dataset=sample_spec(tmp_path, 40),
+        dataset=sample_spec(40),
         model=tiny_model,
         sampling=SamplingConfig(max_tokens=4, seed=11),
         sharding=ShardingConfig(shard_size=16, retries=3, retry_delay_seconds=[0]),
@@ -85,8 +71,10 @@ def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
     assert all(batch <= 10 for _, batch in sizes) and (16, 8) in sizes
 
 
-def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(prefect_harness, tiny_model, tmp_path, start_flow_process):
-    spec, store = sample_spec(tmp_path, 1200), store_in(tmp_path)
+def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(
+    prefect_harness, tiny_model, tmp_path, start_flow_process, sample_spec, store
+):
+    spec = sample_spec(1200)
     sampling, sharding = SamplingConfig(max_tokens=24), ShardingConfig(shard_size=40)
     run = start_flow_process("killed", spec, tiny_model, sampling, sharding, store)
     outputs_dir = Path(store.storage) / "outputs"

@@ -1,0 +1,242 @@
+"""vbf: the command line of vllm-batch-flows. Every subcommand ends in the same DuckDB results file.
+
+    vbf run                                    # the bundled sample on the tiny CPU model
+    vbf run prompts.parquet --prompt-column question --model /models/llama --max-tokens 256
+    vbf sql "SELECT * FROM run_summary"
+
+A mistake in what you gave (a spec, a file, a run id, a flag) prints one line naming the file, row
+or field and exits with status 1; --verbose shows the traceback too.
+"""
+
+from __future__ import annotations
+
+# Only the standard library at the top: vLLM starts its engine processes with multiprocessing's
+# spawn, which imports the `vbf` script, and so this module, again in each of them.
+import argparse
+import sys
+import textwrap
+import traceback
+
+
+def describe(error: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from tasks.config import describe_errors
+
+    return describe_errors(error) if isinstance(error, ValidationError) else str(error)
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def command(subparsers, name: str, handler, help: str, example: str, parents: list) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=f"{help}\n\nexample:\n{textwrap.indent(example, '  ')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=parents,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("dataset")
+    group.add_argument(
+        "source", nargs="?", help="a Parquet file/folder/glob, a JSONL file or an OpenAI batch file (default: the bundled sample)"
+    )
+    group.add_argument("--spec", help="a dataset spec YAML instead of SOURCE (see docs/datasets.md)")
+    group.add_argument("--prompt-column", help="the column holding the prompt (with SOURCE)")
+    group.add_argument("--id-column", help="the column holding a unique id per row (with SOURCE; unset: ids from content)")
+    group.add_argument("--system-prompt", help="a system message for chat mode (with SOURCE)")
+    group.add_argument("--name", help="the dataset's name (with SOURCE; default: the file name)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", help="local model folder, or the served name for --engine openai (default: the tiny CPU model)")
+    group.add_argument(
+        "--engine", choices=["vllm", "openai"], help="vllm: in-process (default); openai: an OpenAI-compatible server"
+    )
+    group.add_argument("--base-url", help="the server for --engine openai, e.g. http://127.0.0.1:8000/v1")
+    group.add_argument("--api-key-secret", help="name of the Prefect Secret block holding the server's API key")
+    group.add_argument("--tensor-parallel-size", type=int)
+    group.add_argument("--dtype")
+    group.add_argument("--max-model-len", type=int)
+    group.add_argument("--gpu-memory-utilization", type=float, help="on the CPU build: the share of RAM for the KV cache")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--n", type=int, help="samples per request")
+    group.add_argument("--max-tokens", type=int)
+    group.add_argument("--seed", type=int)
+
+
+def parser() -> argparse.ArgumentParser:
+    from flows import commands
+    from tasks.config import ShardingConfig, StoreConfig
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--duckdb", default=StoreConfig().duckdb_path, help="the results file (default: %(default)s)")
+    store.add_argument("--storage", default=StoreConfig().storage, help="shard files and cached results (default: %(default)s)")
+
+    top = argparse.ArgumentParser(prog="vbf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run_parser = command(
+        subparsers,
+        "run",
+        commands.run,
+        "Run batch inference on a dataset; results land in the DuckDB file.",
+        "vbf run prompts.parquet --prompt-column question --id-column id --max-tokens 256",
+        [common, store],
+    )
+    add_dataset_options(run_parser)
+    add_model_options(run_parser)
+    run_parser.add_argument(
+        "--shard-size", type=int, help=f"most unique requests per inference task (default: {ShardingConfig().shard_size})"
+    )
+    run_parser.add_argument(
+        "--scorer", action="append", help="scorer name or package.module:attribute (repeatable; default: every built-in)"
+    )
+    run_parser.add_argument("--summary-json", help="also write the run summary to this file")
+
+    export_parser = command(
+        subparsers,
+        "export",
+        commands.export,
+        "Export outputs to Parquet, chat JSONL and OpenAI batch output files.",
+        "vbf export out/ --run RUN_ID\nvbf export out/ --where \"finish_reason = 'stop'\"",
+        [common, store],
+    )
+    export_parser.add_argument("out_dir")
+    export_parser.add_argument("--run", help="one run's outputs (default: the newest output per input row and model)")
+    export_parser.add_argument("--where", help="a SQL condition over the exported columns (see docs/exports.md)")
+    export_parser.add_argument(
+        "--format", action="append", choices=["parquet", "chat_jsonl", "openai_batch"], help="repeatable (default: all)"
+    )
+
+    rescore_parser = command(
+        subparsers,
+        "rescore",
+        commands.rescore,
+        "Score a stored run again (new scorers or versions), without inference.",
+        "vbf rescore RUN_ID --scorer valid_json --scorer my_scorers:shouting",
+        [common, store],
+    )
+    rescore_parser.add_argument("run_id")
+    rescore_parser.add_argument(
+        "--scorer", action="append", required=True, help="built-in name or package.module:attribute (repeatable)"
+    )
+
+    compare_parser = command(
+        subparsers,
+        "compare",
+        commands.compare,
+        "Run variants of one dataset and compare their scores.",
+        "vbf compare --variant greedy --variant sampled:temperature=0.8,seed=1 --judge",
+        [common, store],
+    )
+    add_dataset_options(compare_parser)
+    add_model_options(compare_parser)
+    compare_parser.add_argument(
+        "--variant", action="append", help="NAME or NAME:field=value,... (sampling fields, system_prompt, prompt_template, model)"
+    )
+    compare_parser.add_argument("--scorer", action="append", help="scorer (repeatable; default: every built-in)")
+    compare_parser.add_argument("--judge", action="store_true", help="also score with an LLM judge on the same model")
+
+    review = subparsers.add_parser(
+        "review", help="Human review in Label Studio: push samples, pull verdicts, export a curated dataset."
+    )
+    review_commands = review.add_subparsers(dest="review_command", required=True, metavar="COMMAND")
+    label_studio = argparse.ArgumentParser(add_help=False)
+    label_studio.add_argument(
+        "--block", default="label-studio", help="name of the saved Label Studio block (default: %(default)s)"
+    )
+    push = command(
+        review_commands,
+        "push",
+        commands.review_push,
+        "Choose outputs of a run and push them to a Label Studio project.",
+        "vbf review push RUN_ID --project Review --strategy lowest --scorer completion_tokens --limit 50",
+        [common, store, label_studio],
+    )
+    push.add_argument("run_id")
+    push.add_argument("--project", required=True, help="project title (created if missing)")
+    push.add_argument("--strategy", default="lowest", choices=["lowest", "stratified", "disagreement", "where"])
+    push.add_argument("--scorer", default="completion_tokens")
+    push.add_argument("--limit", type=int, default=50)
+    push.add_argument("--other-run-id", help="disagreement: the run to compare with")
+    push.add_argument("--where", help="where: a SQL condition over the candidates (see docs/curation.md)")
+    pull = command(
+        review_commands,
+        "pull",
+        commands.review_pull,
+        "Pull a project's annotations into the results file.",
+        "vbf review pull --project Review",
+        [common, store, label_studio],
+    )
+    pull.add_argument("--project", required=True)
+    curated = command(
+        review_commands,
+        "export",
+        commands.review_export,
+        "Export accepted and corrected answers as a versioned curated dataset.",
+        "vbf review export --name support-sft --output-dir curated --project Review",
+        [common, store],
+    )
+    curated.add_argument("--name", required=True, help="curated dataset name")
+    curated.add_argument("--output-dir", default="curated")
+    curated.add_argument("--project", help="only reviews from this Label Studio project")
+    curated.add_argument("--run-id", action="append", default=[], help="only these runs (repeatable)")
+
+    sql_parser = command(
+        subparsers,
+        "sql",
+        commands.sql,
+        "Query the results file (read-only): one query, or an interactive prompt.",
+        'vbf sql "SELECT * FROM run_summary"\nvbf sql                # a prompt; end statements with ;',
+        [common, store],
+    )
+    sql_parser.add_argument("query", nargs="?")
+    sql_parser.add_argument("--max-rows", type=int, default=50)
+    sql_parser.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait while a run writes the file")
+
+    cluster_parser = command(
+        subparsers,
+        "cluster",
+        commands.cluster,
+        "The whole system on this machine: Prefect server, pools, workers, deployments.",
+        "vbf cluster              # until Ctrl-C\nvbf cluster --blocks-only  # save the default blocks on PREFECT_API_URL",
+        [common, store],
+    )
+    cluster_parser.add_argument("--port", type=int, default=4200)
+    cluster_parser.add_argument("--home", help="PREFECT_HOME of the server (default: a new temporary folder)")
+    cluster_parser.add_argument(
+        "--database-url", help="the server's database, e.g. postgresql+asyncpg://... (default: SQLite in its home)"
+    )
+    cluster_parser.add_argument(
+        "--blocks-only", action="store_true", help="register the block types' defaults on the current server and stop"
+    )
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.errors import USER_ERRORS
+
+    args = parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"vbf {args.command}: error: {describe(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

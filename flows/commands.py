@@ -1,0 +1,267 @@
+"""What each `vbf` subcommand does (the parser is in cli.py).
+
+Nothing heavy is imported at the top: `vbf run` starts loading the vLLM engine before it imports
+Prefect, so the engine's start (the longest step of a small job) overlaps Prefect's start-up and
+the dataset's preparation. Each command imports what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tasks.config import (
+    SAMPLE_DATASET,
+    TINY_CPU_MODEL,
+    DatasetSpec,
+    ModelConfig,
+    SampleSelection,
+    SamplingConfig,
+    ShardingConfig,
+    SpecError,
+    StoreConfig,
+)
+from tasks.errors import USER_ERRORS
+
+
+class HideUserErrors(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for a user's mistake the CLI's own line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
+
+
+def start_prefect(verbose: bool) -> None:
+    """Set up Prefect's logging now, and keep user mistakes' tracebacks off its console handler."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from a batch job, unless asked
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(HideUserErrors())
+
+
+# ---------------------------------------------------------------- vbf run
+
+
+def dataset_of(args: argparse.Namespace) -> DatasetSpec:
+    """A spec file, a plain data file with its columns named by flags, or the bundled sample."""
+    if args.spec:
+        return DatasetSpec.from_yaml(args.spec)
+    if not args.source:
+        return SAMPLE_DATASET
+    fields = {"prompt_column": args.prompt_column, "id_column": args.id_column, "system_prompt": args.system_prompt}
+    return DatasetSpec(
+        name=args.name or Path(args.source).stem.split(".")[0], source=args.source, **{k: v for k, v in fields.items() if v}
+    )
+
+
+def model_of(args: argparse.Namespace) -> ModelConfig:
+    """The embedded tiny CPU model unless --model names another; then vLLM's own defaults, and the flags."""
+    base = TINY_CPU_MODEL if args.model is None else ModelConfig(model=args.model)
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "engine",
+            "base_url",
+            "api_key_secret",
+            "tensor_parallel_size",
+            "dtype",
+            "max_model_len",
+            "gpu_memory_utilization",
+        )
+        if getattr(args, name) is not None
+    }
+    return ModelConfig.model_validate({**base.model_dump(exclude_defaults=True), **flags})
+
+
+def sampling_of(args: argparse.Namespace) -> SamplingConfig:
+    flags = {
+        name: getattr(args, name)
+        for name in ("temperature", "top_p", "n", "max_tokens", "seed")
+        if getattr(args, name) is not None
+    }
+    return SamplingConfig(**flags)
+
+
+def store_of(args: argparse.Namespace) -> StoreConfig:
+    return StoreConfig(duckdb_path=args.duckdb, storage=args.storage)
+
+
+def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampling: SamplingConfig, store: StoreConfig) -> None:
+    """Start loading the engine now — unless an earlier run answered this very input with this
+    model and sampling, when no request will need it."""
+    if model.engine != "vllm":
+        return
+    from tasks.engines.vllm import start_engine_in_background
+    from tasks.keys import input_fingerprint, model_fingerprint, sampling_hash
+    from tasks.prepare.dataset import check_dataset
+    from tasks.store.queries import answered_before
+
+    try:
+        check_dataset(dataset)  # files and schemas (Parquet footers): a bad input needs no engine
+        fingerprint = input_fingerprint(dataset, model.mode, model.max_model_len)
+    except SpecError:
+        return  # the flow reports a bad source with its context
+    if not answered_before(store.duckdb_path, fingerprint, model_fingerprint(model), sampling_hash(sampling)):
+        start_engine_in_background(model)
+
+
+def run(args: argparse.Namespace) -> None:
+    dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
+    sharding = ShardingConfig(**({"shard_size": args.shard_size} if args.shard_size else {}))
+    start_engine_unless_answered(dataset, model, sampling, store)
+    start_prefect(args.verbose)
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from flows.batch_inference import batch_inference
+    from tasks.engines.vllm import close_engine
+    from tasks.report.summary import format_summary
+    from tasks.scoring.registry import DEFAULT_SCORERS
+
+    # The engine's start competes with Prefect's temporary server for the CPU: on a small machine
+    # the server can need longer than Prefect's default 20 s to come up.
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        try:
+            summary = batch_inference(
+                dataset=dataset,
+                model=model,
+                sampling=sampling,
+                sharding=sharding,
+                store=store,
+                scorers=args.scorer or DEFAULT_SCORERS,
+            )
+        finally:
+            close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
+
+
+# ---------------------------------------------------------------- the other subcommands
+
+
+def export(args: argparse.Namespace) -> None:
+    start_prefect(args.verbose)
+    from flows.export_outputs import export_outputs
+    from tasks.export.tasks import FORMATS
+
+    export_outputs(args.out_dir, args.run, args.where, args.format or FORMATS, store_of(args))
+
+
+def rescore(args: argparse.Namespace) -> None:
+    start_prefect(args.verbose)
+    from flows.rescore import rescore as rescore_flow
+
+    rescore_flow(args.run_id, args.scorer, store_of(args))
+
+
+def parse_variant(text: str, base: SamplingConfig) -> dict:
+    """`NAME` or `NAME:field=value,...`: sampling fields, system_prompt, prompt_template or model."""
+    name, _, settings = text.partition(":")
+    values = {key.strip(): yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings.split(",") if item)}
+    sampling = {key: values.pop(key) for key in list(values) if key in SamplingConfig.model_fields}
+    variant = {"name": name, **values, "sampling": base.model_copy(update=sampling).model_dump() if sampling else None}
+    if "model" in variant:
+        variant["model"] = ModelConfig(model=str(variant["model"]))
+    return variant
+
+
+def compare(args: argparse.Namespace) -> None:
+    dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
+    start_prefect(args.verbose)
+    from flows.compare_runs import compare_runs
+    from tasks.scoring.compare import Variant
+    from tasks.scoring.registry import DEFAULT_SCORERS
+    from tasks.scoring.scorers import ScorerSpec
+
+    variants = [
+        Variant.model_validate(parse_variant(text, sampling))
+        for text in args.variant or ["greedy", "sampled:temperature=0.8,seed=1"]
+    ]
+    scorers: list = list(args.scorer or DEFAULT_SCORERS)
+    if args.judge:
+        scorers.append(ScorerSpec(name="judge", options={"model": model.model_dump()}))
+    result = compare_runs(variants=variants, dataset=dataset, model=model, sampling=sampling, store=store, scorers=scorers)
+    print(f"chart: {result.chart_path}")
+
+
+def review_push(args: argparse.Namespace) -> None:
+    start_prefect(args.verbose)
+    from flows.push_for_review import push_for_review
+
+    selection = SampleSelection(
+        run_id=args.run_id,
+        strategy=args.strategy,
+        scorer=args.scorer,
+        limit=args.limit,
+        other_run_id=args.other_run_id,
+        where=args.where,
+    )
+    print(push_for_review(selection, args.project, args.block, store_of(args)))
+
+
+def review_pull(args: argparse.Namespace) -> None:
+    start_prefect(args.verbose)
+    from flows.pull_reviews import pull_reviews
+
+    print(pull_reviews(args.project, args.block, store_of(args)))
+
+
+def review_export(args: argparse.Namespace) -> None:
+    start_prefect(args.verbose)
+    from flows.export_curated import export_curated
+
+    print(export_curated(args.name, args.output_dir, args.project, args.run_id, store_of(args)))
+
+
+def sql(args: argparse.Namespace) -> None:
+    """A query (read-only, while runs go on), or an interactive prompt when none is given."""
+    from tasks.store.connection import reading
+    from tasks.store.queries import run_query
+
+    with reading(args.duckdb, lock_timeout_seconds=args.lock_timeout) as con:
+        if args.query:
+            print(format_table(run_query(con, args.query), args.max_rows))
+            return
+        print(f"{args.duckdb} (read-only). End a statement with ';', quit with Ctrl-D.")
+        for statement in statements_from_stdin():
+            try:
+                print(format_table(run_query(con, statement), args.max_rows))
+            except Exception as error:  # noqa: BLE001 - a bad query at the prompt is shown and the prompt goes on
+                print(f"error: {error}")
+
+
+def format_table(table, max_rows: int) -> str:
+    text = table.slice(0, max_rows).to_pandas().to_string(index=False, max_colwidth=60)
+    return text + (f"\n... {table.num_rows - max_rows} more rows" if table.num_rows > max_rows else "")
+
+
+def statements_from_stdin():
+    buffer = ""
+    while True:
+        try:
+            line = input("vbf sql> " if not buffer else "     ...> ")
+        except EOFError:
+            return
+        buffer += line + "\n"
+        if buffer.strip().endswith(";"):
+            yield buffer.strip()
+            buffer = ""
+
+
+def cluster(args: argparse.Namespace) -> None:
+    from tasks.cluster import run_until_interrupted, save_default_blocks
+
+    if args.blocks_only:
+        start_prefect(args.verbose)
+        save_default_blocks(TINY_CPU_MODEL.model, args.duckdb, args.storage)
+        return
+    home = Path(args.home or tempfile.mkdtemp(prefix="prefect-cluster-"))
+    run_until_interrupted(home, args.port, args.database_url)

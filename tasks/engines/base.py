@@ -1,0 +1,96 @@
+"""What every engine shares: the output record (and its Arrow schema), the Engine protocol, the
+per-row sampling overrides, and the transient errors a shard is retried after."""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+from pydantic import ValidationError
+
+from tasks.config import SamplingConfig, describe_errors
+
+
+@dataclass
+class OutputRecord:
+    """One answer (one sample of one request), or the error that stood in for it."""
+
+    request_key: str
+    sample_index: int = 0
+    text: str | None = None
+    finish_reason: str | None = None  # stop, length
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    mean_logprob: float | None = None  # mean over the completion's tokens; only when logprobs were asked
+    latency_seconds: float | None = None  # queued to last token
+    error_code: str | None = None  # context_length_exceeded, invalid_request, ...; None on success
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, request_key: str, code: str, message: str, prompt_tokens: int | None = None) -> OutputRecord:
+        return cls(request_key, prompt_tokens=prompt_tokens, error_code=code, error=message)
+
+
+def arrow_type(hint: object) -> pa.DataType:
+    """The Arrow type of a field annotated `T` or `T | None`."""
+    (python_type,) = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    return {str: pa.string(), int: pa.int32(), float: pa.float64()}[python_type]
+
+
+# The output files' schema, derived from the record so the two cannot drift apart.
+OUTPUT_SCHEMA = pa.schema([(name, arrow_type(hint)) for name, hint in typing.get_type_hints(OutputRecord).items()])
+
+
+def output_table(records: list[OutputRecord]) -> pa.Table:
+    return pa.Table.from_pylist([record.__dict__ for record in records], schema=OUTPUT_SCHEMA)
+
+
+@dataclass
+class GenerateResult:
+    outputs: pa.Table  # OUTPUT_SCHEMA
+    seconds: float  # engine seconds spent on these requests
+    batch_size: int  # requests per engine submission (smaller after an out-of-memory)
+    max_num_seqs: int | None  # the engine's batch limit; None where it has none (openai)
+    engine_load_seconds: float = 0.0  # how long the process's first shard waited for the engine to start
+
+
+class Engine(Protocol):
+    """Turns a shard's requests (request_key, prompt, messages, overrides) into OutputRecords.
+
+    A request that cannot run on its own becomes an error record; the shard goes on. `key` names the
+    shard's work (its output key), so an engine can remember what a failed attempt taught it.
+    """
+
+    def generate(self, requests: pa.Table, sampling: SamplingConfig, key: str) -> GenerateResult: ...
+
+
+def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingConfig:
+    """The run's sampling with a row's overrides (a JSON object of SamplingConfig fields) applied."""
+    if not overrides:
+        return base
+    try:
+        values = json.loads(overrides)
+        if not isinstance(values, dict):
+            raise ValueError("overrides must be a JSON object")
+        return SamplingConfig.model_validate({**base.model_dump(), **values})
+    except ValidationError as error:
+        raise ValueError(f"invalid sampling override: {describe_errors(error)}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"overrides are not JSON: {error}") from error
+
+
+def request_columns(requests: pa.Table) -> zip:
+    """(request_key, prompt, messages, overrides) per request; overrides may be absent from a table."""
+    overrides = requests["overrides"].to_pylist() if "overrides" in requests.column_names else [None] * requests.num_rows
+    return zip(requests["request_key"].to_pylist(), requests["prompt"].to_pylist(), requests["messages"].to_pylist(), overrides)
+
+
+class ShardOutOfMemory(RuntimeError):
+    """Transient: the retry runs the shard in smaller batches."""
+
+
+class EngineRestarted(RuntimeError):
+    """Transient: the engine this shard prepared for was closed (crashed or swapped); the retry uses the new one."""

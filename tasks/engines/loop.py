@@ -1,0 +1,186 @@
+"""The engine loop: one thread drives vLLM and keeps its batch full across shard boundaries."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from tasks.config import SamplingConfig, SpecError
+from tasks.engines.base import EngineRestarted
+
+
+@dataclass
+class PendingRequest:
+    request_key: str
+    token_ids: list[int]
+    sampling: SamplingConfig
+
+
+class Submission:
+    """One generate call's requests in the engine loop; done once every request has its outcome."""
+
+    def __init__(self, pending: list[PendingRequest], params: list, lora_request, shared_sampling: bool):
+        self.pending, self.params, self.lora_request = pending, params, lora_request
+        self.shared_sampling = shared_sampling  # every request has the run's sampling: a rejection is the run's fault
+        self.outcomes: list = [None] * len(pending)  # RequestOutput, or the exception that rejected the request
+        self.remaining = len(pending)
+        self.engine_seconds = 0.0  # engine wall time spent while this was the oldest unfinished submission
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def settle(self, index: int, outcome) -> None:
+        self.outcomes[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def wait(self) -> list:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcomes
+
+
+class EngineLoop:
+    """The one thread that drives vLLM: it adds each shard's requests as they come and steps the
+    engine without pause, so the running batch stays full across shard boundaries instead of
+    draining at the end of every generate call. Each shard waits only for its own requests.
+
+    A shard is admitted while fewer than `admit_below` requests are unfinished (two full batches):
+    the next shard queues behind the running one, and shards still finish roughly in order.
+    """
+
+    def __init__(self, llm, admit_below: int):
+        self.llm = llm
+        self.admit_below = admit_below
+        self.inbox: queue.Queue[Submission | None] = queue.Queue()
+        self.owner: dict[str, tuple[Submission, int]] = {}  # vLLM request id -> (submission, index)
+        self.unfinished: list[Submission] = []  # oldest first
+        self.room = threading.Condition()
+        self.queued = 0  # requests submitted and not finished
+        self.stopped = False
+        self.serial = itertools.count()
+        self.thread = threading.Thread(target=self.run, name="vllm-engine-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, submission: Submission) -> Submission:
+        with self.room:
+            self.room.wait_for(lambda: self.stopped or self.queued < self.admit_below)
+            if self.stopped:
+                raise EngineRestarted("the engine was closed while this shard waited")
+            self.queued += len(submission.pending)
+            self.inbox.put(submission)  # under the lock: a stopping loop sees it in its last look at the inbox
+        return submission
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=60)
+
+    def run(self) -> None:
+        try:
+            self.drive()
+        except BaseException as error:  # the engine died, or this loop broke: no shard may wait forever
+            self.fail_unfinished(error, [])
+
+    def drive(self) -> None:
+        last_step = time.perf_counter()
+        while True:
+            arrived = self.take_arrivals(wait=not self.owner)
+            if None in arrived:
+                self.fail_unfinished(EngineRestarted("the engine was closed while this shard waited"), arrived)
+                return
+            if not self.owner:
+                last_step = time.perf_counter()  # idle until now: that time is nobody's
+            for submission in arrived:
+                self.add(submission)
+            if not self.owner:
+                continue
+            outputs = self.llm.llm_engine.step()
+            now = time.perf_counter()
+            if self.unfinished:
+                self.unfinished[0].engine_seconds += now - last_step
+            last_step = now
+            for output in outputs:
+                owner = self.owner.pop(output.request_id, None) if output.finished else None
+                if owner is not None:
+                    self.settle(*owner, output)
+
+    def take_arrivals(self, wait: bool) -> list[Submission | None]:
+        arrived = [self.inbox.get()] if wait else []
+        while True:
+            try:
+                arrived.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return arrived
+
+    def add(self, submission: Submission) -> None:
+        """Hand the submission's requests to vLLM one by one: a request vLLM rejects is settled with the error."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind
+
+        self.unfinished.append(submission)
+        added: list[str] = []
+        for index, (request, params) in enumerate(zip(submission.pending, submission.params)):
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # the finished output only, as LLM.generate asks
+            request_id = f"request-{next(self.serial)}"
+            try:
+                self.llm.llm_engine.add_request(
+                    request_id, {"prompt_token_ids": request.token_ids}, params, lora_request=submission.lora_request
+                )
+            except VLLMValidationError as error:
+                if submission.shared_sampling:  # every request has the run's sampling: the run's configuration is at fault
+                    self.abort(added)
+                    self.reject(submission, SpecError(f"sampling parameters rejected by vLLM: {error}"))
+                    return
+                self.settle(submission, index, error)  # a row's own parameters are at fault: the others run
+                continue
+            except Exception as error:
+                self.abort(added)
+                self.reject(submission, error)
+                return
+            added.append(request_id)
+            self.owner[request_id] = (submission, index)
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(request_ids)
+            for request_id in request_ids:
+                del self.owner[request_id]
+
+    def settle(self, submission: Submission, index: int, outcome) -> None:
+        submission.settle(index, outcome)
+        self.release(1)
+        if submission.done.is_set():
+            self.unfinished.remove(submission)
+
+    def reject(self, submission: Submission, error: BaseException) -> None:
+        submission.fail(error)
+        if submission in self.unfinished:
+            self.unfinished.remove(submission)
+        self.release(submission.remaining)
+
+    def fail_unfinished(self, error: BaseException, arrived: list[Submission | None]) -> None:
+        """The loop ends: fail every submission it holds or that is still in the inbox."""
+        with self.room:
+            self.stopped = True
+            arrived = [*arrived, *self.take_arrivals(wait=False)]
+            for submission in [*self.unfinished, *(s for s in arrived if s is not None)]:
+                submission.fail(error)
+            self.owner.clear()
+            self.unfinished.clear()
+            self.queued = 0
+            self.room.notify_all()
+
+    def release(self, requests: int) -> None:
+        with self.room:
+            self.queued -= requests
+            # Called per finished request: waking every waiting shard each time costs a core's worth of wake-ups.
+            if self.queued < self.admit_below:
+                self.room.notify_all()

@@ -1,0 +1,279 @@
+"""The in-process vLLM engine (`engine: vllm`): built once per process, reused by every shard, driven
+by one loop thread (see `loop`). The same code runs vLLM's GPU build and its CPU build."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import threading
+import time
+import zlib
+
+import pyarrow as pa
+
+from tasks.config import ModelConfig, SamplingConfig
+from tasks.engines.base import (
+    GenerateResult,
+    OutputRecord,
+    ShardOutOfMemory,
+    output_table,
+    request_columns,
+    request_sampling,
+)
+from tasks.engines.loop import EngineLoop, PendingRequest, Submission
+
+
+def engine_arguments(config: ModelConfig) -> dict:
+    from vllm.platforms import current_platform
+
+    # Stats on: vLLM then times each request (queued → last token), which outputs record.
+    args = {"disable_log_stats": False, **config.vllm_args()}
+    if current_platform.is_cpu():
+        # Chunked prefill rewinds a request's seeded generator, which CPU generators cannot do:
+        # seeded sampling (temperature > 0 with a seed) would kill the engine
+        # ("CPU Generator does not use offset"). engine_kwargs can still turn it back on.
+        args.setdefault("enable_chunked_prefill", False)
+    return args
+
+
+def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None
+    if sampling.structured is not None:
+        s = sampling.structured
+        structured = StructuredOutputsParams(json=s.json_schema, regex=s.regex, choice=s.choice)
+    # SamplingConfig's field names are vLLM's own
+    return SamplingParams(
+        **sampling.model_dump(exclude={"max_tokens", "stop", "structured"}),
+        max_tokens=max_tokens,
+        stop=sampling.stop or None,
+        structured_outputs=structured,
+    )
+
+
+class VllmEngine:
+    def __init__(self, config: ModelConfig):
+        from vllm import LLM
+
+        self.config = config
+        self.llm = LLM(**engine_arguments(config))
+        self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs)
+        # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
+        self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
+        self.prepare_lock = threading.Lock()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.start_reported = False
+        self.requests_sent = 0  # how many requests reached the engine in this process
+
+    def take_start_report(self) -> bool:
+        """True for the first shard to use the engine: it reports how long it waited for the start."""
+        reported, self.start_reported = self.start_reported, True
+        return not reported
+
+    def prompt_token_ids(self, prompt: str | None, messages: str | None) -> list[int]:
+        if messages is not None:
+            conversation = json.loads(messages)
+            return list(
+                self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
+        return list(self.tokenizer.encode(prompt))
+
+    def lora_request(self):
+        adapter = self.config.lora_adapter
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, zlib.crc32(adapter.name.encode()) % 1_000_000 + 1, adapter.path)
+
+    def prepare(self, shard: pa.Table, sampling: SamplingConfig) -> tuple[list[PendingRequest], list[OutputRecord]]:
+        """Requests ready for the engine, and error records for those that cannot run on their own."""
+        with self.prepare_lock:
+            pending: list[PendingRequest] = []
+            errors: list[OutputRecord] = []
+            for request_key, prompt, messages, override in request_columns(shard):
+                try:
+                    request = request_sampling(sampling, override)
+                except ValueError as error:
+                    errors.append(OutputRecord.failed(request_key, "invalid_request", str(error)))
+                    continue
+                try:
+                    token_ids = self.prompt_token_ids(prompt, messages)
+                except Exception as error:  # a chat template that rejects these messages, say
+                    errors.append(OutputRecord.failed(request_key, "invalid_prompt", f"{type(error).__name__}: {error}"))
+                    continue
+                if len(token_ids) >= self.max_model_len:
+                    message = f"prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}"
+                    errors.append(OutputRecord.failed(request_key, "context_length_exceeded", message, len(token_ids)))
+                    continue
+                pending.append(PendingRequest(request_key, token_ids, request))
+            return pending, errors
+
+    def generate(self, shard: pa.Table, sampling: SamplingConfig, batch_size: int | None = None) -> pa.Table:
+        """The shard's outputs, one submission to the engine loop (or chunks of batch_size).
+
+        A request that cannot run on its own (prompt longer than the context, a bad per-row
+        override or schema) becomes an error row, like the error file of an OpenAI batch.
+        """
+        pending, errors = self.prepare(shard, sampling)
+        return self.generate_prepared(pending, errors, sampling, batch_size)[0]
+
+    def generate_prepared(
+        self, pending: list[PendingRequest], errors: list[OutputRecord], sampling: SamplingConfig, batch_size: int | None
+    ) -> tuple[pa.Table, float]:
+        """The outputs, and the engine seconds they took."""
+        records, seconds = list(errors), 0.0
+        size = batch_size or max(len(pending), 1)
+        for start in range(0, len(pending), size):
+            chunk = pending[start : start + size]
+            chunk_records, chunk_seconds = self.run(chunk, shared_sampling=all(r.sampling is sampling for r in chunk))
+            records.extend(chunk_records)
+            seconds += chunk_seconds
+        return output_table(records), seconds
+
+    def run(self, pending: list[PendingRequest], shared_sampling: bool = False) -> tuple[list[OutputRecord], float]:
+        """Records for these requests, and the engine seconds they took."""
+        if not pending:
+            return [], 0.0
+        params = [
+            vllm_sampling_params(r.sampling, min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))) for r in pending
+        ]
+        submission = self.loop.submit(Submission(pending, params, self.lora_request(), shared_sampling))
+        outcomes = submission.wait()
+        self.requests_sent += len(pending)
+        records = []
+        for request, outcome in zip(pending, outcomes):
+            if isinstance(outcome, Exception):  # vLLM rejected this request on its own (its override, its schema)
+                records.append(OutputRecord.failed(request.request_key, "invalid_request", str(outcome), len(request.token_ids)))
+                continue
+            records.extend(completion_records(request, outcome))
+        return records, submission.engine_seconds
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+
+    def close(self, timeout: float | None = None) -> None:
+        self.loop.stop()  # from here on a shard's submission raises EngineRestarted
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown(timeout=timeout)
+        del self.llm
+
+
+def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
+    """One record per sample of a finished vLLM RequestOutput."""
+    stats = outcome.metrics
+    latency = stats.last_token_ts - stats.queued_ts if stats is not None and stats.last_token_ts else None
+    records = []
+    for completion in outcome.outputs:
+        tokens = len(completion.token_ids)
+        mean_logprob = None
+        if request.sampling.logprobs is not None and completion.cumulative_logprob is not None and tokens:
+            mean_logprob = completion.cumulative_logprob / tokens
+        records.append(
+            OutputRecord(
+                request.request_key,
+                sample_index=completion.index,
+                text=completion.text,
+                finish_reason=completion.finish_reason,
+                prompt_tokens=len(request.token_ids),
+                completion_tokens=tokens,
+                mean_logprob=mean_logprob,
+                latency_seconds=latency,
+            )
+        )
+    return records
+
+
+# ---------------------------------------------------------------- the process's one engine
+
+_engine_lock = threading.Lock()
+_engine: VllmEngine | None = None
+
+
+def get_engine(config: ModelConfig) -> VllmEngine:
+    """The process's engine for these engine args; other args replace (and free) the previous engine."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None and _engine.config.vllm_args() != config.vllm_args():
+            _close_engine()
+        if _engine is None:
+            _engine = VllmEngine(config)
+        elif _engine.config != config:
+            _engine.config = config  # same engine; the adapter (or other per-run settings) may differ
+        return _engine
+
+
+def start_engine_in_background(config: ModelConfig) -> None:
+    """Start loading the engine in a thread, so its start overlaps the work before the first shard.
+
+    A load that fails is left to the shard that needs the engine to raise, in its own context.
+    vLLM is imported here, in the caller's thread: imported in the thread, beside whatever the
+    caller goes on with, the import (seconds: torch, transformers) shares one GIL and takes longer.
+    """
+    from vllm import LLM  # noqa: F401
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the first shard loads again and reports the error
+            get_engine(config)
+
+    threading.Thread(target=load, name="engine-start", daemon=True).start()
+
+
+def close_engine(timeout: float | None = None) -> None:
+    """Stop the engine's processes now rather than at interpreter exit (timeout=0: kill them, nothing to drain)."""
+    with _engine_lock:
+        _close_engine(timeout)
+
+
+def _close_engine(timeout: float | None = None) -> None:
+    global _engine
+    if _engine is not None:
+        _engine.close(timeout)
+        _engine = None
+        gc.collect()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+# After an out-of-memory, the shard's next attempt runs in batches of at most this many requests.
+_batch_limits: dict[str, int] = {}
+
+
+class SharedVllmEngine:
+    """The Engine for `engine: vllm`: shards of this process run on its one VllmEngine."""
+
+    def __init__(self, config: ModelConfig, api_key: str | None = None):
+        self.config = config
+
+    def generate(self, requests: pa.Table, sampling: SamplingConfig, key: str) -> GenerateResult:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        asked = time.perf_counter()
+        engine = get_engine(self.config)
+        waited = time.perf_counter() - asked
+        load_seconds = waited if engine.take_start_report() else 0.0
+        limit = _batch_limits.get(key)
+        # Tokenized in the shard's thread: overlaps the engine's work on other shards.
+        pending, errors = engine.prepare(requests, sampling)
+        try:
+            outputs, seconds = engine.generate_prepared(pending, errors, sampling, limit)
+        except EngineDeadError:
+            close_engine()  # the retry builds a fresh one
+            raise
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            smaller = max(1, (limit or requests.num_rows) // 2)
+            _batch_limits[key] = smaller
+            raise ShardOutOfMemory(f"out of memory; the retry runs batches of {smaller} requests: {error}") from error
+        return GenerateResult(outputs, seconds, limit or requests.num_rows, engine.max_num_seqs, load_seconds)

@@ -1,0 +1,166 @@
+"""Export formats: chat fine-tuning lines and the OpenAI batch output format, each line validated by a model of it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from tasks.keys import content_hash
+from tasks.prepare.render import conversation
+
+# --- the OpenAI batch output format (one JSON object per line of the output and error files) ------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Strict):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class ChatChoice(Strict):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(Strict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(Strict):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class Completion(Strict):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class BatchResponse(Strict):
+    status_code: int
+    request_id: str
+    body: ChatCompletion | Completion
+
+
+class BatchError(Strict):
+    code: str
+    message: str
+
+
+class BatchOutputLine(Strict):
+    """One line of an OpenAI batch output file (response set) or error file (error set)."""
+
+    id: str
+    custom_id: str
+    response: BatchResponse | None
+    error: BatchError | None
+
+    @model_validator(mode="after")
+    def _response_or_error(self) -> BatchOutputLine:
+        if (self.response is None) == (self.error is None):
+            raise ValueError("exactly one of response and error is set")
+        return self
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatExample(Strict):
+    """One line of a chat fine-tuning file: the conversation ending in the model's answer."""
+
+    messages: list[ChatMessage]
+
+    @model_validator(mode="after")
+    def _ends_with_the_answer(self) -> ChatExample:
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise ValueError("the last message is the assistant's answer")
+        return self
+
+
+# --- formats (pure: rows in, lines out) ----------------------------------------------------------
+
+
+def chat_example(row: dict) -> ChatExample:
+    return ChatExample(messages=[*conversation(row["prompt"], row["messages"]), {"role": "assistant", "content": row["text"]}])
+
+
+def batch_line(samples: list[dict]) -> BatchOutputLine:
+    """All samples of one request (sample_index 0..n-1) as one line, like an OpenAI response with n choices."""
+    first = samples[0]
+    line_id = f"batch_req_{content_hash([first['run_id'], first['custom_id']])}"
+    if first["error_code"] is not None:
+        return BatchOutputLine(
+            id=line_id,
+            custom_id=first["custom_id"],
+            response=None,
+            error=BatchError(code=first["error_code"], message=first["error"] or first["error_code"]),
+        )
+    chat = first["messages"] is not None
+    choices = [
+        ChatChoice(
+            index=s["sample_index"],
+            message=AssistantMessage(role="assistant", content=s["text"]),
+            finish_reason=s["finish_reason"],
+        )
+        if chat
+        else CompletionChoice(index=s["sample_index"], text=s["text"], finish_reason=s["finish_reason"])
+        for s in samples
+    ]
+    completion_tokens = sum(s["completion_tokens"] for s in samples)
+    usage = Usage(
+        prompt_tokens=first["prompt_tokens"],
+        completion_tokens=completion_tokens,
+        total_tokens=first["prompt_tokens"] + completion_tokens,
+    )
+    body_type, kind = (ChatCompletion, "chat.completion") if chat else (Completion, "text_completion")
+    body = body_type(
+        id=f"cmpl-{first['output_id']}", object=kind, created=first["created"], model=first["model"], choices=choices, usage=usage
+    )
+    return BatchOutputLine(
+        id=line_id,
+        custom_id=first["custom_id"],
+        error=None,
+        response=BatchResponse(status_code=200, request_id=f"req_{first['output_id']}", body=body),
+    )
+
+
+def group_samples(rows: Iterable[dict]) -> Iterator[list[dict]]:
+    """Consecutive rows of one request (the selection is ordered by it) form one line."""
+    key = lambda row: (row["dataset_name"], row["model"], row["run_id"], row["custom_id"])  # noqa: E731
+    for _, samples in itertools.groupby(rows, key=key):
+        yield list(samples)
+
+
+def to_json_line(model: BaseModel) -> str:
+    return model.model_dump_json() + "\n"

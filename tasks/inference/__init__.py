@@ -1,0 +1,1 @@
+"""Inference: one cached task per shard, run in this process or dispatched in groups to workers."""

@@ -1,0 +1,114 @@
+"""The job every shard of a run is computed with, and the manifest a computed shard leaves behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
+
+from tasks import keys, storage
+from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, SpecError
+from tasks.engines.base import GenerateResult
+from tasks.prepare.shard import Shard
+
+
+class InferenceJob(BaseModel):
+    """What a run's shards are computed with: the model (and its fingerprint), the sampling, where
+    results go, and how shards are cut and retried. One value, so every step gets all of it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: ModelConfig
+    sampling: SamplingConfig
+    model_fingerprint: str
+    storage: str
+    sharding: ShardingConfig = ShardingConfig()
+
+    @property
+    def sampling_hash(self) -> str:
+        return keys.sampling_hash(self.sampling)
+
+    def output_key(self, shard: Shard) -> str:
+        return keys.output_key(shard.shard_key, self.model_fingerprint, self.sampling)
+
+    def output_path(self, shard: Shard) -> str:
+        return storage.join(self.storage, "outputs", f"{self.output_key(shard)}.parquet")
+
+    def result_storage(self) -> Path:
+        """Where Prefect persists the shard tasks' results (the cache records), next to the shard files."""
+        if "://" in self.storage:
+            raise SpecError(f"storage {self.storage}: only a local folder is supported in this version")
+        return Path(self.storage, "prefect-results").resolve()
+
+
+class ShardOutput(BaseModel):
+    """A computed shard: where its outputs are, and what they cost."""
+
+    shard_key: str
+    output_key: str
+    path: str
+    requests: int
+    outputs: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    generate_seconds: float
+    batch_size: int  # requests per engine submission (smaller after an out-of-memory)
+    max_num_seqs: int | None  # the engine's; None for the openai engine
+    engine_load_seconds: float  # how long the process's first shard waited for the engine to start
+
+    @property
+    def engine_requests(self) -> int:
+        """Requests that reached the engine (the rest failed their checks before it)."""
+        return self.requests - self.errors
+
+
+def output_file(shard: Shard, key: str, outputs: pa.Table) -> pa.Table:
+    """The engine's records with the shard and output keys they belong to (lineage in the store)."""
+    outputs = outputs.append_column("shard_key", pa.array([shard.shard_key] * outputs.num_rows, pa.string()))
+    return outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))
+
+
+def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult) -> ShardOutput:
+    outputs = result.outputs
+    ok = outputs.filter(pc.is_null(outputs["error_code"]))
+    return ShardOutput(
+        shard_key=shard.shard_key,
+        output_key=key,
+        path=path,
+        requests=shard.requests,
+        outputs=outputs.num_rows,
+        errors=outputs.num_rows - ok.num_rows,
+        prompt_tokens=pc.sum(ok["prompt_tokens"]).as_py() or 0,
+        completion_tokens=pc.sum(ok["completion_tokens"]).as_py() or 0,
+        generate_seconds=result.seconds,
+        batch_size=result.batch_size,
+        max_num_seqs=result.max_num_seqs,
+        engine_load_seconds=result.engine_load_seconds,
+    )
+
+
+def check_model(model: ModelConfig) -> None:
+    """A local model folder that is not there is a configuration mistake: say so before any work."""
+    looks_local = model.model.startswith((".", "/", "~")) or Path(model.model).exists()
+    if looks_local and not (Path(model.model).expanduser() / "config.json").is_file():
+        raise SpecError(
+            f"model {model.model}: no model folder with a config.json there (for the bundled tiny model run `make tiny-model`)"
+        )
+
+
+# Retrying cannot fix a configuration mistake: those fail at once with their message.
+PERMANENT_ERRORS = (SpecError, ValueError, TypeError, FileNotFoundError, ImportError)
+
+
+def split_groups(shards: list[Shard], n_groups: int) -> list[list[Shard]]:
+    """At most n_groups groups of about equal requests; each keeps the shards' order."""
+    loads = [0] * max(1, n_groups)
+    members: list[list[int]] = [[] for _ in loads]
+    for index in sorted(range(len(shards)), key=lambda i: -shards[i].requests):
+        lightest = loads.index(min(loads))
+        loads[lightest] += shards[index].requests
+        members[lightest].append(index)
+    return [[shards[i] for i in sorted(group)] for group in members if group]

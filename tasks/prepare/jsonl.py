@@ -1,0 +1,165 @@
+"""JSON lines and OpenAI batch input: one object per line, each a row or a located rejected row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from tasks.config import DatasetSpec, SpecError
+from tasks.prepare.sources import (
+    OPENAI_FIELDS,
+    OPENAI_URLS,
+    SourceBatch,
+    expectation_columns,
+    filesystem,
+    needed_columns,
+    rejected,
+)
+
+
+def openai_row(record: dict, file: str, line: int) -> tuple[dict | None, dict | None]:
+    """An OpenAI batch line as (row, None) or (None, rejected row)."""
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip():
+        return None, rejected(file, line, "custom_id", f"line {line + 1}: custom_id missing or not text")
+    url = record.get("url")
+    if url not in OPENAI_URLS:
+        return None, rejected(
+            file,
+            line,
+            "url",
+            f"line {line + 1}: url {url!r} is not supported (only {', '.join(OPENAI_URLS)})",
+            custom_id,
+        )
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return None, rejected(file, line, "body", f"line {line + 1}: body missing or not an object", custom_id)
+    text_field = OPENAI_URLS[url]
+    text = body.get(text_field)
+    if text_field == "prompt" and not (text is None or isinstance(text, str)):
+        return None, rejected(file, line, "body.prompt", f"line {line + 1}: prompt must be one string", custom_id)
+    overrides = {k: v for k, v in body.items() if k not in ("model", "messages", "prompt")}
+    return {
+        "custom_id": custom_id,
+        "prompt": text if text_field == "prompt" else None,
+        "messages": json.dumps(text, ensure_ascii=False) if text_field == "messages" and text is not None else None,
+        "overrides": json.dumps(overrides, ensure_ascii=False, sort_keys=True) if overrides else None,
+    }, None
+
+
+def jsonl_value(value: object) -> object:
+    """Template columns take any JSON value; non-text goes on as JSON so one column keeps one type."""
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def jsonl_row(
+    spec: DatasetSpec, record: dict, file: str, line: int, columns: list[str], raw_columns: list[str]
+) -> tuple[dict | None, dict | None]:
+    """A JSONL object as (row, None) or (None, rejected row); text fields must hold text.
+
+    `columns` are the spec's needed columns; `raw_columns` (read for expectations only) keep their JSON values.
+    """
+    raw_id = record.get(spec.id_column) if spec.id_column else None
+    if isinstance(raw_id, bool) or not (raw_id is None or isinstance(raw_id, str | int)):
+        return None, rejected(file, line, spec.id_column, f"line {line + 1}: id is {json_type(raw_id)}, not text or integer")
+    custom_id = None if raw_id is None else str(raw_id)
+    row: dict = {}
+    for column in columns:
+        value = record.get(column)
+        if column == spec.id_column:
+            row[column] = custom_id
+        elif column in (spec.prompt_column, spec.reference_column) and value is not None and not isinstance(value, str):
+            reason = f"line {line + 1}: expected text, got {json_type(value)}"
+            return None, rejected(file, line, column, reason, custom_id)
+        elif column == spec.messages_column:
+            row[column] = None if value is None else json.dumps(value, ensure_ascii=False)
+        elif column in raw_columns:
+            row[column] = value
+        elif column not in spec.override_columns:
+            row[column] = jsonl_value(value)
+    overrides = {c: record[c] for c in spec.override_columns if record.get(c) is not None}
+    row["overrides"] = json.dumps(overrides, ensure_ascii=False, sort_keys=True) if overrides else None
+    return row, None
+
+
+def jsonl_columns(spec: DatasetSpec, fmt: str) -> list[str]:
+    """The columns of a JSONL batch: per-row overrides travel as one JSON column, as in OpenAI batch input."""
+    if fmt == "openai_batch":
+        return list(OPENAI_FIELDS.values())
+    return [c for c in needed_columns(spec) if c not in spec.override_columns] + ["overrides"]
+
+
+def iter_jsonl_batches(spec: DatasetSpec, files: list[str], fmt: str, batch_size: int) -> Iterator[SourceBatch]:
+    columns, needed, raw_columns = jsonl_columns(spec, fmt), needed_columns(spec), expectation_columns(spec)
+    for file in files:
+        fs, path, _ = filesystem(file)
+        rows: list[dict] = []
+        bad: list[dict] = []
+        first_row = 0
+        with fs.open(path, "rb", compression="infer") as handle:
+            line = -1
+            for line, raw in enumerate(handle):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    bad.append(rejected(file, line, "line", f"line {line + 1}: invalid UTF-8 at byte {error.start}"))
+                    text = None
+                if text is not None and text.strip():
+                    try:
+                        record = json.loads(text)
+                    except ValueError as error:
+                        bad.append(rejected(file, line, "line", f"line {line + 1}: not valid JSON ({error})"))
+                        record = None
+                    if record is not None and not isinstance(record, dict):
+                        bad.append(rejected(file, line, "line", f"line {line + 1}: not a JSON object"))
+                    elif record is not None:
+                        if fmt == "openai_batch":
+                            row, problem = openai_row(record, file, line)
+                        else:
+                            check_first_record(spec, file, line, record, seen_rows=bool(rows) or first_row > 0)
+                            row, problem = jsonl_row(spec, record, file, line, needed, raw_columns)
+                        if problem:
+                            bad.append(problem)
+                        else:
+                            rows.append({"__line": line, **row})
+                if line + 1 - first_row >= batch_size:
+                    yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
+                    rows, bad, first_row = [], [], line + 1
+            if line + 1 > first_row:
+                yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
+
+
+def check_first_record(spec: DatasetSpec, file: str, line: int, record: dict, seen_rows: bool) -> None:
+    """A key the spec needs that the first object lacks is a spec mistake, not a bad row."""
+    if seen_rows:
+        return
+    required = [c for c in needed_columns(spec) if c not in spec.override_columns and c != spec.reference_column]
+    missing = [c for c in required if c not in record]
+    if missing:
+        raise SpecError(
+            f"dataset {spec.name}: file {file} line {line + 1} has no field '{missing[0]}' (fields: {', '.join(record)})"
+        )
+
+
+def jsonl_batch(
+    file: str, first_row: int, end: int, rows: list[dict], bad: list[dict], columns: list[str], raw_columns: list[str]
+) -> SourceBatch:
+    """Request columns as text; the expectations' own columns keep their JSON type (JSON text when it varies)."""
+    schema = pa.schema([("__line", pa.int64()), *((c, pa.string()) for c in columns if c not in raw_columns)])
+    batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+    for column in raw_columns:
+        values = [row.get(column) for row in rows]
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            array = pa.array([jsonl_value(value) for value in values], pa.string())
+        batch = batch.append_column(column, array)
+    return SourceBatch(file, first_row, batch, bad, rows=end - first_row)

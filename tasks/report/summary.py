@@ -1,0 +1,217 @@
+"""The run summary: a pydantic record the flow returns, the `runs` row it becomes, and a terminal table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from tasks.config import DatasetSpec
+from tasks.inference.job import InferenceJob, ShardOutput
+from tasks.prepare.requests import RequestSet
+from tasks.store.commit import CommitFiles, RunRecord
+from tasks.store.rows import DatasetVersionRow, RunCounts, RunRow, RunShardRow
+
+
+class StageClock:
+    """Wall seconds per stage of a flow, for the run record and the 'where the time goes' report."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - started, 3)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class RunSummary(RunCounts):
+    """What `batch_inference` returns: the run's counts, where its time went, and where its results are."""
+
+    run_id: str
+    dataset_name: str
+    dataset_version: str
+    model: str
+    engine: str
+    model_fingerprint: str
+    stage_seconds: dict[str, float]  # prepare, shard, infer (of which engine_start, generate), score, commit
+    duckdb_path: str
+
+
+def summarize_run(
+    run_id: str,
+    dataset_name: str,
+    job: InferenceJob,
+    request_set: RequestSet,
+    outputs: list[ShardOutput],
+    cached: list[bool],
+    clock: StageClock,
+    duckdb_path: str,
+    reused_requests: int = 0,
+) -> RunSummary:
+    computed = [output for output, was_cached in zip(outputs, cached) if not was_cached]
+    generated = sum(output.completion_tokens for output in computed)
+    wall_seconds = clock.total()
+    stage_seconds = {
+        **clock.seconds,
+        "engine_start": round(sum(output.engine_load_seconds for output in computed), 3),
+        "generate": round(sum(output.generate_seconds for output in computed), 3),
+    }
+    return RunSummary(
+        run_id=run_id,
+        dataset_name=dataset_name,
+        dataset_version=request_set.dataset_version,
+        model=job.model.model,
+        engine=job.model.engine,
+        model_fingerprint=job.model_fingerprint,
+        rows_read=request_set.rows_read,
+        rejected=request_set.rejected,
+        requests=request_set.requests,
+        unique_requests=request_set.unique_requests,
+        duplicates=request_set.duplicates,
+        shards=len(outputs),
+        cached_shards=sum(cached),
+        engine_requests=sum(output.engine_requests for output in computed),
+        reused_requests=reused_requests,
+        outputs=sum(output.outputs for output in outputs),
+        errors=sum(output.errors for output in outputs),
+        prompt_tokens=sum(output.prompt_tokens for output in outputs),
+        completion_tokens=sum(output.completion_tokens for output in outputs),
+        generated_tokens=generated,
+        tokens_per_second=generated / wall_seconds if wall_seconds > 0 else 0.0,
+        wall_seconds=wall_seconds,
+        stage_seconds=stage_seconds,
+        duckdb_path=duckdb_path,
+    )
+
+
+SUMMARY_LABELS = {
+    "requests": "requests",
+    "unique_requests": "unique requests",
+    "duplicates": "duplicates",
+    "rejected": "rejected rows",
+    "shards": "shards",
+    "cached_shards": "cached shards",
+    "engine_requests": "requests sent to the engine",
+    "reused_requests": "requests answered from earlier runs",
+    "outputs": "outputs",
+    "errors": "errors",
+    "prompt_tokens": "prompt tokens",
+    "completion_tokens": "completion tokens",
+    "tokens_per_second": "generated tokens/s",
+    "wall_seconds": "wall time (s)",
+}
+
+
+def summary_rows(summary: RunSummary) -> list[dict]:
+    values = summary.model_dump()
+    return [
+        {"metric": label, "value": round(values[field], 1) if isinstance(values[field], float) else values[field]}
+        for field, label in SUMMARY_LABELS.items()
+    ]
+
+
+def format_summary(summary: RunSummary) -> str:
+    width = max(len(label) for label in SUMMARY_LABELS.values())
+    lines = [f"run {summary.run_id} — {summary.dataset_name} ({summary.dataset_version[:12]}) on {summary.model}"]
+    lines += [f"  {row['metric']:<{width}}  {row['value']}" for row in summary_rows(summary)]
+    lines += [f"  {'stage seconds':<{width}}  " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items())]
+    lines += [
+        "",
+        "Try next:",
+        f'  {vbf_command()} sql --duckdb {summary.duckdb_path} "SELECT custom_id, finish_reason, '
+        f"completion_tokens, left(text, 40) AS text FROM run_outputs WHERE run_id = '{summary.run_id}' LIMIT 10\"",
+    ]
+    return "\n".join(lines)
+
+
+def run_record(
+    summary: RunSummary,
+    dataset: DatasetSpec,
+    job: InferenceJob,
+    scorers: str,
+    request_set: RequestSet,
+    outputs: list[ShardOutput],
+    cached: list[bool],
+    score_files: list[str],
+    started_at: datetime,
+) -> RunRecord:
+    """What the run writes to the store: its `runs` row (what was asked, what it cost), its dataset
+    version, its shards, and the files holding its requests, rejected rows, outputs and scores."""
+    run = RunRow(
+        **summary.model_dump(include={*RunCounts.model_fields, "run_id", "dataset_version", "model_fingerprint"}),
+        dataset_name=summary.dataset_name,
+        model=job.model.model,
+        engine=job.model.engine,
+        engine_args=job.model.model_dump_json(),
+        stage_seconds=json.dumps(summary.stage_seconds),
+        sampling_params=job.sampling.model_dump_json(),
+        sampling_hash=job.sampling_hash,
+        template_hash=request_set.template_hash,
+        input_fingerprint=request_set.input_fingerprint,
+        fan_out=dataset.dedupe.fan_out,
+        scorers=scorers,
+        code_version=code_version(),
+        started_at=started_at,
+        finished_at=datetime.now(timezone.utc),
+    )
+    dataset_version = DatasetVersionRow(
+        dataset_version=request_set.dataset_version,
+        dataset_name=dataset.name,
+        source=dataset.source,
+        spec=dataset.model_dump_json(),
+        template_hash=request_set.template_hash,
+        rows_read=request_set.rows_read,
+        requests=request_set.requests,
+        unique_requests=request_set.unique_requests,
+        rejected=request_set.rejected,
+    )
+    shards = [
+        RunShardRow(run_id=summary.run_id, cached=was_cached, **output.model_dump(exclude={"path", "outputs"}))
+        for output, was_cached in zip(outputs, cached)
+    ]
+    files = CommitFiles(
+        requests=request_set.request_files,
+        rejected=request_set.rejected_files,
+        outputs=[output.path for output in outputs],
+        scores=score_files,
+    )
+    return RunRecord(run, dataset_version, shards, files)
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = metadata.version("vllm-batch-flows")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def vbf_command() -> str:
+    """How to call `vbf` from here: the script beside this Python (`.venv/bin/vbf`), or `vbf` on the PATH."""
+    script = Path(sys.executable).parent / "vbf"
+    try:
+        return str(script.relative_to(Path.cwd())) if script.exists() else "vbf"
+    except ValueError:
+        return str(script)

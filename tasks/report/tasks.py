@@ -1,0 +1,98 @@
+"""Report's Prefect tasks: every artifact a flow run page shows."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks import storage
+from tasks.prepare.requests import RequestSet
+from tasks.report.charts import comparison_chart, histogram_png
+from tasks.report.markdown import comparison_markdown, format_report
+from tasks.report.summary import RunSummary, summary_rows
+from tasks.scoring.compare import Comparison
+
+
+@task(name="publish-summary")
+def publish_summary(summary: RunSummary) -> None:
+    create_table_artifact(
+        key="batch-inference-summary",
+        table=summary_rows(summary),
+        description=f"Run {summary.run_id} of {summary.dataset_name} on {summary.model}",
+    )
+
+
+@task(name="publish-validation")
+def publish_validation(request_set: RequestSet, dataset_name: str) -> None:
+    """The Great Expectations result of the dataset, one row per expectation."""
+    create_table_artifact(
+        key="dataset-validation",
+        table=request_set.validation,
+        description=f"Validation of {dataset_name} ({request_set.dataset_version[:12]}): "
+        f"{request_set.rejected} of {request_set.rows_read} rows rejected",
+    )
+
+
+def score_values(score_files: list[str]) -> dict[str, list[float]]:
+    """Every score value of the run, by scorer."""
+    values: dict[str, list[float]] = {}
+    for path in score_files:
+        table = storage.read_parquet(path, ["scorer", "value"])
+        for scorer, value in zip(table["scorer"].to_pylist(), table["value"].to_pylist()):
+            if value is not None:
+                values.setdefault(scorer, []).append(value)
+    return values
+
+
+@task(name="publish-report")
+def publish_report(summary: RunSummary, score_files: list[str]) -> None:
+    values = score_values(score_files)
+    create_markdown_artifact(
+        key="batch-inference-report",
+        markdown=format_report(summary, values, histogram_png(values) if values else None),
+        description=f"Run report of {summary.run_id}",
+    )
+
+
+@task(name="publish-comparison")
+def publish_comparison(comparison: Comparison, storage_root: str) -> str:
+    """The markdown artifact with its chart; the chart is also kept as a PNG file, whose path is returned."""
+    chart = comparison_chart(comparison.scores)
+    path = storage.join(storage_root, "comparisons", f"{comparison.comparison_id}.png")
+    storage.write_bytes(chart, path)
+    create_markdown_artifact(
+        key="ab-comparison",
+        markdown=comparison_markdown(comparison, chart),
+        description=f"A/B comparison {comparison.comparison_id}",
+    )
+    return path
+
+
+@task(name="publish-push-summary")
+def publish_push_summary(project: str, summary: dict[str, int]) -> None:
+    create_markdown_artifact(
+        key="push-for-review",
+        markdown=f"**{project}** (Label Studio project {summary['project_id']}): {summary['selected']} samples "
+        f"selected, {summary['already_pushed']} already in the project, {summary['pushed']} new tasks.",
+    )
+
+
+@task(name="publish-pull-summary")
+def publish_pull_summary(project: str, counts: dict[str, int]) -> None:
+    create_markdown_artifact(
+        key="pull-reviews",
+        markdown=f"**{project}**: {counts['pulled']} annotations pulled — {counts['new']} new, "
+        f"{counts['changed']} changed, {counts['unchanged']} unchanged; {counts['removed']} deleted in Label Studio "
+        "and removed.",
+    )
+
+
+@task(name="publish-curated-summary")
+def publish_curated_summary(manifest: dict, folder: str) -> None:
+    counts = manifest["counts"]
+    create_markdown_artifact(
+        key="export-curated",
+        markdown=f"**{manifest['name']}** version `{manifest['curated_version']}`: {counts['examples']} examples "
+        f"({counts['accepted']} accepted, {counts['corrected']} corrected) from runs "
+        f"{', '.join(manifest['source_runs']) or '—'} → `{folder}`",
+    )

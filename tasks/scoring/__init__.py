@@ -1,0 +1,1 @@
+"""Scoring: versioned scorers over (request, output), the LLM judge, the registry, and comparisons."""

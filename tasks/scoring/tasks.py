@@ -1,0 +1,68 @@
+"""Scoring's Prefect tasks: score a run's output shards, or a stored run's outputs again (rescore)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import task
+
+from blocks import secret_value
+from tasks import keys, storage
+from tasks.config import StoreConfig
+from tasks.inference.job import ShardOutput
+from tasks.prepare.requests import RequestSet
+from tasks.scoring.registry import resolve_scorers, score_outputs, scorers_version
+from tasks.scoring.scorers import ScorerSpec
+from tasks.store.connection import reading
+from tasks.store.queries import run_outputs_to_score
+
+
+def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Table:
+    """An output shard joined with what its canonical requests asked (prompt, messages, reference)."""
+    outputs = storage.read_parquet(output_path)
+    asked = []
+    for path in request_files:
+        requests = storage.read_parquet(path, ["request_key", "prompt", "messages", "reference", "duplicate_of"])
+        wanted = pc.and_(
+            pc.is_null(requests["duplicate_of"]),
+            pc.is_in(requests["request_key"], value_set=outputs["request_key"].combine_chunks()),
+        )
+        asked.append(requests.filter(wanted).drop_columns(["duplicate_of"]))
+    return outputs.join(pa.concat_tables(asked), "request_key", join_type="left outer")
+
+
+@task(name="write-scores")
+def write_scores(
+    outputs: list[ShardOutput], request_set: RequestSet, specs: list[str | ScorerSpec], storage_root: str
+) -> list[str]:
+    """Score each output shard once per scorer set and dataset version (references belong to the dataset)."""
+    scorers = resolve_scorers(specs, secret_value)
+    paths = []
+    for output in outputs:
+        key = keys.score_key(output.output_key, request_set.dataset_version, scorers_version(scorers))
+        path = storage.join(storage_root, "scores", f"{key}.parquet")
+        if not storage.exists(path):
+            storage.write_parquet(score_outputs(outputs_with_requests(output.path, request_set.request_files), scorers), path)
+        paths.append(path)
+    return paths
+
+
+@task(name="write-run-outputs")
+def write_run_outputs(run_id: str, store: StoreConfig) -> tuple[dict, str]:
+    """Copy a stored run's outputs to a file, so the results file is not held while scorers (a judge) run."""
+    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
+        run, table = run_outputs_to_score(con, run_id)
+    path = storage.join(store.storage, "rescore", keys.content_hash([run_id, "outputs"]), "outputs.parquet")
+    storage.write_parquet(table, path)
+    return run, path
+
+
+@task(name="write-run-scores")
+def write_run_scores(outputs_path: str, specs: list[str | ScorerSpec], storage_root: str) -> tuple[str, str, int]:
+    """(scorers' version, score file, outputs scored)."""
+    scorers = resolve_scorers(specs, secret_value)
+    version = scorers_version(scorers)
+    outputs = storage.read_parquet(outputs_path)
+    path = storage.join(storage_root, "scores", f"rescore-{keys.content_hash([outputs_path, version])}.parquet")
+    storage.write_parquet(score_outputs(outputs, scorers), path)
+    return version, path, outputs.num_rows

@@ -1,0 +1,112 @@
+"""Writes: a run and everything it produced in one transaction, and scores added to a stored run.
+
+Every insert ignores rows that are already there, so committing the same shard (or the same run)
+twice changes nothing, and a failure anywhere rolls the whole commit back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from tasks.store.rows import ComparisonRow, DatasetVersionRow, RunRow, RunShardRow
+from tasks.store.sql import StoreError, fetch_value, insert_rows, transaction
+
+
+@dataclass(frozen=True)
+class CommitFiles:
+    """The Parquet files a run's rows come from."""
+
+    requests: list[str]
+    rejected: list[str]
+    outputs: list[str]
+    scores: list[str]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything a finished run writes: its row, its dataset version, its shards, and the files of its rows."""
+
+    run: RunRow
+    dataset: DatasetVersionRow
+    shards: list[RunShardRow]
+    files: CommitFiles
+
+
+# output_id identifies one answer by content: which request, which model, which sampling, which sample.
+OUTPUT_ID_SQL = "md5(concat_ws(':', {t}.request_key, $fp, $sh, CAST({t}.sample_index AS VARCHAR)))"
+
+
+def commit_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
+    """Write a run and everything it produced in one transaction."""
+    run, files = record.run, record.files
+    keys = {"dv": run.dataset_version, "fp": run.model_fingerprint, "sh": run.sampling_hash, "run": run.run_id}
+    with transaction(con):
+        insert_rows(con, "dataset_versions", [record.dataset])
+        if files.requests:
+            con.execute(
+                "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
+                "messages, duplicate_of, source_file, source_row, overrides, reference "
+                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                {"dv": keys["dv"], "files": files.requests},
+            )
+        if files.rejected:
+            con.execute(
+                "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
+                "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
+                {"dv": keys["dv"], "files": files.rejected},
+            )
+        if files.outputs:
+            con.execute(
+                f"""
+                INSERT INTO outputs BY NAME
+                SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
+                       o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
+                       $dv AS dataset_version, q.custom_id
+                FROM read_parquet($files, union_by_name = true) o
+                JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
+                               AND q.duplicate_of IS NULL
+                ON CONFLICT DO NOTHING
+                """,
+                {**keys, "files": files.outputs},
+            )
+        insert_scores(con, run.run_id, run.model_fingerprint, run.sampling_hash, files.scores)
+        insert_rows(con, "run_shards", record.shards)
+        insert_rows(con, "runs", [run])
+
+
+def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:
+    """Score files name outputs by request_key and sample; the run's model and sampling complete the output_id."""
+    if paths:
+        con.execute(
+            f"""
+            INSERT INTO scores BY NAME
+            SELECT {OUTPUT_ID_SQL.format(t="s")} AS output_id, s.scorer, s.scorer_version,
+                   s.value, s.label, $run AS run_id
+            FROM read_parquet($files, union_by_name = true) s
+            ON CONFLICT DO NOTHING
+            """,
+            {"fp": fingerprint, "sh": sampling, "run": run_id, "files": paths},
+        )
+
+
+def commit_scores(con: duckdb.DuckDBPyConnection, run: dict, paths: list[str]) -> int:
+    """Add score rows for a stored run (`run_keys`) in one transaction; rows already there stay. Returns the new rows."""
+    before = fetch_value(con, "SELECT count(*) FROM scores")
+    with transaction(con):
+        insert_scores(con, run["run_id"], run["model_fingerprint"], run["sampling_hash"], paths)
+    return fetch_value(con, "SELECT count(*) FROM scores") - before
+
+
+def record_comparison(con: duckdb.DuckDBPyConnection, comparison_id: str, runs: dict[str, str]) -> None:
+    """Which run is which variant of a comparison."""
+    known = {
+        row[0] for row in con.execute("SELECT run_id FROM runs WHERE list_contains(?, run_id)", [list(runs.values())]).fetchall()
+    }
+    if missing := sorted(set(runs.values()) - known):
+        raise StoreError(f"comparison {comparison_id}: runs {', '.join(missing)} are not in this results file")
+    with transaction(con):
+        insert_rows(
+            con, "comparisons", [ComparisonRow(comparison_id=comparison_id, variant=v, run_id=r) for v, r in runs.items()]
+        )

@@ -1,0 +1,105 @@
+"""Named reads of runs, outputs and comparisons: what the other subsystems ask the results file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from tasks.store.connection import connect_waiting, open_for_read
+from tasks.store.sql import StoreError, fetch_dicts
+
+
+def has_column(con: duckdb.DuckDBPyConnection, table: str, column: str) -> bool:
+    found = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?", [table, column]
+    ).fetchall()
+    return found[0][0] > 0
+
+
+def answered_before(duckdb_path: str, input_fingerprint: str, model_fingerprint: str, sampling_hash: str) -> bool:
+    """Whether a committed run already answered this very input with this model and sampling.
+
+    A peek, never a wait: a file that is missing, older or held by another process answers False.
+    """
+    if not Path(duckdb_path).is_file():
+        return False
+    try:
+        con = connect_waiting(duckdb_path, read_only=True, lock_timeout_seconds=0)
+    except StoreError:
+        return False
+    try:
+        if not has_column(con, "runs", "input_fingerprint"):  # written before migration 6
+            return False
+        found = con.execute(
+            "SELECT count(*) FROM runs WHERE input_fingerprint = ? AND model_fingerprint = ? AND sampling_hash = ?",
+            [input_fingerprint, model_fingerprint, sampling_hash],
+        ).fetchall()
+    finally:
+        con.close()
+    return found[0][0] > 0
+
+
+def answered_keys(
+    duckdb_path: str, model_fingerprint: str, sampling_hash: str, lock_timeout_seconds: float = 60.0
+) -> pa.Array | None:
+    """Request keys that already have outputs for this model and sampling (None when there is no file yet)."""
+    if not Path(duckdb_path).is_file():
+        return None
+    con = open_for_read(duckdb_path, lock_timeout_seconds)
+    try:
+        keys = con.sql(
+            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
+            params=[model_fingerprint, sampling_hash],
+        ).to_arrow_table()["request_key"]
+    finally:
+        con.close()
+    return keys.combine_chunks() if len(keys) else None
+
+
+def run_keys(con: duckdb.DuckDBPyConnection, run_id: str) -> dict:
+    """What identifies a stored run's outputs: its id, model fingerprint and sampling hash."""
+    found = fetch_dicts(con, "SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id])
+    if not found:
+        raise StoreError(f"run {run_id}: not in this results file")
+    return found[0]
+
+
+def run_outputs_to_score(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[dict, pa.Table]:
+    """A run's keys and its unique outputs with what their requests asked: the input of scoring, without inference."""
+    run = run_keys(con, run_id)
+    table = con.sql(
+        """
+        SELECT o.request_key, o.sample_index, o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens,
+               o.error_code, o.error, o.mean_logprob, q.prompt, q.messages, q.reference
+        FROM run_outputs ro
+        JOIN outputs o ON o.output_id = ro.output_id
+        JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+        WHERE ro.run_id = ? AND ro.duplicate_of IS NULL
+        ORDER BY o.request_key, o.sample_index
+        """,
+        params=[run_id],
+    ).to_arrow_table()
+    return run, table
+
+
+def comparison_results(con: duckdb.DuckDBPyConnection, comparison_id: str) -> tuple[list[dict], list[dict]]:
+    """(rows of comparison_scores, rows of comparison_win_rates) of one comparison."""
+    scores = fetch_dicts(
+        con, "SELECT * FROM comparison_scores WHERE comparison_id = ? ORDER BY scorer, scorer_version, variant", [comparison_id]
+    )
+    win_rates = fetch_dicts(
+        con, "SELECT * FROM comparison_win_rates WHERE comparison_id = ? ORDER BY scorer, variant_a, variant_b", [comparison_id]
+    )
+    return scores, win_rates
+
+
+def run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
+    return bool(con.execute("SELECT run_id FROM runs WHERE run_id = ?", [run_id]).fetchall())
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """A user's query (`vbf sql`), on the connection given (read-only there)."""
+    relation = con.sql(sql)  # None for a statement that returns nothing (SET, PRAGMA ...)
+    return relation.to_arrow_table() if relation is not None else pa.table({})

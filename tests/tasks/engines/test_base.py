@@ -1,0 +1,42 @@
+"""What every engine shares: per-row sampling overrides and the output record's schema."""
+
+import json
+
+import pytest
+
+from tasks.config import SamplingConfig
+from tasks.engines.base import OUTPUT_SCHEMA, OutputRecord, output_table, request_sampling
+
+
+def test_row_overrides_apply_on_top_of_the_run_sampling_and_bad_ones_name_the_field():
+    base = SamplingConfig(max_tokens=32, temperature=0.5)
+    assert request_sampling(base, json.dumps({"max_tokens": 4})) == base.model_copy(update={"max_tokens": 4})
+    assert request_sampling(base, None) is base
+    with pytest.raises(ValueError, match="temperature: Input should be greater than or equal to 0"):
+        request_sampling(base, json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match="nope: Extra inputs are not permitted"):
+        request_sampling(base, json.dumps({"nope": 1}))
+    with pytest.raises(ValueError, match="not JSON"):
+        request_sampling(base, "{max_tokens: 4")
+
+
+def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
+    table = output_table([OutputRecord("k", text="x", prompt_tokens=3), OutputRecord.failed("j", "invalid_request", "bad", 7)])
+    assert table.schema == OUTPUT_SCHEMA and OUTPUT_SCHEMA.names[:3] == ["request_key", "sample_index", "text"]
+    assert [str(OUTPUT_SCHEMA.field(name).type) for name in ("sample_index", "mean_logprob", "error")] == [
+        "int32",
+        "double",
+        "string",
+    ]
+    assert table.to_pylist()[1] == {
+        "request_key": "j",
+        "sample_index": 0,
+        "text": None,
+        "finish_reason": None,
+        "prompt_tokens": 7,
+        "completion_tokens": None,
+        "mean_logprob": None,
+        "latency_seconds": None,
+        "error_code": "invalid_request",
+        "error": "bad",
+    }

@@ -1,0 +1,204 @@
+"""The openai engine against a real `vllm serve` of the tiny model, started on 127.0.0.1 by the test."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import duckdb
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.batch_inference import batch_inference
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig, StructuredOutput
+from tasks.engines.openai import request_body
+
+API_KEY = "sk-test-not-a-real-key-4242"
+
+
+def test_request_body_sends_only_what_is_set():
+    chat = request_body("m", None, json.dumps([{"role": "user", "content": "hi"}]), SamplingConfig(max_tokens=5))
+    assert chat == {"model": "m", "max_tokens": 5, "temperature": 0.0, "messages": [{"role": "user", "content": "hi"}], "seed": 0}
+    sampling = SamplingConfig(
+        max_tokens=5, n=2, top_k=20, logprobs=1, stop=["\n"], structured=StructuredOutput(choice=["a", "b"])
+    )
+    completion = request_body("m", "Once", None, sampling)
+    assert completion["prompt"] == "Once" and completion["n"] == 2 and completion["top_k"] == 20
+    assert completion["logprobs"] == 1 and completion["stop"] == ["\n"]
+    assert completion["structured_outputs"] == {"choice": ["a", "b"]}
+    schema = request_body("m", "x", None, SamplingConfig(structured=StructuredOutput(json_schema={"type": "object"})))
+    assert schema["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    """`vllm serve` of the tiny model with the same engine arguments as the in-process engine."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        tiny_model.model,
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--max-model-len",
+        str(tiny_model.max_model_len),
+        "--gpu-memory-utilization",
+        str(tiny_model.gpu_memory_utilization),
+        "--seed",
+        str(tiny_model.seed),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(tiny_model.max_lora_rank),
+        "--uvicorn-log-level",
+        "warning",
+        "--no-enable-chunked-prefill",  # as the in-process engine on CPU (tasks/engines/vllm.py)
+    ]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, f"vllm serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"vllm serve did not come up:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+class FlakyProxy:
+    """Forwards to the real server, but answers each request's first attempts with 429 and 503."""
+
+    def __init__(self, upstream: str, failures=(429, 503)):
+        self.attempts: Counter = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                attempt = proxy.attempts[body]
+                proxy.attempts[body] += 1
+                if attempt < len(failures):
+                    self.send_response(failures[attempt])
+                    self.end_headers()
+                    return
+                response = httpx.post(
+                    upstream + self.path.removeprefix("/v1"),
+                    content=body,
+                    timeout=120,
+                    headers={"Authorization": self.headers.get("Authorization", ""), "Content-Type": "application/json"},
+                )
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def api_key_secret(prefect_harness):
+    from prefect.blocks.system import Secret
+
+    Secret(value=API_KEY).save("tiny-vllm-key", overwrite=True)
+    return "tiny-vllm-key"
+
+
+def texts(store: StoreConfig) -> dict:
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        return dict(con.execute("SELECT custom_id, text FROM run_outputs WHERE error_code IS NULL").fetchall())
+
+
+def openai_model(base_url: str, secret: str | None, **overrides) -> ModelConfig:
+    return ModelConfig(
+        model="tiny", engine="openai", base_url=base_url, api_key_secret=secret, max_concurrency=8, max_retries=3, **overrides
+    )
+
+
+@pytest.mark.slow
+def test_greedy_outputs_over_http_equal_the_in_process_engine_despite_429_and_503(
+    vllm_server, api_key_secret, tiny_model, tmp_path, sample_spec
+):
+    spec = sample_spec(60, system_prompt="Be brief.")
+    sampling, sharding = SamplingConfig(max_tokens=8), ShardingConfig(shard_size=25)
+    local = StoreConfig(duckdb_path=str(tmp_path / "local.duckdb"), storage=str(tmp_path / "local"))
+    remote = StoreConfig(duckdb_path=str(tmp_path / "remote.duckdb"), storage=str(tmp_path / "remote"))
+    proxy = FlakyProxy(vllm_server)
+    try:
+        in_process = batch_inference(dataset=spec, model=tiny_model, sampling=sampling, sharding=sharding, store=local)
+        over_http = batch_inference(
+            dataset=spec, model=openai_model(proxy.url, api_key_secret), sampling=sampling, sharding=sharding, store=remote
+        )
+    finally:
+        proxy.close()
+    assert over_http.errors == 0 and over_http.outputs == in_process.outputs == in_process.unique_requests
+    assert set(proxy.attempts.values()) == {3}  # every request: 429, 503, then the real answer
+    assert texts(remote) == texts(local)
+    with duckdb.connect(remote.duckdb_path, read_only=True) as con:
+        assert con.execute("SELECT engine FROM runs").fetchone() == ("openai",)
+        dump = json.dumps(con.execute("SELECT * FROM runs").fetchall(), default=str)
+        assert api_key_secret in dump and API_KEY not in dump  # the secret's name, never its value
+
+
+@pytest.mark.slow
+def test_request_errors_become_error_rows_and_the_run_goes_on(vllm_server, api_key_secret, tmp_path):
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"id": ["short", "long"], "prompt": ["Name a color.", "word " * 400]}), path)
+    spec = DatasetSpec(name="mixed", source=str(path), id_column="id", prompt_column="prompt")
+    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))
+    summary = batch_inference(
+        dataset=spec, model=openai_model(vllm_server, api_key_secret), sampling=SamplingConfig(max_tokens=4), store=store
+    )
+    assert (summary.outputs, summary.errors) == (2, 1)
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:
+        rows = dict(con.execute("SELECT custom_id, error_code FROM run_outputs").fetchall())
+    assert rows == {"short": None, "long": "http_400"}
+
+    wrong_key = StoreConfig(duckdb_path=str(tmp_path / "w.duckdb"), storage=str(tmp_path / "w"))
+    summary = batch_inference(
+        dataset=spec, model=openai_model(vllm_server, None), sampling=SamplingConfig(max_tokens=4), store=wrong_key
+    )
+    assert summary.errors == 2
+    with duckdb.connect(wrong_key.duckdb_path, read_only=True) as con:
+        assert con.execute("SELECT DISTINCT error_code FROM outputs").fetchall() == [("http_401",)]

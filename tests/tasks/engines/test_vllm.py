@@ -1,0 +1,176 @@
+"""The in-process vLLM engine on the tiny model: real vLLM (CPU build), one engine for the session."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from tasks.config import LoraAdapter, SamplingConfig, SpecError, StructuredOutput
+from tasks.engines.base import ShardOutOfMemory
+from tasks.engines.vllm import SharedVllmEngine, get_engine
+from tasks.keys import content_hash
+from tasks.prepare.render import request_content
+
+
+def shard(prompts: list[str], overrides: list[dict | None] | None = None) -> pa.Table:
+    contents = [request_content(p, "Be brief.", "chat") for p in prompts]
+    columns = {
+        "request_key": [content_hash([c, i]) for i, c in enumerate(contents)],
+        "prompt": prompts,
+        "messages": [json.dumps(c["messages"]) for c in contents],
+    }
+    if overrides is not None:
+        columns["overrides"] = [json.dumps(o) if o else None for o in overrides]
+    return pa.table(columns)
+
+
+@pytest.mark.slow
+def test_real_vllm_generates_per_request_and_turns_a_too_long_prompt_into_an_error_row(tiny_model):
+    engine = get_engine(tiny_model)
+    assert get_engine(tiny_model) is engine  # one engine per process and config
+    prompts = ["Write a haiku about the sea.", "word " * 400, "List three colors."]
+    sampling = SamplingConfig(max_tokens=12)
+    outputs = engine.generate(shard(prompts), sampling).to_pylist()
+
+    ok = [o for o in outputs if o["error_code"] is None]
+    errors = [o for o in outputs if o["error_code"] is not None]
+    assert len(ok) == 2 and len(errors) == 1
+    assert errors[0]["error_code"] == "context_length_exceeded"
+    assert "the model's context is 256" in errors[0]["error"]
+    for output in ok:
+        assert 1 <= output["completion_tokens"] <= 12
+        assert output["finish_reason"] in {"stop", "length"}
+        assert output["prompt_tokens"] > 5
+        assert output["latency_seconds"] > 0
+        assert output["mean_logprob"] is None  # not asked for
+
+    again = engine.generate(shard(prompts), sampling).to_pylist()
+    assert [o["text"] for o in again] == [o["text"] for o in outputs]  # greedy is deterministic
+
+
+@pytest.mark.slow
+def test_n_samples_logprobs_and_seeded_sampling(tiny_model):
+    engine = get_engine(tiny_model)
+    sampling = SamplingConfig(
+        n=3,
+        temperature=1.0,
+        top_k=50,
+        min_p=0.01,
+        seed=7,
+        logprobs=1,
+        max_tokens=6,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+    )
+    outputs = engine.generate(shard(["Tell me a story.", "Name a fruit."]), sampling).to_pylist()
+    assert sorted((o["request_key"], o["sample_index"]) for o in outputs) == sorted(
+        (key, i) for key in {o["request_key"] for o in outputs} for i in range(3)
+    )
+    assert all(o["mean_logprob"] is not None and o["mean_logprob"] < 0 for o in outputs)
+    again = engine.generate(shard(["Tell me a story.", "Name a fruit."]), sampling).to_pylist()
+    assert [o["text"] for o in again] == [o["text"] for o in outputs]  # per-request seed reproduces
+
+
+@pytest.mark.slow
+def test_structured_output_and_per_row_overrides_with_bad_rows_as_error_rows(tiny_model):
+    engine = get_engine(tiny_model)
+    choice = SamplingConfig(max_tokens=8, structured=StructuredOutput(choice=["yes", "no"]))
+    texts = [o["text"] for o in engine.generate(shard(["Is water wet?", "Is fire cold?"]), choice).to_pylist()]
+    assert set(texts) <= {"yes", "no"} and len(texts) == 2
+
+    regex = SamplingConfig(max_tokens=12, structured=StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}"))
+    (output,) = engine.generate(shard(["Give me a code."]), regex).to_pylist()
+    assert output["text"][:3].isdigit() and output["text"][3] == "-"
+
+    rows = engine.generate(
+        shard(
+            ["A", "B", "C", "D"],
+            overrides=[
+                {"max_tokens": 2},
+                None,
+                {"structured": {"regex": "(["}},  # invalid regex: this row fails, the others run
+                {"temperature": -1},  # invalid value
+            ],
+        ),
+        SamplingConfig(max_tokens=10),
+    ).to_pylist()
+    by_key = {row["request_key"]: row for row in rows}
+    keys = shard(["A", "B", "C", "D"])["request_key"].to_pylist()
+    assert by_key[keys[0]]["completion_tokens"] <= 2
+    assert by_key[keys[1]]["error_code"] is None
+    assert by_key[keys[2]]["error_code"] == "invalid_request" and "regex" in by_key[keys[2]]["error"]
+    assert by_key[keys[3]]["error_code"] == "invalid_request" and "temperature" in by_key[keys[3]]["error"]
+
+
+@pytest.mark.slow
+def test_an_invalid_run_level_schema_is_a_configuration_error(tiny_model):
+    bad = SamplingConfig(max_tokens=4, structured=StructuredOutput(json_schema={"type": "objectx"}))
+    with pytest.raises(SpecError, match="sampling parameters rejected by vLLM.*objectx"):
+        get_engine(tiny_model).generate(shard(["x", "y"]), bad)
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_changes_outputs_on_the_same_engine(tiny_model, tiny_lora_dir):
+    base_engine = get_engine(tiny_model)
+    sampling = SamplingConfig(max_tokens=8)
+    base = base_engine.generate(shard(["Write a haiku."]), sampling).to_pylist()
+    adapted_config = tiny_model.model_copy(update={"lora_adapter": LoraAdapter(name="tiny", path=str(tiny_lora_dir))})
+    adapted_engine = get_engine(adapted_config)
+    assert adapted_engine is base_engine  # same engine arguments: no reload
+    adapted = adapted_engine.generate(shard(["Write a haiku."]), sampling).to_pylist()
+    assert adapted[0]["text"] != base[0]["text"]
+    get_engine(tiny_model)  # back to no adapter
+
+
+@pytest.mark.slow
+def test_out_of_memory_halves_the_batch_for_the_retry(tiny_model, monkeypatch):
+    import torch
+
+    engine = get_engine(tiny_model)
+    real_run = engine.run
+    batch_sizes: list[int] = []
+
+    def run_with_memory_cap(pending, **kwargs):  # the real engine, with an allocator that fails above 2 requests
+        batch_sizes.append(len(pending))
+        if len(pending) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(pending, **kwargs)
+
+    monkeypatch.setattr(engine, "run", run_with_memory_cap)
+    requests = shard([f"prompt {i}" for i in range(7)])
+    sampling = SamplingConfig(max_tokens=3)
+    shared = SharedVllmEngine(tiny_model)
+    with pytest.raises(ShardOutOfMemory, match="batches of 3"):
+        shared.generate(requests, sampling, key="oom-test")
+    with pytest.raises(ShardOutOfMemory, match="batches of 1"):
+        shared.generate(requests, sampling, key="oom-test")
+    result = shared.generate(requests, sampling, key="oom-test")
+    assert result.batch_size == 1 and result.outputs.num_rows == 7
+    assert batch_sizes == [7, 3] + [1] * 7  # the whole shard, a failing batch of 3, then batches of 1
+
+
+@pytest.mark.slow
+@pytest.mark.replaces_engine
+def test_another_engine_configuration_frees_the_previous_engine_first(tiny_model):
+    engine = get_engine(tiny_model)
+    before = engine_processes()
+    swapped = get_engine(tiny_model.model_copy(update={"max_model_len": 128, "enforce_eager": True}))
+    assert swapped is not engine and swapped.max_model_len == 128
+    after = engine_processes()
+    assert before and after and not (before & after)  # the previous engine's processes are gone
+
+
+def engine_processes() -> set[int]:
+    """Live processes that vLLM spawned for its engines (not the Prefect server, not the resource tracker)."""
+    import psutil
+
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())  # vLLM renames its processes, e.g. VLLM::EngineCore
+            if child.status() != psutil.STATUS_ZOMBIE and ("spawn_main" in command or "VLLM" in command):
+                pids.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids

@@ -1,0 +1,204 @@
+"""The local cluster against itself: a real Prefect server, real process workers, real deployments.
+
+One test, because the system takes minutes to start on a small machine: it deploys, runs
+batch-inference on two worker groups through `prefect deployment run`, runs the same input
+with dispatch="local", compares the two DuckDB files, kills a group's process, lets a short interval
+schedule start a run, and checks that stopping leaves nothing running.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.cluster import REPO, LocalCluster, deployable_names, processes_with_home
+
+pytestmark = pytest.mark.slow
+
+OUTPUT_COLUMNS = "request_key, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error_code"
+
+
+def group_runs(client, group: int) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["generate-shards"])))
+    return sorted((r for r in runs if r.name.endswith(f"-group-{group}")), key=lambda r: r.created)
+
+
+def kill_flow_run_process(flow_run_id) -> bool:
+    """SIGKILL the flow run's own process (not its vLLM engine processes), as the OOM killer would."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"prefect.engine" in (proc / "cmdline").read_bytes() and f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                os.kill(int(proc.name), 9)
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def cache_records(group_run) -> list[Path]:
+    """Where the shard tasks of a group's flow run persist their results (the cache records)."""
+    from tasks.inference.job import InferenceJob
+    from tasks.prepare.shard import Shard
+
+    job = InferenceJob.model_validate(group_run.parameters["job"])
+    return [job.result_storage() / job.output_key(Shard(**shard)) for shard in group_run.parameters["shards"]]
+
+
+def settled_shard_runs(client, flow_run) -> list:
+    """The shard task runs of a finished flow run, once the server has recorded all of them in a final
+    state: task states reach the server as events, a little behind the flow run's own state."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    expected, deadline = len(flow_run.parameters["shards"]), time.monotonic() + 120
+    while True:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run.id])))
+        shards = [run for run in runs if run.name.startswith("generate-shard") and run.state and run.state.is_final()]
+        if len(shards) >= expected or time.monotonic() > deadline:
+            return shards
+        time.sleep(1)
+
+
+def scheduled_runs(client) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sample"])))
+    return [run for run in runs if run.auto_scheduled]
+
+
+def query(path: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def run_deployment(cluster: LocalCluster, parameters: dict):
+    """`prefect deployment run` as a user types it, then the run once it has ended (the API polled: see
+    LocalCluster.wait_for for why not `--watch`)."""
+    started = subprocess.run(
+        [cluster.prefect, "deployment", "run", "batch-inference/sample", "--params", json.dumps(parameters)],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert started.returncode == 0, started.stdout[-4000:] + started.stderr[-4000:]
+    return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+
+
+def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_schedules(tmp_path, tiny_model_dir, sample_parquet):
+    data = tmp_path / "forty.parquet"
+    pq.write_table(pq.read_table(sample_parquet).slice(0, 40), data)
+    dataset = {"name": "forty", "source": str(data), "id_column": "id", "prompt_column": "prompt"}
+    common = {
+        "dataset": dataset,
+        "sampling": {"max_tokens": 4},
+        "sharding": {"shard_size": 8, "gpu_limit": "gpu", "retries": 0},
+    }
+    results = tmp_path / "results"  # the `local-results` block the deployment names points here
+    local_store = {"duckdb_path": str(tmp_path / "local.duckdb"), "storage": str(tmp_path / "local-storage")}
+    cluster = LocalCluster(tmp_path / "prefect", results=results, python=sys.executable)
+    try:
+        cluster.start()
+        assert set(deployable_names(REPO / "prefect.yaml")) >= {"sample", "generate-shards"}
+
+        on_workers = cluster.wait_for(run_deployment(cluster, {**common, "dispatch": "workers", "n_workers": 2}))
+        assert on_workers.state.is_completed(), on_workers.state
+
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.schedules import IntervalSchedule
+
+        with cluster.client() as client:
+            (parent,) = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sample"])))
+            assert parent.state.is_completed()
+            groups = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["generate-shards"]))
+            )
+            assert len(groups) == 2 and all(run.state.is_completed() for run in groups)
+            assert {run.parent_task_run_id is not None for run in groups} == {True}  # linked to the parent run
+            artifact_keys = {a.key for a in client.read_artifacts() if a.flow_run_id == parent.id}
+            assert {"batch-inference-summary", "batch-inference-progress", "batch-inference-report"} <= artifact_keys
+
+        duckdb_path = results / "results.duckdb"
+        (summary,) = query(duckdb_path, "SELECT run_id, shards, cached_shards, outputs, errors, unique_requests FROM runs")
+        assert summary[0] == str(parent.id)
+        assert summary[1] > 2 and summary[2] == 0 and summary[3] == summary[5] and summary[4] == 0
+        assert query(duckdb_path, "SELECT count(*) FROM outputs")[0][0] == summary[5]
+
+        # The same input run in one process gives the same results.
+        locally = cluster.wait_for(run_deployment(cluster, {**common, "dispatch": "local", "store": local_store}))
+        assert locally.state.is_completed(), locally.state
+        sql = f"SELECT {OUTPUT_COLUMNS} FROM outputs ORDER BY request_key, sample_index"
+        assert query(Path(local_store["duckdb_path"]), sql) == query(duckdb_path, sql)
+
+        # A group whose process dies is run again; the shards it had finished come from the cache.
+        killed_store = {"duckdb_path": str(tmp_path / "killed.duckdb"), "storage": str(tmp_path / "killed-storage")}
+        killed_params = {
+            **common,
+            "sampling": {"max_tokens": 5},
+            "sharding": {**common["sharding"], "shard_size": 2},
+            "store": killed_store,
+            "dispatch": "workers",
+            "n_workers": 2,
+            "workers": {"group_retries": 2},
+        }
+        killed_run = run_deployment(cluster, killed_params)
+        with cluster.client() as client:
+            deadline = time.monotonic() + 900
+            while True:  # kill group 0 of this run once one of its shards is in the cache (its record written)
+                assert time.monotonic() < deadline, "group 0 never finished a shard"
+                first = [r for r in group_runs(client, 0) if r.created > parent.created and r.state.is_running()]
+                if first and any(record.exists() for record in cache_records(first[0])):
+                    assert kill_flow_run_process(first[0].id)
+                    break
+                time.sleep(0.3)
+        assert cluster.wait_for(killed_run).state.is_completed()
+        with cluster.client() as client:
+            attempts = [r for r in group_runs(client, 0) if r.created > parent.created and r.name.startswith(first[0].name)]
+            assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
+            retried = settled_shard_runs(client, attempts[1])
+            assert any(t.state.name == "Cached" for t in retried)  # not computed again
+        killed_db = Path(killed_store["duckdb_path"])
+        assert query(killed_db, "SELECT outputs, errors, unique_requests FROM runs")[0] == (summary[5], 0, summary[5])
+        assert query(killed_db, "SELECT count(*), count(DISTINCT request_key) FROM outputs")[0] == (summary[5], summary[5])
+
+        # A short interval schedule starts a run of its own. Once a worker has taken it, the schedule is
+        # deleted (which removes the runs it queued after it), so the server carries one run, not one per 10 s.
+        with cluster.client() as client:
+            deployment = client.read_deployment_by_name("batch-inference/sample")
+            client.create_deployment_schedules(
+                deployment.id,
+                [(IntervalSchedule(interval=timedelta(seconds=10)), True)],
+                parameters={**common, "dispatch": "workers", "n_workers": 2},
+            )
+            deadline = time.monotonic() + 600
+            while not (taken := [run for run in scheduled_runs(client) if not run.state.is_scheduled()]):
+                assert time.monotonic() < deadline, "no worker took a scheduled run"
+                time.sleep(2)
+            for schedule in client.read_deployment_schedules(deployment.id):
+                client.delete_deployment_schedule(deployment.id, schedule.id)
+            while not (run := client.read_flow_run(taken[0].id)).state.is_final():
+                assert time.monotonic() < deadline, f"the scheduled run did not finish: {run.state}"
+                time.sleep(2)
+            assert run.state.is_completed(), run.state
+        # Nothing new to compute: the requests are answered from the first run (no engine, no group runs).
+        rerun = query(
+            duckdb_path, "SELECT shards, cached_shards, engine_requests, reused_requests FROM runs ORDER BY started_at"
+        )[1]
+        assert rerun[0] == rerun[1] and rerun[2] == 0 and rerun[3] == summary[5]
+    finally:
+        stopping = time.monotonic()
+        cluster.stop()
+        assert time.monotonic() - stopping < 60  # bounded waits, then kill
+        assert not processes_with_home(cluster.home), "left running after stop()"
