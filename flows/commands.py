@@ -29,11 +29,31 @@ from tasks.config import (
 from tasks.errors import USER_ERRORS
 
 
+def caused_by_user_error(error: BaseException | None) -> bool:
+    """Whether the error, or one it was raised while handling, is a user's mistake."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class HideUserErrors(logging.Filter):
-    """Prefect logs a failed task or flow with its traceback; for a user's mistake the CLI's own line says it all."""
+    """Prefect logs a failed task or flow with its traceback; for a user's mistake the CLI's own line says it all.
+
+    A record of something else that went wrong while the run failed (an event Prefect could not send,
+    say) keeps its line but loses its traceback, which would repeat the user's error as context.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
+        if not record.exc_info or not caused_by_user_error(record.exc_info[1]):
+            return True
+        if isinstance(record.exc_info[1], USER_ERRORS):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def start_prefect(verbose: bool) -> None:

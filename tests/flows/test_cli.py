@@ -163,3 +163,34 @@ def test_compare_variants_are_names_with_sampling_and_prompt_settings():
     assert sampled["sampling"] == {**base.model_dump(), "temperature": 0.8, "seed": 1}
     assert sampled["system_prompt"] == "Be brief." and sampled["name"] == "sampled"
     assert parse_variant("other:model=/models/x", base)["model"].model == "/models/x"
+
+
+def test_the_console_drops_a_user_errors_traceback_and_keeps_a_bugs():
+    """Prefect logs a failing task with its traceback, and sometimes a hiccup (an event it could not
+    send) raised while handling that failure: neither repeats the user's error; a bug keeps its traceback."""
+    import io
+    import logging
+
+    from flows.commands import HideUserErrors
+    from tasks.config import SpecError
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(HideUserErrors())
+    logger = logging.getLogger("vbf-console-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        raise SpecError("dataset file x.parquet: not a readable Parquet file")
+    except SpecError:
+        logger.error("Task run failed", exc_info=True)
+        try:
+            raise RuntimeError("Cannot put items in a stopped service instance.")
+        except RuntimeError:
+            logger.error("Error emitting event", exc_info=True)
+    try:
+        raise KeyError("a bug")
+    except KeyError:
+        logger.error("Something broke", exc_info=True)
+    assert stream.getvalue().splitlines()[:2] == ["Error emitting event", "Something broke"]
+    assert "KeyError: 'a bug'" in stream.getvalue() and "x.parquet" not in stream.getvalue()
