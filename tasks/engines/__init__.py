@@ -1,21 +1,24 @@
 """Engines turn a shard of requests into output records; each implements `base.Engine` and is chosen
-by the name in `ModelConfig.engine`. vLLM itself is imported only when its engine first runs."""
+by the name in `ModelConfig.engine`.
+
+An engine's module is imported when it is first opened: `vbf run` imports the vLLM engine on its way
+to starting it, and an HTTP client (or vLLM) only when a run asks for that engine.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
 from tasks.config import ModelConfig
 from tasks.engines.base import Engine
-from tasks.engines.openai import OpenAIEngine
-from tasks.engines.vllm import SharedVllmEngine
 
-ENGINES: dict[str, Callable[[ModelConfig, str | None], Engine]] = {
-    "vllm": SharedVllmEngine,
-    "openai": OpenAIEngine,
+ENGINES: dict[str, str] = {
+    "vllm": "tasks.engines.vllm:SharedVllmEngine",
+    "openai": "tasks.engines.openai:OpenAIEngine",
 }
 
 
 def open_engine(model: ModelConfig, api_key: str | None = None) -> Engine:
     """The engine `model.engine` names; `api_key` is for engines that call a server (from a Secret block)."""
-    return ENGINES[model.engine](model, api_key)
+    module, name = ENGINES[model.engine].split(":")
+    return getattr(importlib.import_module(module), name)(model, api_key)
