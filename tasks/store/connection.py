@@ -4,8 +4,7 @@ process holds it (DuckDB allows one writer process per file, and no reader besid
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import duckdb
@@ -57,19 +56,11 @@ def open_for_read(path: str | Path, lock_timeout_seconds: float = 60.0) -> duckd
     return con
 
 
-@contextmanager
-def writing(path: str | Path, lock_timeout_seconds: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = open_for_write(path, lock_timeout_seconds)
-    try:
-        yield con
-    finally:
-        con.close()
+def writing(path: str | Path, lock_timeout_seconds: float = 60.0) -> closing[duckdb.DuckDBPyConnection]:
+    """`with writing(path) as con:` the file open for writing, closed on leaving."""
+    return closing(open_for_write(path, lock_timeout_seconds))
 
 
-@contextmanager
-def reading(path: str | Path, lock_timeout_seconds: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = open_for_read(path, lock_timeout_seconds)
-    try:
-        yield con
-    finally:
-        con.close()
+def reading(path: str | Path, lock_timeout_seconds: float = 60.0) -> closing[duckdb.DuckDBPyConnection]:
+    """`with reading(path) as con:` the file open read-only, closed on leaving."""
+    return closing(open_for_read(path, lock_timeout_seconds))
