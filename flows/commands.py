@@ -59,6 +59,9 @@ class HideUserErrors(logging.Filter):
 def start_prefect(verbose: bool) -> None:
     """Set up Prefect's logging now, and keep user mistakes' tracebacks off its console handler."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from a batch job, unless asked
+    # Prefect's temporary server builds its database on a first run and competes for the CPU with
+    # the engine's start: on a small machine it can need longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
@@ -138,27 +141,22 @@ def run(args: argparse.Namespace) -> None:
     sharding = ShardingConfig(**({"shard_size": args.shard_size} if args.shard_size else {}))
     start_engine_unless_answered(dataset, model, sampling, store)
     start_prefect(args.verbose)
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     from flows.batch_inference import batch_inference
     from tasks.engines.vllm import close_engine
     from tasks.report.summary import format_summary
     from tasks.scoring.registry import DEFAULT_SCORERS
 
-    # The engine's start competes with Prefect's temporary server for the CPU: on a small machine
-    # the server can need longer than Prefect's default 20 s to come up.
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        try:
-            summary = batch_inference(
-                dataset=dataset,
-                model=model,
-                sampling=sampling,
-                sharding=sharding,
-                store=store,
-                scorers=args.scorer or DEFAULT_SCORERS,
-            )
-        finally:
-            close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
+    try:
+        summary = batch_inference(
+            dataset=dataset,
+            model=model,
+            sampling=sampling,
+            sharding=sharding,
+            store=store,
+            scorers=args.scorer or DEFAULT_SCORERS,
+        )
+    finally:
+        close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
     print(format_summary(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))

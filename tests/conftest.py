@@ -305,6 +305,8 @@ def start_flow_process(tmp_path):
             **os.environ,
             "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
             "PREFECT_API_URL": "",
+            # its temporary server builds a new database while the suite's engine loads the CPU
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
             "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         }
         return subprocess.Popen(
