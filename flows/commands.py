@@ -57,7 +57,8 @@ class HideUserErrors(logging.Filter):
 
 
 def start_prefect(verbose: bool) -> None:
-    """Set up Prefect's logging now, and keep user mistakes' tracebacks off its console handler."""
+    """Prefect's defaults for a batch command (set before Prefect is imported: it reads them once),
+    its logging set up now, and user mistakes' tracebacks kept off its console handler."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from a batch job, unless asked
     # Prefect's temporary server builds its database on a first run and competes for the CPU with
     # the engine's start: on a small machine it can need longer than Prefect's default 20 s.
