@@ -6,6 +6,7 @@ From the command line: `vbf run` (see flows/cli.py).
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import partial
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -24,15 +25,28 @@ from tasks.config import (
     StoreConfig,
     WorkersConfig,
 )
-from tasks.inference.job import InferenceJob
+from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
+from tasks.prepare.requests import RequestSet
 from tasks.prepare.tasks import check_rejected_share, remove_work_files, write_requests, write_shards
-from tasks.report.summary import RunSummary, StageClock, run_record, summarize_run
+from tasks.report.summary import (
+    RunSummary,
+    StageClock,
+    counts_at_start,
+    dataset_version_row,
+    input_files,
+    run_row,
+    shard_counts,
+    shard_row,
+    summarize_run,
+)
 from tasks.report.tasks import publish_report, publish_summary, publish_validation
 from tasks.scoring.registry import DEFAULT_SCORERS, resolve_scorers, scorers_version
 from tasks.scoring.scorers import ScorerSpec
-from tasks.scoring.tasks import write_scores
-from tasks.store.tasks import commit_results
+from tasks.scoring.tasks import score_files_of, write_scores
+from tasks.store.commit import CommitFiles
+from tasks.store.rows import RunRow
+from tasks.store.tasks import commit_run_end, commit_run_start, commit_shard_results, marked_if_stopped
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -63,21 +77,38 @@ def batch_inference(
     )
     with clock("shard"):
         plan = write_shards(request_set, job, store, work_dir)
-    with clock("infer"):
+    scorers_used = scorers_version(resolve_scorers(scorers))
+    describe = partial(run_row, run_id=run_id, dataset=dataset, job=job, scorers=scorers_used, request_set=request_set)
+    running = describe(
+        counts_at_start(request_set, len(plan.shards), plan.reused_requests), started_at=started_at, status="running"
+    )
+    commit_run_start(running, dataset_version_row(dataset, request_set), input_files(request_set), store)
+    commit = partial(score_and_commit_shard, run=running, request_set=request_set, scorers=scorers, store=store)
+    with marked_if_stopped(run_id, store), clock("infer"):
         description = f"{len(plan.shards)} shards of {dataset.name} on {model.model}"
-        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description)
-    with clock("score"):
-        score_files = write_scores(outputs, request_set, scorers, store.storage)
+        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit)
     summary = summarize_run(
         run_id, dataset.name, job, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
     )
     with clock("commit"):
-        scorers_used = scorers_version(resolve_scorers(scorers))
-        commit_results(
-            run_record(summary, dataset, job, scorers_used, request_set, outputs, cached, score_files, started_at), store
-        )
+        commit_run_end(describe(summary, started_at=started_at, status="completed", stage_seconds=summary.stage_seconds), store)
     summary.stage_seconds["commit"] = clock.seconds["commit"]
     publish_summary(summary)
-    publish_report(summary, score_files)
+    publish_report(summary, score_files_of(outputs, request_set, scorers, store.storage))
     remove_work_files(work_dir)
     return summary
+
+
+def score_and_commit_shard(
+    output: ShardOutput,
+    cached: bool,
+    *,
+    run: RunRow,
+    request_set: RequestSet,
+    scorers: list[str | ScorerSpec],
+    store: StoreConfig,
+) -> None:
+    """A finished shard, while the run goes on: scored, then committed with its scores."""
+    score_files = write_scores([output], request_set, scorers, store.storage)
+    files = CommitFiles(requests=[], rejected=[], outputs=[output.path], scores=score_files)
+    commit_shard_results(run, shard_row(run.run_id, output, cached), shard_counts(output, cached), files, store)

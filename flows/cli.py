@@ -100,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
         "--shard-size", type=int, help=f"most unique requests per inference task (default: {ShardingConfig().shard_size})"
     )
     run_parser.add_argument(
+        "--on-stop",
+        choices=["finish", "abort"],
+        help="on Ctrl-C or SIGTERM: let the shards in flight finish and commit them (default), or abort them "
+        "(their finished parts are kept); either way the next run goes on from there",
+    )
+    run_parser.add_argument(
         "--scorer", action="append", help="scorer name or package.module:attribute (repeatable; default: every built-in)"
     )
     run_parser.add_argument("--summary-json", help="also write the run summary to this file")
@@ -225,11 +231,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.errors import USER_ERRORS
+    from tasks.errors import USER_ERRORS, RunStopped
 
     args = parser().parse_args(argv)
     try:
         args.handler(args)
+    except (RunStopped, KeyboardInterrupt):
+        print(
+            f"vbf {args.command}: stopped; what finished is committed, and the same command goes on from there", file=sys.stderr
+        )
+        return 130
     except USER_ERRORS as error:
         if args.verbose:
             traceback.print_exc()

@@ -26,7 +26,7 @@ from tasks.config import (
     SpecError,
     StoreConfig,
 )
-from tasks.errors import USER_ERRORS
+from tasks.errors import USER_ERRORS, RunStopped
 
 
 def caused_by_user_error(error: BaseException | None) -> bool:
@@ -139,9 +139,12 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
 
 def run(args: argparse.Namespace) -> None:
     dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
-    sharding = ShardingConfig(**({"shard_size": args.shard_size} if args.shard_size else {}))
+    chosen = {"shard_size": args.shard_size, "on_stop": args.on_stop}
+    sharding = ShardingConfig(**{name: value for name, value in chosen.items() if value})
     start_engine_unless_answered(dataset, model, sampling, store)
     start_prefect(args.verbose)
+    from prefect.exceptions import TerminationSignal
+
     from flows.batch_inference import batch_inference
     from tasks.engines.vllm import close_engine
     from tasks.report.summary import format_summary
@@ -156,6 +159,8 @@ def run(args: argparse.Namespace) -> None:
             store=store,
             scorers=args.scorer or DEFAULT_SCORERS,
         )
+    except TerminationSignal as stop:  # SIGTERM, as Ctrl-C: the flow has committed what finished
+        raise RunStopped(f"stopped by signal {stop.signal}") from stop
     finally:
         close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
     print(format_summary(summary))

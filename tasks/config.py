@@ -312,6 +312,23 @@ class ShardingConfig(BaseModel):
     group_prefixes: bool = Field(
         True, description="Order requests by their text so prompts sharing a prefix land in one shard (prefix cache)."
     )
+    shards_in_flight: int = Field(
+        3,
+        ge=1,
+        description="Shards read, tokenized and queued ahead of the engine at once; the rest wait unread, so memory "
+        "stays flat however large the dataset.",
+    )
+    part_size: int = Field(
+        256,
+        ge=1,
+        description="Requests per journal part: each finished part is kept at once, so a killed run computes again "
+        "at most the parts that were in the engine.",
+    )
+    on_stop: Literal["finish", "abort"] = Field(
+        "finish",
+        description="On Ctrl-C, SIGTERM or a cancel: let the shards in flight finish (and commit them), or abort them "
+        "(their finished parts are kept for the next run).",
+    )
     retries: int = Field(3, ge=0, description="Retries of a shard after a transient failure (engine crash, out of memory).")
     retry_delay_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
     gpu_limit: str | None = Field(

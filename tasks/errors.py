@@ -11,3 +11,7 @@ from tasks.curation.label_studio import LabelStudioError
 from tasks.store.sql import StoreError
 
 USER_ERRORS = (SpecError, StoreError, LabelStudioError, ValidationError, FileNotFoundError, ValueError)
+
+
+class RunStopped(Exception):
+    """A command stopped on Ctrl-C or SIGTERM after committing what had finished."""

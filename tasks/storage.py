@@ -67,6 +67,15 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(fs_path, filesystem=fs, columns=columns)
 
 
+def list_files(folder: str, suffix: str) -> list[str]:
+    """The complete files in a folder whose names end with suffix (none when the folder is missing)."""
+    fs, fs_path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(fs_path):
+        return []
+    protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
+    return sorted(protocol + name for name in fs.ls(fs_path, detail=False) if name.endswith(suffix))
+
+
 def read_text(path: str) -> str:
     fs, fs_path = fsspec.core.url_to_fs(path)
     return fs.cat_file(fs_path).decode()

@@ -36,6 +36,9 @@ class InferenceJob(BaseModel):
     def output_path(self, shard: Shard) -> str:
         return storage.join(self.storage, "outputs", f"{self.output_key(shard)}.parquet")
 
+    def journal_folder(self, shard: Shard) -> str:
+        return storage.join(self.storage, "journal", self.output_key(shard))
+
     def result_storage(self) -> Path:
         """Where Prefect persists the shard tasks' results (the cache records), next to the shard files."""
         if "://" in self.storage:
@@ -58,11 +61,7 @@ class ShardOutput(BaseModel):
     batch_size: int  # requests per engine submission (smaller after an out-of-memory)
     max_num_seqs: int | None  # the engine's; None for the openai engine
     engine_load_seconds: float  # how long the process's first shard waited for the engine to start
-
-    @property
-    def engine_requests(self) -> int:
-        """Requests that reached the engine (the rest failed their checks before it)."""
-        return self.requests - self.errors
+    engine_requests: int  # requests this attempt answered with the engine (not failed checks, not resumed)
 
 
 def output_file(shard: Shard, key: str, outputs: pa.Table) -> pa.Table:
@@ -71,9 +70,11 @@ def output_file(shard: Shard, key: str, outputs: pa.Table) -> pa.Table:
     return outputs.append_column("output_key", pa.array([key] * outputs.num_rows, pa.string()))
 
 
-def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult) -> ShardOutput:
+def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult, fresh: pa.Table) -> ShardOutput:
+    """The shard's manifest; `fresh` are the records this attempt computed (the others were kept from before)."""
     outputs = result.outputs
     ok = outputs.filter(pc.is_null(outputs["error_code"]))
+    answered = fresh.filter(pc.is_null(fresh["error_code"]))["request_key"]
     return ShardOutput(
         shard_key=shard.shard_key,
         output_key=key,
@@ -87,6 +88,7 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult)
         batch_size=result.batch_size,
         max_num_seqs=result.max_num_seqs,
         engine_load_seconds=result.engine_load_seconds,
+        engine_requests=pc.count_distinct(answered).as_py() if len(answered) else 0,
     )
 
 

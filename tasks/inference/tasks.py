@@ -5,7 +5,8 @@ the cache is how worker groups hand results back: a group's run only has to fini
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.filesystems import LocalFileSystem
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.results import ResultStore
 from prefect.runtime import flow_run
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from blocks import secret_value
 from tasks import keys, storage
 from tasks.config import ModelConfig, WorkersConfig
 from tasks.engines import open_engine
+from tasks.engines.base import GenerateResult
 from tasks.inference.job import (
     PERMANENT_ERRORS,
     InferenceJob,
@@ -33,6 +35,7 @@ from tasks.inference.job import (
     split_groups,
     summarize_outputs,
 )
+from tasks.inference.journal import ShardJournal, generate_in_parts
 from tasks.prepare.shard import Shard
 
 Dispatch = Literal["local", "workers"]
@@ -42,8 +45,12 @@ def shard_cache_key(_context, parameters: dict) -> str:
     return parameters["job"].output_key(parameters["shard"])
 
 
+# Set when the process is told to stop (Ctrl-C, SIGTERM, a cancel): a shard that then fails is not retried.
+stopping = threading.Event()
+
+
 def is_transient(_task, _task_run, state) -> bool:
-    return not isinstance(state.data, PERMANENT_ERRORS)
+    return not stopping.is_set() and not isinstance(state.data, PERMANENT_ERRORS)
 
 
 # The shards of one process share its one engine and take turns on it anyway: they share one slot.
@@ -66,12 +73,17 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
 
 @task(name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True, retry_condition_fn=is_transient)
 def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput:
-    key, path = job.output_key(shard), job.output_path(shard)
+    key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
+    if storage.exists(path):  # an attempt wrote it, and was killed before Prefect recorded its result
+        outputs = storage.read_parquet(path)
+        return summarize_outputs(shard, key, path, GenerateResult(outputs, 0.0, 0, None), fresh=outputs.slice(0, 0))
     engine = open_engine(job.model, secret_value(job.model.api_key_secret))
     with engine_slot(job.model, job.sharding.gpu_limit):
-        result = engine.generate(storage.read_parquet(shard.path), job.sampling, key)
+        requests = storage.read_parquet(shard.path)
+        result, fresh = generate_in_parts(engine, requests, job.sampling, key, journal, job.sharding.part_size)
     storage.write_parquet(output_file(shard, key, result.outputs), path)
-    return summarize_outputs(shard, key, path, result)
+    journal.remove()
+    return summarize_outputs(shard, key, path, result, fresh)
 
 
 @task(name="fingerprint-model")
@@ -80,32 +92,86 @@ def fingerprint_model(model: ModelConfig) -> str:
     return keys.model_fingerprint(model)
 
 
-def wait_with_progress(futures: list[PrefectFuture], description: str, unit: str) -> None:
-    """Wait for every future, showing progress in the UI and the terminal; then raise the first failure.
+ShardDone = Callable[[ShardOutput, bool], None]  # a finished shard's manifest, and whether it came from the cache
 
-    Everything finishes before a failure is raised, so every finished shard is in the cache for
-    the re-run.
+
+def ignore_shard(_output: ShardOutput, _cached: bool) -> None:
+    pass
+
+
+class Progress:
+    """Progress in the UI (an artifact) and the terminal (a bar)."""
+
+    def __init__(self, total: int, description: str, unit: str):
+        self.total, self.done = total, 0
+        self.artifact = create_progress_artifact(0.0 if total else 100.0, key="batch-inference-progress", description=description)
+        self.bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=None)
+
+    def advance(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def generate_here(
+    shards: list[Shard], job: InferenceJob, description: str, on_finished: ShardDone = ignore_shard
+) -> tuple[list[ShardOutput], list[bool]]:
+    """Every shard in this process, at most `shards_in_flight` at a time (the others wait unread); each
+    finished shard goes to on_finished at once. Returns every manifest, and whether it came from the cache.
+
+    After a shard fails (all its retries spent) no new shard starts; the ones in flight finish first.
     """
-    artifact = create_progress_artifact(0.0 if futures else 100.0, key="batch-inference-progress", description=description)
-    with tqdm(total=len(futures), desc=f"{unit}s", unit=unit, disable=None) as bar:
-        for done, _ in enumerate(as_completed(futures), 1):
-            update_progress_artifact(artifact, 100.0 * done / len(futures))
-            bar.update()
-    for future in futures:
-        if not future.state.is_completed():
-            future.result()  # raises its error
-
-
-def generate_here(shards: list[Shard], job: InferenceJob, description: str) -> tuple[list[ShardOutput], list[bool]]:
-    """Every shard in this process: each shard's manifest, and whether it came from the cache."""
     generate = generate_shard.with_options(
         result_storage=job.result_storage(),
         retries=job.sharding.retries,
         retry_delay_seconds=job.sharding.retry_delay_seconds,
     )
-    futures = [generate.submit(shard, job) for shard in shards]
-    wait_with_progress(futures, description, unit="shard")
-    return [future.result() for future in futures], [future.state.name == "Cached" for future in futures]
+    waiting, running = deque(shards), {}
+    finished: dict[str, tuple[ShardOutput, bool]] = {}
+    failed: list[PrefectFuture] = []
+    progress = Progress(len(shards), description, unit="shard")
+    try:
+        while waiting or running:
+            while waiting and len(running) < job.sharding.shards_in_flight and not failed:
+                shard = waiting.popleft()
+                running[generate.submit(shard, job)] = shard
+            if not running:
+                break
+            future = next(as_completed(list(running)))
+            future.wait()  # sets its final state here: the server may not have it yet
+            del running[future]
+            progress.advance()
+            if not future.state.is_completed():
+                failed.append(future)
+                continue
+            output, cached = future.result(), future.state.name == "Cached"
+            on_finished(output, cached)
+            finished[output.shard_key] = (output, cached)
+    except BaseException:  # Ctrl-C, SIGTERM, a cancel: admit no more; finish (or abort) what is in flight
+        stop_shards(list(running), job, on_finished)
+        raise
+    finally:
+        progress.close()
+    for future in failed:
+        future.result()  # raises its error
+    return [finished[s.shard_key][0] for s in shards], [finished[s.shard_key][1] for s in shards]
+
+
+def stop_shards(running: list[PrefectFuture], job: InferenceJob, on_finished: ShardDone) -> None:
+    """Stop: with on_stop="finish", wait for the shards in flight and hand on those that finished;
+    with "abort", close the engine so they end now (each keeps its finished parts for the next run)."""
+    stopping.set()
+    if job.sharding.on_stop == "abort" and job.model.engine == "vllm":
+        from tasks.engines.vllm import close_engine
+
+        close_engine(timeout=0)
+    for future in as_completed(running):
+        future.wait()
+        if future.state.is_completed():
+            on_finished(future.result(), future.state.name == "Cached")
 
 
 @task(name="run-shard-group", cache_policy=NO_CACHE)
@@ -126,9 +192,15 @@ def run_shard_group(group: int, shards: list[Shard], job: InferenceJob, workers:
 
 
 def generate_on_workers(
-    shards: list[Shard], job: InferenceJob, n_workers: int, workers: WorkersConfig, description: str
+    shards: list[Shard],
+    job: InferenceJob,
+    n_workers: int,
+    workers: WorkersConfig,
+    description: str,
+    on_finished: ShardDone = ignore_shard,
 ) -> tuple[list[ShardOutput], list[bool]]:
-    """Dispatch the shards not yet in the cache in n_workers groups, wait, read every manifest back."""
+    """Dispatch the shards not yet in the cache in n_workers groups; while they run, hand each shard on
+    as its cache record appears; then read every manifest back."""
     cache = ResultStore(result_storage=LocalFileSystem(basepath=str(job.result_storage())))
     output_keys = [job.output_key(shard) for shard in shards]
     cached = [cache.exists(key) for key in output_keys]
@@ -141,16 +213,42 @@ def generate_on_workers(
         len(groups),
         workers.deployment,
     )
+    for key, hit in zip(output_keys, cached):
+        if hit:
+            on_finished(cache.read(key).result, True)
+    awaited = [key for key, hit in zip(output_keys, cached) if not hit]
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [run_group.submit(i, group, job, workers) for i, group in enumerate(groups)]
-    wait_with_progress(futures, description, unit="group")  # raises the error of a group that failed all its attempts
+    progress = Progress(len(futures), description, unit="group")
+    try:
+        not_done = set(futures)
+        while not_done or awaited:
+            done, not_done = wait(list(not_done), timeout=workers.poll_seconds)
+            for _ in range(len(futures) - len(not_done) - progress.done):
+                progress.advance()
+            for key in [key for key in awaited if cache.exists(key)]:
+                on_finished(cache.read(key).result, False)
+                awaited.remove(key)
+            if not not_done:
+                break
+    finally:
+        progress.close()
+    for future in futures:
+        if not future.state.is_completed():
+            future.result()  # raises the error of a group that failed all its attempts
     return [cache.read(key).result for key in output_keys], cached
 
 
 def generate_shards_of_run(
-    dispatch: Dispatch, shards: list[Shard], job: InferenceJob, n_workers: int, workers: WorkersConfig, description: str
+    dispatch: Dispatch,
+    shards: list[Shard],
+    job: InferenceJob,
+    n_workers: int,
+    workers: WorkersConfig,
+    description: str,
+    on_finished: ShardDone = ignore_shard,
 ) -> tuple[list[ShardOutput], list[bool]]:
-    """Every shard's manifest, and whether it came from the cache."""
+    """Every shard's manifest, and whether it came from the cache; each finished shard goes to on_finished."""
     if dispatch == "workers":
-        return generate_on_workers(shards, job, n_workers, workers, description)
-    return generate_here(shards, job, description)
+        return generate_on_workers(shards, job, n_workers, workers, description, on_finished)
+    return generate_here(shards, job, description, on_finished)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tasks.config import DatasetSpec
 from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.prepare.requests import RequestSet
-from tasks.store.commit import CommitFiles, RunRecord
+from tasks.store.commit import CommitFiles
 from tasks.store.rows import DatasetVersionRow, RunCounts, RunRow, RunShardRow
 
 
@@ -138,26 +138,28 @@ def format_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def run_record(
-    summary: RunSummary,
+def run_row(
+    counts: RunCounts,
+    run_id: str,
     dataset: DatasetSpec,
     job: InferenceJob,
     scorers: str,
     request_set: RequestSet,
-    outputs: list[ShardOutput],
-    cached: list[bool],
-    score_files: list[str],
     started_at: datetime,
-) -> RunRecord:
-    """What the run writes to the store: its `runs` row (what was asked, what it cost), its dataset
-    version, its shards, and the files holding its requests, rejected rows, outputs and scores."""
-    run = RunRow(
-        **summary.model_dump(include={*RunCounts.model_fields, "run_id", "dataset_version", "model_fingerprint"}),
-        dataset_name=summary.dataset_name,
+    status: str,
+    stage_seconds: dict[str, float] | None = None,
+) -> RunRow:
+    """The run's `runs` row: what was asked, what it cost so far, and how it stands."""
+    return RunRow(
+        **counts.model_dump(include=set(RunCounts.model_fields)),
+        run_id=run_id,
+        dataset_version=request_set.dataset_version,
+        dataset_name=dataset.name,
         model=job.model.model,
+        model_fingerprint=job.model_fingerprint,
         engine=job.model.engine,
         engine_args=job.model.model_dump_json(),
-        stage_seconds=json.dumps(summary.stage_seconds),
+        stage_seconds=json.dumps(stage_seconds or {}),
         sampling_params=job.sampling.model_dump_json(),
         sampling_hash=job.sampling_hash,
         template_hash=request_set.template_hash,
@@ -166,9 +168,31 @@ def run_record(
         scorers=scorers,
         code_version=code_version(),
         started_at=started_at,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=None if status == "running" else datetime.now(timezone.utc),
+        status=status,
     )
-    dataset_version = DatasetVersionRow(
+
+
+def counts_at_start(request_set: RequestSet, shards: int, reused_requests: int) -> RunCounts:
+    """A run's counts before its first shard: what preparing found, nothing answered yet."""
+    zero = dict.fromkeys(["cached_shards", "engine_requests", "outputs", "errors", "prompt_tokens", "completion_tokens"], 0)
+    return RunCounts(
+        rows_read=request_set.rows_read,
+        rejected=request_set.rejected,
+        requests=request_set.requests,
+        unique_requests=request_set.unique_requests,
+        duplicates=request_set.duplicates,
+        shards=shards,
+        reused_requests=reused_requests,
+        generated_tokens=0,
+        tokens_per_second=0.0,
+        wall_seconds=0.0,
+        **zero,
+    )
+
+
+def dataset_version_row(dataset: DatasetSpec, request_set: RequestSet) -> DatasetVersionRow:
+    return DatasetVersionRow(
         dataset_version=request_set.dataset_version,
         dataset_name=dataset.name,
         source=dataset.source,
@@ -179,17 +203,24 @@ def run_record(
         unique_requests=request_set.unique_requests,
         rejected=request_set.rejected,
     )
-    shards = [
-        RunShardRow(run_id=summary.run_id, cached=was_cached, **output.model_dump(exclude={"path", "outputs"}))
-        for output, was_cached in zip(outputs, cached)
-    ]
-    files = CommitFiles(
-        requests=request_set.request_files,
-        rejected=request_set.rejected_files,
-        outputs=[output.path for output in outputs],
-        scores=score_files,
+
+
+def input_files(request_set: RequestSet) -> CommitFiles:
+    return CommitFiles(requests=request_set.request_files, rejected=request_set.rejected_files, outputs=[], scores=[])
+
+
+def shard_row(run_id: str, output: ShardOutput, cached: bool) -> RunShardRow:
+    return RunShardRow(
+        run_id=run_id, cached=cached, committed_at=datetime.now(timezone.utc), **output.model_dump(exclude={"path", "outputs"})
     )
-    return RunRecord(run, dataset_version, shards, files)
+
+
+def shard_counts(output: ShardOutput, cached: bool) -> dict[str, int]:
+    """What a finished shard adds to its run's live counts (a cached shard computed nothing in this run)."""
+    counts = output.model_dump(include={"outputs", "errors", "prompt_tokens", "completion_tokens"})
+    if cached:
+        return {**counts, "engine_requests": 0, "generated_tokens": 0}
+    return {**counts, "engine_requests": output.engine_requests, "generated_tokens": output.completion_tokens}
 
 
 def code_version() -> str:

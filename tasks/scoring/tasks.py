@@ -31,16 +31,28 @@ def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Tabl
     return outputs.join(pa.concat_tables(asked), "request_key", join_type="left outer")
 
 
+def score_path(output: ShardOutput, dataset_version: str, version: str, storage_root: str) -> str:
+    """Where an output shard's scores are: one file per shard, scorer set and dataset version (references
+    belong to the dataset)."""
+    return storage.join(storage_root, "scores", f"{keys.score_key(output.output_key, dataset_version, version)}.parquet")
+
+
+def score_files_of(
+    outputs: list[ShardOutput], request_set: RequestSet, specs: list[str | ScorerSpec], storage_root: str
+) -> list[str]:
+    version = scorers_version(resolve_scorers(specs))
+    return [score_path(output, request_set.dataset_version, version, storage_root) for output in outputs]
+
+
 @task(name="write-scores")
 def write_scores(
     outputs: list[ShardOutput], request_set: RequestSet, specs: list[str | ScorerSpec], storage_root: str
 ) -> list[str]:
-    """Score each output shard once per scorer set and dataset version (references belong to the dataset)."""
+    """Score each output shard once per scorer set and dataset version."""
     scorers = resolve_scorers(specs, secret_value)
     paths = []
     for output in outputs:
-        key = keys.score_key(output.output_key, request_set.dataset_version, scorers_version(scorers))
-        path = storage.join(storage_root, "scores", f"{key}.parquet")
+        path = score_path(output, request_set.dataset_version, scorers_version(scorers), storage_root)
         if not storage.exists(path):
             storage.write_parquet(score_outputs(outputs_with_requests(output.path, request_set.request_files), scorers), path)
         paths.append(path)

@@ -1,7 +1,9 @@
-"""Writes: a run and everything it produced in one transaction, and scores added to a stored run.
+"""Writes: a run as it goes (its start, each finished shard, its end), a whole run at once, and scores
+added to a stored run.
 
 Every insert ignores rows that are already there, so committing the same shard (or the same run)
-twice changes nothing, and a failure anywhere rolls the whole commit back.
+twice changes nothing, and a failure anywhere rolls that commit back. A shard's commit is one short
+transaction, so readers wait for it at most that long.
 """
 
 from __future__ import annotations
@@ -37,43 +39,107 @@ class RunRecord:
 # output_id identifies one answer by content: which request, which model, which sampling, which sample.
 OUTPUT_ID_SQL = "md5(concat_ws(':', {t}.request_key, $fp, $sh, CAST({t}.sample_index AS VARCHAR)))"
 
+# The run's counters a finished shard adds to while the run goes (its final row then sets them all).
+LIVE_COUNTS = ("outputs", "errors", "prompt_tokens", "completion_tokens", "engine_requests", "generated_tokens")
+
+
+def begin_run(con: duckdb.DuckDBPyConnection, run: RunRow, dataset: DatasetVersionRow, files: CommitFiles) -> None:
+    """Before inference: the dataset version, its requests and rejected rows, and the run's row (status running)."""
+    with transaction(con):
+        insert_inputs(con, dataset, files)
+        insert_rows(con, "runs", [run])
+
+
+def commit_shard(
+    con: duckdb.DuckDBPyConnection, run: RunRow, shard: RunShardRow, counts: dict[str, int], files: CommitFiles
+) -> None:
+    """A finished shard's outputs and scores, its run_shards row, and the run's live counts, in one transaction.
+
+    A shard committed before (same run and shard key) changes nothing, its counts included.
+    """
+    with transaction(con):
+        if fetch_value(con, "SELECT count(*) FROM run_shards WHERE run_id = ? AND shard_key = ?", [run.run_id, shard.shard_key]):
+            return
+        insert_outputs(con, run, files.outputs)
+        insert_scores(con, run.run_id, run.model_fingerprint, run.sampling_hash, files.scores)
+        insert_rows(con, "run_shards", [shard])
+        assignments = ", ".join(f"{name} = {name} + ${name}" for name in LIVE_COUNTS)
+        con.execute(
+            f"UPDATE runs SET {assignments}, cached_shards = cached_shards + $cached WHERE run_id = $run",
+            {**{name: counts.get(name, 0) for name in LIVE_COUNTS}, "cached": int(shard.cached), "run": run.run_id},
+        )
+
+
+def finish_run(con: duckdb.DuckDBPyConnection, run: RunRow) -> None:
+    """The run's final row (status, totals, finished_at) in place of its live one."""
+    values = run.model_dump(exclude={"run_id"})
+    with transaction(con):
+        con.execute(
+            f"UPDATE runs SET {', '.join(f'{name} = ${name}' for name in values)} WHERE run_id = $run_id",
+            {**values, "run_id": run.run_id},
+        )
+
+
+def mark_run(con: duckdb.DuckDBPyConnection, run_id: str, status: str) -> None:
+    """End a run that stopped early (failed, cancelled) with the counts its committed shards left."""
+    with transaction(con):
+        con.execute(
+            "UPDATE runs SET status = ?, finished_at = now(), "
+            "wall_seconds = epoch(now()) - epoch(started_at) WHERE run_id = ? AND status = 'running'",
+            [status, run_id],
+        )
+
 
 def commit_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
     """Write a run and everything it produced in one transaction."""
     run, files = record.run, record.files
-    keys = {"dv": run.dataset_version, "fp": run.model_fingerprint, "sh": run.sampling_hash, "run": run.run_id}
     with transaction(con):
-        insert_rows(con, "dataset_versions", [record.dataset])
-        if files.requests:
-            con.execute(
-                "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
-                "messages, duplicate_of, source_file, source_row, overrides, reference "
-                "FROM read_parquet($files) ON CONFLICT DO NOTHING",
-                {"dv": keys["dv"], "files": files.requests},
-            )
-        if files.rejected:
-            con.execute(
-                "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
-                "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
-                {"dv": keys["dv"], "files": files.rejected},
-            )
-        if files.outputs:
-            con.execute(
-                f"""
-                INSERT INTO outputs BY NAME
-                SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
-                       o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
-                       $dv AS dataset_version, q.custom_id
-                FROM read_parquet($files, union_by_name = true) o
-                JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
-                               AND q.duplicate_of IS NULL
-                ON CONFLICT DO NOTHING
-                """,
-                {**keys, "files": files.outputs},
-            )
+        insert_inputs(con, record.dataset, files)
+        insert_outputs(con, run, files.outputs)
         insert_scores(con, run.run_id, run.model_fingerprint, run.sampling_hash, files.scores)
         insert_rows(con, "run_shards", record.shards)
         insert_rows(con, "runs", [run])
+
+
+def insert_inputs(con: duckdb.DuckDBPyConnection, dataset: DatasetVersionRow, files: CommitFiles) -> None:
+    insert_rows(con, "dataset_versions", [dataset])
+    if files.requests:
+        con.execute(
+            "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
+            "messages, duplicate_of, source_file, source_row, overrides, reference "
+            "FROM read_parquet($files) ON CONFLICT DO NOTHING",
+            {"dv": dataset.dataset_version, "files": files.requests},
+        )
+    if files.rejected:
+        con.execute(
+            "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
+            "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
+            {"dv": dataset.dataset_version, "files": files.rejected},
+        )
+
+
+def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]) -> None:
+    """Output files name their requests by request_key; the run's dataset version gives each its custom_id."""
+    if paths:
+        con.execute(
+            f"""
+            INSERT INTO outputs BY NAME
+            SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
+                   o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
+                   $dv AS dataset_version, q.custom_id
+            FROM read_parquet($files, union_by_name = true) o
+            JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
+                           AND q.duplicate_of IS NULL
+            ON CONFLICT DO NOTHING
+            """,
+            {
+                "dv": run.dataset_version,
+                "fp": run.model_fingerprint,
+                "sh": run.sampling_hash,
+                "run": run.run_id,
+                "files": paths,
+            },
+        )
 
 
 def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:

@@ -32,8 +32,9 @@ def answered_before(duckdb_path: str, input_fingerprint: str, model_fingerprint:
     try:
         if not has_column(con, "runs", "input_fingerprint"):  # written before migration 6
             return False
+        completed = "AND status = 'completed'" if has_column(con, "runs", "status") else ""  # before migration 8: all were
         found = con.execute(
-            "SELECT count(*) FROM runs WHERE input_fingerprint = ? AND model_fingerprint = ? AND sampling_hash = ?",
+            f"SELECT count(*) FROM runs WHERE input_fingerprint = ? AND model_fingerprint = ? AND sampling_hash = ? {completed}",
             [input_fingerprint, model_fingerprint, sampling_hash],
         ).fetchall()
     finally:

@@ -58,7 +58,8 @@ class RunRow(RunCounts):
     scorers: str
     code_version: str
     started_at: datetime
-    finished_at: datetime
+    finished_at: datetime | None = None  # None while it runs
+    status: str = "completed"  # running, completed, failed, cancelled
     stage_seconds: str = "{}"  # JSON
     input_fingerprint: str | None = None
     fan_out: bool = True
@@ -77,6 +78,7 @@ class RunShardRow(BaseModel):
     batch_size: int | None = None
     max_num_seqs: int | None = None
     engine_load_seconds: float | None = None
+    committed_at: datetime | None = None
 
 
 class ComparisonRow(BaseModel):

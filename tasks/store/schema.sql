@@ -136,10 +136,11 @@ CREATE TABLE run_shards (
     batch_size INTEGER,
     max_num_seqs INTEGER,
     engine_load_seconds DOUBLE,
+    committed_at TIMESTAMP WITH TIME ZONE,
     PRIMARY KEY(run_id, shard_key)
 );
 
-CREATE VIEW run_summary AS SELECT r.run_id, r.dataset_name, r.dataset_version, r.model, r.model_fingerprint, r.engine, r.sampling_hash, r.template_hash, r.code_version, r.started_at, r.wall_seconds, r.requests, r.unique_requests, r.duplicates, r.rejected, r.shards, r.cached_shards, r.engine_requests, r.outputs, r.errors, CASE  WHEN ((r.outputs > 0)) THEN ((r.errors / r.outputs)) ELSE NULL END AS error_rate, r.prompt_tokens, r.completion_tokens, r.generated_tokens, r.tokens_per_second, (SELECT map_from_entries(list("row"(((s.scorer || '@') || s.scorer_version), s.mean) ORDER BY s.scorer)) FROM run_scores AS s WHERE (s.run_id = r.run_id)) AS mean_scores FROM runs AS r;
+CREATE VIEW run_summary AS SELECT r.run_id, r.status, r.dataset_name, r.dataset_version, r.model, r.model_fingerprint, r.engine, r.sampling_hash, r.template_hash, r.code_version, r.started_at, r.finished_at, r.wall_seconds, r.requests, r.unique_requests, r.duplicates, r.rejected, r.shards, r.cached_shards, r.engine_requests, r.outputs, r.errors, CASE  WHEN ((r.outputs > 0)) THEN ((r.errors / r.outputs)) ELSE NULL END AS error_rate, r.prompt_tokens, r.completion_tokens, r.generated_tokens, r.tokens_per_second, (SELECT map_from_entries(list("row"(((s.scorer || '@') || s.scorer_version), s.mean) ORDER BY s.scorer)) FROM run_scores AS s WHERE (s.run_id = r.run_id)) AS mean_scores FROM runs AS r;
 
 CREATE TABLE runs (
     run_id VARCHAR PRIMARY KEY,
@@ -155,7 +156,7 @@ CREATE TABLE runs (
     scorers VARCHAR NOT NULL,
     code_version VARCHAR NOT NULL,
     started_at TIMESTAMP WITH TIME ZONE NOT NULL,
-    finished_at TIMESTAMP WITH TIME ZONE NOT NULL,
+    finished_at TIMESTAMP WITH TIME ZONE,
     wall_seconds DOUBLE NOT NULL,
     rows_read BIGINT NOT NULL,
     rejected BIGINT NOT NULL,
@@ -174,7 +175,8 @@ CREATE TABLE runs (
     stage_seconds JSON,
     reused_requests BIGINT DEFAULT(0) NOT NULL,
     input_fingerprint VARCHAR,
-    fan_out BOOLEAN DEFAULT(true) NOT NULL
+    fan_out BOOLEAN DEFAULT(true) NOT NULL,
+    status VARCHAR DEFAULT('completed') NOT NULL
 );
 
 CREATE TABLE schema_migrations (

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.filesystems import LocalFileSystem
-from prefect.results import ResultStore
 
 from flows.batch_inference import batch_inference
 from tasks.config import SamplingConfig, ShardingConfig, StructuredOutput
@@ -40,7 +39,9 @@ def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, 
         state.result()
     (shard_run,) = [run for run in task_runs(state) if run.name.startswith("generate-shard")]
     assert shard_run.run_count == 1  # no retry for a mistake
-    assert not Path(tmp_path / "results.duckdb").exists()
+    with duckdb.connect(store.duckdb_path, read_only=True) as con:  # the run says it failed, with nothing answered
+        assert con.execute("SELECT status, outputs FROM runs").fetchall() == [("failed", 0)]
+        assert con.execute("SELECT count(*) FROM outputs").fetchone() == (0,)
 
 
 def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
@@ -74,46 +75,56 @@ def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
     assert all(batch <= 10 for _, batch in sizes) and (16, 8) in sizes
 
 
-def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(
+def saved_request_keys(store) -> set[str]:
+    """What a killed run left for the next: committed outputs, journaled parts, and shard output files."""
+    storage = Path(store.storage)
+    files = [*storage.glob("journal/*/part-*.parquet"), *storage.glob("outputs/*.parquet")]
+    keys = {key for path in files for key in pq.read_table(path, columns=["request_key"])["request_key"].to_pylist()}
+    if Path(store.duckdb_path).exists():
+        with duckdb.connect(store.duckdb_path) as con:  # not read-only: it replays what a killed commit left
+            keys |= {row[0] for row in con.execute("SELECT request_key FROM outputs").fetchall()}
+    return keys
+
+
+def committed_while_running(store) -> int:
+    """Outputs a reader sees in the results file while the run writes it (0 while a commit holds it)."""
+    try:
+        with duckdb.connect(store.duckdb_path, read_only=True) as con:
+            return con.execute("SELECT count(*) FROM run_outputs").fetchone()[0]
+    except (duckdb.IOException, duckdb.CatalogException):  # held by a commit, or not created yet
+        return 0
+
+
+def test_a_kill_9_mid_inference_recomputes_only_what_was_in_the_engine(
     prefect_harness, tiny_model, tmp_path, start_flow_process, sample_spec, store
 ):
     spec = sample_spec(1200)
-    sampling, sharding = SamplingConfig(max_tokens=24), ShardingConfig(shard_size=40)
+    sampling = SamplingConfig(max_tokens=24)
+    sharding = ShardingConfig(shard_size=300, part_size=16, shards_in_flight=2)
     run = start_flow_process("killed", spec, tiny_model, sampling, sharding, store)
-    outputs_dir = Path(store.storage) / "outputs"
-    # Prefect writes a shard's cache record after its task returns, so a kill can land between a
-    # shard's file and its record: count the shards whose record is complete (what a re-run may use).
-    records = ResultStore(result_storage=LocalFileSystem(basepath=str(Path(store.storage, "prefect-results").resolve())))
-
-    def recorded_shards() -> set[str]:
-        return {path.stem for path in outputs_dir.glob("*.parquet") if records.exists(path.stem)}
-
-    try:
-        while len(recorded_shards()) < 3:
+    storage = Path(store.storage)
+    try:  # kill in the middle of shards: once a shard is committed and parts of the next ones are journaled
+        while not (len(list(storage.glob("journal/*/part-*.parquet"))) >= 4 and committed_while_running(store)):
             assert run.poll() is None, "the flow ended before it could be killed"
-            time.sleep(0.1)
+            time.sleep(0.05)
     finally:
         # the flow, its Prefect server and its vLLM engine at once; a group already gone must not
         # hide why the loop above failed
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
         run.wait()
-    recorded_at_kill = recorded_shards()
-    assert not Path(store.duckdb_path).exists()  # killed before the commit
+    saved = saved_request_keys(store)
+    with duckdb.connect(store.duckdb_path) as con:  # the killed run's row has the live counts of what it committed
+        killed_run = con.execute("SELECT status, outputs FROM runs").fetchall()
+        committed = con.execute("SELECT count(*) FROM outputs").fetchone()[0]
+    assert committed >= 300 and killed_run == [("running", committed)]
 
     summary = batch_inference(dataset=spec, model=tiny_model, sampling=sampling, sharding=sharding, store=store)
 
-    # every shard recorded before the kill came back from the cache, and only those (a shard file
-    # whose record the kill cut off is computed again) ...
-    assert summary.cached_shards == len(recorded_at_kill) >= 3
-    assert summary.cached_shards < summary.shards
-    cached_requests = summary.unique_requests - summary.engine_requests
+    # only the requests in the engine at the kill are computed again: at most two parts per shard in flight
+    assert summary.engine_requests == summary.unique_requests - len(saved)
+    assert len(saved) > 0 and summary.engine_requests <= sharding.shards_in_flight * 2 * sharding.part_size
     with duckdb.connect(store.duckdb_path, read_only=True) as con:
-        # ... and only the rest reached the engine. Shards finish out of order in the engine loop, so
-        # the last one (smaller than 40) can be among the cached: count their real sizes.
-        assert con.execute(
-            "SELECT count(*), sum(requests) FROM run_shards WHERE run_id = ? AND cached", [summary.run_id]
-        ).fetchone() == (summary.cached_shards, cached_requests)
         assert con.execute("SELECT count(*), count(DISTINCT request_key) FROM outputs").fetchone() == (
             summary.unique_requests,
             summary.unique_requests,
@@ -121,6 +132,41 @@ def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(
         # duplicates (normalized text) are answered through duplicate_of, as run_outputs shows
         unanswered = con.execute(
             "SELECT count(*) FROM requests q WHERE NOT EXISTS (SELECT 1 FROM run_outputs r "
-            "WHERE r.dataset_version = q.dataset_version AND r.custom_id = q.custom_id)"
+            "WHERE r.run_id = ? AND r.dataset_version = q.dataset_version AND r.custom_id = q.custom_id)",
+            [summary.run_id],
         ).fetchone()[0]
+        statuses = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
     assert unanswered == 0  # none lost, none duplicated
+    assert statuses == {"running": 1, "completed": 1}  # the killed run could not say how it ended
+    assert not list(storage.glob("journal/*"))  # every part ended up in an output file
+
+
+def test_sigterm_stops_admitting_commits_what_finished_and_marks_the_run_cancelled(
+    prefect_harness, tiny_model, tmp_path, start_flow_process, sample_spec, store
+):
+    spec = sample_spec(1200)
+    sampling = SamplingConfig(max_tokens=24)
+    sharding = ShardingConfig(shard_size=100, part_size=25, shards_in_flight=2)
+    run = start_flow_process("stopped", spec, tiny_model, sampling, sharding, store)
+    while not committed_while_running(store):
+        assert run.poll() is None, "the flow ended before it could be stopped"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGTERM)
+    try:
+        run.wait(timeout=120)  # the shards in flight finish; nothing new starts
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    with duckdb.connect(store.duckdb_path) as con:
+        ((status, outputs, finished_at),) = con.execute("SELECT status, outputs, finished_at FROM runs").fetchall()
+        committed = con.execute("SELECT count(*) FROM outputs").fetchone()[0]
+        shards_committed, requests_committed = con.execute("SELECT count(*), sum(requests) FROM run_shards").fetchone()
+        unique_requests = con.execute("SELECT unique_requests FROM dataset_versions").fetchone()[0]
+    assert status == "cancelled" and finished_at is not None
+    assert outputs == committed == requests_committed  # every finished shard committed, whole
+    assert committed < unique_requests  # it stopped before the end
+    assert not list(Path(store.storage).glob("journal/*"))  # the shards in flight finished rather than left parts
+
+    summary = batch_inference(dataset=spec, model=tiny_model, sampling=sampling, sharding=sharding, store=store)
+    assert summary.reused_requests == committed  # the next run goes on from there
+    assert summary.engine_requests == summary.unique_requests - committed
