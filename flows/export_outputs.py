@@ -6,11 +6,21 @@ From the command line: `vbf export OUT_DIR [--run RUN_ID] [--where COND]`.
 
 from __future__ import annotations
 
+import tempfile
+
 from prefect import flow
 
 from tasks import storage
 from tasks.config import StoreConfig
-from tasks.export.tasks import FORMATS, ExportFile, Format, write_chat_jsonl, write_openai_batch_files, write_parquet_export
+from tasks.export.tasks import (
+    FORMATS,
+    ExportFile,
+    Format,
+    select_export_rows,
+    write_chat_jsonl,
+    write_openai_batch_files,
+    write_parquet_export,
+)
 
 
 @flow(name="export-outputs", log_prints=True)
@@ -22,15 +32,20 @@ def export_outputs(
     store: StoreConfig = StoreConfig(),
 ) -> list[ExportFile]:
     name = run_id or "latest"
+    target = {
+        suffix: storage.join(out_dir, f"{name}.{suffix}")
+        for suffix in ("parquet", "chat.jsonl", "batch_output.jsonl", "batch_errors.jsonl")
+    }
     exported: list[ExportFile] = []
-    if "parquet" in formats:
-        exported.append(write_parquet_export(store, run_id, where, storage.join(out_dir, f"{name}.parquet")))
-    if "chat_jsonl" in formats:
-        exported.append(write_chat_jsonl(store, run_id, where, storage.join(out_dir, f"{name}.chat.jsonl")))
-    if "openai_batch" in formats:
-        output_path = storage.join(out_dir, f"{name}.batch_output.jsonl")
-        error_path = storage.join(out_dir, f"{name}.batch_errors.jsonl")
-        exported += write_openai_batch_files(store, run_id, where, output_path, error_path)
+    with tempfile.TemporaryDirectory(prefix="vbf-export-") as work:
+        selection = f"{work}/selection.parquet"
+        select_export_rows(store, run_id, where, selection)
+        if "parquet" in formats:
+            exported.append(write_parquet_export(selection, target["parquet"]))
+        if "chat_jsonl" in formats:
+            exported.append(write_chat_jsonl(selection, target["chat.jsonl"]))
+        if "openai_batch" in formats:
+            exported += write_openai_batch_files(selection, target["batch_output.jsonl"], target["batch_errors.jsonl"])
     for item in exported:
         print(f"{item.format}: {item.lines} lines → {item.path}")
     return exported

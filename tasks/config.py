@@ -296,6 +296,9 @@ class StoreConfig(BaseModel):
     lock_timeout_seconds: float = Field(
         60.0, ge=0, description="How long a commit waits while another process holds the DuckDB file."
     )
+    condition_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a user's `where` (curation selection, export filter) may run before it is stopped."
+    )
 
 
 class ShardingConfig(BaseModel):

@@ -7,6 +7,10 @@ or a run resumed after a crash — never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
+import re
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -14,9 +18,15 @@ from typing import IO
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 
 def join(base: str, *parts: str) -> str:
+    """base/part/...; a part never climbs out of base, so a name from a parameter (an export's run,
+    a curated dataset) cannot put a file outside its folder."""
+    for part in parts:
+        if part.startswith(("/", "~")) or ".." in part.split("/"):
+            raise ValueError(f"{part!r} would leave the folder {base}: names may not be absolute or contain '..'")
     return "/".join([base.rstrip("/"), *parts])
 
 
@@ -25,19 +35,66 @@ def exists(path: str) -> bool:
     return fs.exists(fs_path)
 
 
+# A partial file is named after its writer (path.<uuid>.<pid>.<host>.partial), so the next writer of
+# the same path can tell the leftovers of a killed write from a partial file still being written.
+HOST = socket.gethostname()
+
+
+def partial_name(fs_path: str) -> str:
+    return f"{fs_path}.{uuid.uuid4().hex}.{os.getpid()}.{HOST}.partial"
+
+
+def remove_leftovers(fs: fsspec.AbstractFileSystem, fs_path: str) -> None:
+    """Remove partial files of `fs_path` left by writers on this machine that died mid-write."""
+    if not isinstance(fs, LocalFileSystem):  # an object store publishes nothing of an upload that died
+        return
+    pattern = re.compile(rf"{re.escape(fs_path)}\.[0-9a-f]{{32}}\.(\d+)\.{re.escape(HOST)}\.partial")
+    for leftover in glob.glob(f"{glob.escape(fs_path)}.*.partial"):
+        found = pattern.fullmatch(leftover)
+        if found and not process_alive(int(found[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def synced(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Force a local file (or folder: its entries) to disk, so a rename after it publishes complete data
+    even across a power loss; an object store's upload is durable once it returns."""
+    if isinstance(fs, LocalFileSystem):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
-    """(filesystem, temporary path) to write; moved to `path` once the block succeeds, removed if it fails."""
+    """(filesystem, temporary path) to write; synced and moved to `path` once the block succeeds,
+    removed if it fails. Leftovers of earlier writers of `path` that were killed are removed first."""
     fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-    partial = f"{fs_path}.{uuid.uuid4().hex}.partial"
+    folder = fs_path.rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    remove_leftovers(fs, fs_path)
+    partial = partial_name(fs_path)
     try:
         yield fs, partial
+        synced(fs, partial)
+        fs.mv(partial, fs_path)
     except BaseException:
         if fs.exists(partial):
             fs.rm(partial)
         raise
-    fs.mv(partial, fs_path)
+    synced(fs, folder)
 
 
 @contextlib.contextmanager

@@ -21,9 +21,9 @@ from tasks.store.rows import AnnotationRow, CuratedVersionRow, LabelTaskRow
 
 @task(name="select-samples")
 def select_samples(store: StoreConfig, selection: SampleSelection) -> list[dict]:
-    """Read-only: a user's WHERE condition cannot change the results file."""
+    """A user's `where` runs in the store's sandbox: it sees the run's candidates and nothing else."""
     with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
-        return curation_store.select_samples(con, selection)
+        return curation_store.select_samples(con, selection, store.condition_timeout_seconds)
 
 
 @task(name="read-pushed-samples")

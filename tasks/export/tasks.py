@@ -1,17 +1,18 @@
-"""Export's Prefect tasks: each reads the results file read-only and writes one format atomically."""
+"""Export's Prefect tasks: one copies the selection out of the results file, the others each write one format atomically."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
+import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel
 
 from tasks import storage
 from tasks.config import StoreConfig
 from tasks.export.formats import batch_line, chat_example, group_samples, to_json_line
-from tasks.store.connection import reading
-from tasks.store.exports import export_rows, write_export_parquet
+from tasks.store.exports import write_export_selection
 
 Format = Literal["parquet", "chat_jsonl", "openai_batch"]
 FORMATS: list[Format] = ["parquet", "chat_jsonl", "openai_batch"]
@@ -23,20 +24,35 @@ class ExportFile(BaseModel):
     lines: int
 
 
+@task(name="select-export-rows")
+def select_export_rows(store: StoreConfig, run_id: str | None, where: str | None, selection: str) -> int:
+    """The selected rows as a local Parquet file (`selection`); the formats are written from it, with
+    the results file already closed, so runs commit while an export writes."""
+    return write_export_selection(
+        store.duckdb_path, store.lock_timeout_seconds, run_id, where, store.condition_timeout_seconds, selection
+    )
+
+
+def selection_rows(selection: str) -> Iterator[dict]:
+    """Rows in bounded batches: an export of millions of outputs never sits in memory at once."""
+    for batch in pq.ParquetFile(selection).iter_batches(batch_size=10_000):
+        yield from batch.to_pylist()
+
+
 @task(name="write-parquet-export")
-def write_parquet_export(store: StoreConfig, run_id: str | None, where: str | None, path: str) -> ExportFile:
+def write_parquet_export(selection: str, path: str) -> ExportFile:
     """Every selected row with its request, reference and lineage."""
-    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
-        lines = write_export_parquet(con, run_id, where, path)
-    return ExportFile(format="parquet", path=path, lines=lines)
+    with storage.atomic_path(path) as (fs, partial):
+        fs.put_file(selection, partial)
+    return ExportFile(format="parquet", path=path, lines=pq.ParquetFile(selection).metadata.num_rows)
 
 
 @task(name="write-chat-jsonl")
-def write_chat_jsonl(store: StoreConfig, run_id: str | None, where: str | None, path: str) -> ExportFile:
+def write_chat_jsonl(selection: str, path: str) -> ExportFile:
     """Successful answers to canonical requests (a duplicate would repeat a training example)."""
     lines = 0
-    with reading(store.duckdb_path, store.lock_timeout_seconds) as con, storage.atomic_writer(path, "w") as handle:
-        for row in export_rows(con, run_id, where):
+    with storage.atomic_writer(path, "w") as handle:
+        for row in selection_rows(selection):
             if row["error_code"] is None and row["duplicate_of"] is None:
                 handle.write(to_json_line(chat_example(row)))
                 lines += 1
@@ -44,17 +60,11 @@ def write_chat_jsonl(store: StoreConfig, run_id: str | None, where: str | None, 
 
 
 @task(name="write-openai-batch-files")
-def write_openai_batch_files(
-    store: StoreConfig, run_id: str | None, where: str | None, output_path: str, error_path: str
-) -> list[ExportFile]:
+def write_openai_batch_files(selection: str, output_path: str, error_path: str) -> list[ExportFile]:
     """Every input row (duplicates too, as in an OpenAI batch) to the output file or the error file."""
     counts = {"output": 0, "error": 0}
-    with (
-        reading(store.duckdb_path, store.lock_timeout_seconds) as con,
-        storage.atomic_writer(output_path, "w") as output,
-        storage.atomic_writer(error_path, "w") as errors,
-    ):
-        for samples in group_samples(export_rows(con, run_id, where)):
+    with storage.atomic_writer(output_path, "w") as output, storage.atomic_writer(error_path, "w") as errors:
+        for samples in group_samples(selection_rows(selection)):
             line = batch_line(samples)
             kind = "output" if line.error is None else "error"
             (output if kind == "output" else errors).write(to_json_line(line))

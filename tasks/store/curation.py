@@ -6,6 +6,7 @@ import duckdb
 
 from tasks.config import SampleSelection
 from tasks.store.rows import AnnotationRow, CuratedVersionRow, LabelTaskRow
+from tasks.store.sandbox import select_where, staged
 from tasks.store.sql import StoreError, fetch_dicts, insert_rows, transaction
 
 # One row per reviewable answer of a run: canonical requests, no error rows, latest score per scorer.
@@ -57,23 +58,28 @@ def selection_sql(selection: SampleSelection) -> tuple[str, dict]:
             both_runs AS (SELECT * FROM candidates UNION ALL SELECT * FROM other)
             SELECT {SAMPLE_COLUMNS} FROM both_runs JOIN pairs USING (custom_id)
             ORDER BY gap DESC NULLS LAST, custom_id, run_id = $other"""
-    else:
-        sql = f"""WITH {candidates}
-            SELECT {SAMPLE_COLUMNS} FROM candidates WHERE ({selection.where}) ORDER BY custom_id LIMIT $limit"""
+    else:  # where: the candidates only; the user's condition runs in the sandbox (CONDITION_SQL)
+        sql = CANDIDATES_SQL.format(run="$run")
     return sql, {name: value for name, value in params.items() if f"${name}" in sql}
 
 
-def select_samples(con: duckdb.DuckDBPyConnection, selection: SampleSelection) -> list[dict]:
-    """The chosen samples of a run, in order (read on a read-only connection: a condition cannot write)."""
+# Over the staged candidates, in the sandbox: the one query a user's text goes into.
+CONDITION_SQL = "SELECT {columns} FROM candidates WHERE ({where}) ORDER BY custom_id LIMIT $limit"
+
+
+def select_samples(con: duckdb.DuckDBPyConnection, selection: SampleSelection, timeout_seconds: float = 60.0) -> list[dict]:
+    """The chosen samples of a run, in order. A `where` condition runs in the sandbox over the run's
+    candidates, never on the results file (see tasks/store/sandbox.py)."""
     if not con.execute("SELECT run_id FROM runs WHERE run_id = ?", [selection.run_id]).fetchall():
         raise StoreError(f"run {selection.run_id!r} is not in this results file")
     sql, params = selection_sql(selection)
-    try:
+    if selection.strategy != "where":
         return fetch_dicts(con, sql, params)
-    except duckdb.Error as error:
-        if selection.strategy != "where":
-            raise
-        raise ValueError(f"selection where condition {selection.where!r} does not work: {error}") from error
+    condition = CONDITION_SQL.format(columns=SAMPLE_COLUMNS, where=selection.where)
+    with staged(con, sql, params) as candidates:
+        return select_where(
+            candidates, condition, {"limit": selection.limit}, f"selection where condition {selection.where!r}", timeout_seconds
+        )
 
 
 def pushed_samples(con: duckdb.DuckDBPyConnection, server_url: str, project_id: int) -> dict[tuple[str, str], int]:

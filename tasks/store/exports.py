@@ -1,66 +1,60 @@
-"""Exports' reads: one run's outputs, or the newest per input row and model, narrowed by a condition."""
+"""Exports' read: one run's outputs, or the newest per input row and model, narrowed by a user's condition."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
 
-import duckdb
-
-from tasks import storage
 from tasks.config import SpecError
+from tasks.store.connection import reading
 from tasks.store.queries import run_exists
+from tasks.store.sandbox import staged, write_where
 
 EXPORT_COLUMNS = """
     ro.run_id, r.model, r.dataset_name, ro.dataset_version, ro.custom_id, ro.duplicate_of, ro.sample_index,
     q.prompt, q.messages, q.reference, q.source_file, q.source_row, ro.text, ro.finish_reason,
     ro.prompt_tokens, ro.completion_tokens, ro.error_code, ro.error, ro.output_id, ro.produced_by_run_id,
-    o.shard_key, epoch(o.created_at)::BIGINT AS created
+    o.shard_key, epoch(o.created_at)::BIGINT AS created,
+    coalesce(s.scores, MAP {}::MAP(VARCHAR, DOUBLE)) AS scores
+"""
+
+# The candidates of an export, with no user text in it: one run's outputs, or the newest per input
+# row and model; `scores` (latest value per scorer) is there for conditions and not exported.
+SELECTION_SQL = f"""
+    SELECT {EXPORT_COLUMNS}
+    FROM run_outputs ro
+    JOIN runs r ON r.run_id = ro.run_id
+    JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+    JOIN outputs o ON o.output_id = ro.output_id
+    LEFT JOIN (
+        SELECT output_id, map(list(scorer), list(value)) AS scores
+        FROM (SELECT output_id, scorer, arg_max(value, created_at) AS value FROM scores GROUP BY ALL)
+        GROUP BY output_id
+    ) s ON s.output_id = ro.output_id
+    WHERE ro.run_id = $run OR $run IS NULL
+    QUALIFY $run IS NOT NULL OR row_number() OVER (
+        PARTITION BY r.dataset_name, ro.custom_id, r.model, ro.sample_index
+        ORDER BY r.started_at DESC, r.run_id DESC) = 1
+"""
+
+# Over the staged candidates, in the sandbox: the one query a user's text goes into.
+CONDITION_SQL = """
+    SELECT * EXCLUDE (scores) FROM candidates WHERE ({where})
+    ORDER BY dataset_name, model, custom_id, sample_index
 """
 
 
-def selection_sql(run_id: str | None, where: str | None) -> tuple[str, dict]:
-    """The outputs to export: one run's, or the newest per input row and model; narrowed by `where`.
+def write_export_selection(
+    duckdb_path: str, lock_timeout_seconds: float, run_id: str | None, where: str | None, timeout_seconds: float, path: str
+) -> int:
+    """The rows to export as a local Parquet file, ordered by request; returns their count.
 
-    `where` is a SQL condition over the columns above (e.g. `finish_reason = 'stop' AND output_id IN
-    (SELECT output_id FROM scores WHERE scorer = 'judge' AND value >= 8)`).
+    The results file is open (read-only) only while the fixed selection is copied out; `where` runs
+    afterwards in the sandbox, so a commit never waits for the condition or for the export's files.
     """
-    sql = f"""
-        SELECT * FROM (
-            SELECT {EXPORT_COLUMNS}
-            FROM run_outputs ro
-            JOIN runs r ON r.run_id = ro.run_id
-            JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
-            JOIN outputs o ON o.output_id = ro.output_id
-            WHERE ro.run_id = $run OR $run IS NULL
-            QUALIFY $run IS NOT NULL OR row_number() OVER (
-                PARTITION BY r.dataset_name, ro.custom_id, r.model, ro.sample_index
-                ORDER BY r.started_at DESC, r.run_id DESC) = 1
-        )
-        WHERE {where or "true"}
-        ORDER BY dataset_name, model, custom_id, sample_index
-    """
-    return sql, {"run": run_id}
-
-
-def export_selection(con: duckdb.DuckDBPyConnection, run_id: str | None, where: str | None) -> duckdb.DuckDBPyRelation:
-    if run_id is not None and not run_exists(con, run_id):
-        raise SpecError(f"run {run_id}: not in this results file")
-    sql, params = selection_sql(run_id, where)
-    try:
-        return con.sql(sql, params=params)
-    except duckdb.Error as error:
-        raise SpecError(f"export filter {where!r}: {error}") from error
-
-
-def export_rows(con: duckdb.DuckDBPyConnection, run_id: str | None, where: str | None) -> Iterator[dict]:
-    """Rows in bounded batches: an export of millions of outputs never sits in memory at once."""
-    for batch in export_selection(con, run_id, where).to_arrow_reader(batch_size=10_000):
-        yield from batch.to_pylist()
-
-
-def write_export_parquet(con: duckdb.DuckDBPyConnection, run_id: str | None, where: str | None, path: str) -> int:
-    """The selection as one Parquet file (written atomically); returns its rows."""
-    relation = export_selection(con, run_id, where)
-    with storage.atomic_path(path) as (_, partial):
-        relation.write_parquet(partial, compression="zstd")
-        return con.execute("SELECT count(*) FROM read_parquet(?)", [partial]).fetchall()[0][0]
+    with contextlib.ExitStack() as stack:
+        with reading(duckdb_path, lock_timeout_seconds) as con:
+            if run_id is not None and not run_exists(con, run_id):
+                raise SpecError(f"run {run_id}: not in this results file")
+            candidates = stack.enter_context(staged(con, SELECTION_SQL, {"run": run_id}))
+        condition = CONDITION_SQL.format(where=where or "true")
+        return write_where(candidates, condition, f"export filter {where!r}", timeout_seconds, path)
