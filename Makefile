@@ -6,9 +6,15 @@ BIN    := $(VENV)/bin
 # No network here but the package registries: no telemetry attempts.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install tiny-model demo test test-quick lint sample blocks cluster label-studio clean
+.PHONY: install system-packages tiny-model demo test test-quick lint sample blocks cluster label-studio clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-packages
+
+# Debian packages the tests use: strace (a test checks each published file is fsynced before its rename).
+SYSTEM_PACKAGES := strace
+system-packages:
+	@for tool in $(SYSTEM_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # One pip call resolves everything (a second one that moves prefect breaks vLLM's pins).
 # PyPI's torchvision, torchaudio and torchcodec are built against another torch and break

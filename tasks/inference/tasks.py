@@ -129,9 +129,11 @@ def generate_here(
         retries=job.sharding.retries,
         retry_delay_seconds=job.sharding.retry_delay_seconds,
     )
+    stopping.clear()
     waiting, running = deque(shards), {}
     finished: dict[str, tuple[ShardOutput, bool]] = {}
     failed: list[PrefectFuture] = []
+    done: PrefectFuture | None = None  # a finished shard not yet handed on
     progress = Progress(len(shards), description, unit="shard")
     try:
         while waiting or running:
@@ -140,18 +142,19 @@ def generate_here(
                 running[generate.submit(shard, job)] = shard
             if not running:
                 break
-            future = next(as_completed(list(running)))
-            future.wait()  # sets its final state here: the server may not have it yet
-            del running[future]
+            done = next(as_completed(list(running)))
+            done.wait()  # sets its final state here: the server may not have it yet
+            del running[done]
             progress.advance()
-            if not future.state.is_completed():
-                failed.append(future)
+            if not done.state.is_completed():
+                failed.append(done)
                 continue
-            output, cached = future.result(), future.state.name == "Cached"
+            output, cached = done.result(), done.state.name == "Cached"
             on_finished(output, cached)
             finished[output.shard_key] = (output, cached)
+            done = None
     except BaseException:  # Ctrl-C, SIGTERM, a cancel: admit no more; finish (or abort) what is in flight
-        stop_shards(list(running), job, on_finished)
+        stop_shards([*running, *([done] if done is not None else [])], job, on_finished)
         raise
     finally:
         progress.close()
