@@ -118,7 +118,7 @@ def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(
             summary.unique_requests,
             summary.unique_requests,
         )
-        # duplicates (normalized text) are answered through duplicate_of, as run_outputs shows
+        # duplicates (identical requests) are answered through duplicate_of, as run_outputs shows
         unanswered = con.execute(
             "SELECT count(*) FROM requests q WHERE NOT EXISTS (SELECT 1 FROM run_outputs r "
             "WHERE r.dataset_version = q.dataset_version AND r.custom_id = q.custom_id)"
