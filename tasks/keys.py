@@ -127,7 +127,8 @@ def prepare_code_version() -> str:
     reading, rendering, validation or dedupe prepares every input again instead of reusing parts."""
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted([*Path(prepare.__file__).parent.glob("*.py"), Path(__file__)]):
-        digest.update(f"{path.name}\0{len(path.read_bytes())}\0".encode() + path.read_bytes())
+        source = path.read_bytes()
+        digest.update(f"{path.name}\0{len(source)}\0".encode() + source)
     return digest.hexdigest()
 
 
