@@ -70,12 +70,18 @@ class ValidationConfig(BaseModel):
 
 
 class DedupeConfig(BaseModel):
-    """Which requests count as the same: exact (normalized) and, optionally, near-duplicates."""
+    """Which requests count as the same, and so share one answer: identical ones, or, when asked, looser matches."""
 
     model_config = ConfigDict(extra="forbid")
 
-    normalize: bool = Field(True, description="Compare text after Unicode NFKC and whitespace folding.")
-    case_fold: bool = Field(False, description="Also ignore letter case.")
+    match: Literal["exact", "normalized"] = Field(
+        "exact",
+        description="exact: requests share an answer only when the model would receive the same request (same "
+        "prompt or messages, byte for byte, and same overrides). normalized: also when they differ only by "
+        "Unicode NFKC (x² = x2, ½ = 1⁄2, ﬁ = fi, full-width = ASCII, unit symbols) and whitespace (runs of "
+        "spaces, tabs and newlines are one space, ends trimmed: code differing in indentation merges).",
+    )
+    case_fold: bool = Field(False, description="With match: normalized, also ignore letter case.")
     near_duplicates: bool = Field(False, description="Also fold near-duplicates (MinHash LSH) into one request.")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of shingles that counts as near-duplicate.")
     shingle_size: int = Field(3, ge=1, description="Words per shingle.")
@@ -85,6 +91,12 @@ class DedupeConfig(BaseModel):
         description="Each duplicate gets its canonical request's answer in run_outputs and exports, so every "
         "input row has an answer; off: only canonical requests have answers (duplicates keep duplicate_of).",
     )
+
+    @model_validator(mode="after")
+    def _case_fold_needs_normalized(self) -> DedupeConfig:
+        if self.case_fold and self.match != "normalized":
+            raise ValueError("case_fold needs match: normalized (exact matching compares requests as sent)")
+        return self
 
 
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
@@ -110,6 +122,9 @@ class DatasetSpec(BaseModel):
         default_factory=list, description="Columns holding per-row sampling overrides (e.g. max_tokens, temperature)."
     )
     reference_column: str | None = Field(None, description="Column with a reference answer, kept for scoring.")
+    max_line_bytes: int = Field(
+        16 << 20, ge=1, description="Longest JSONL line read (bytes); a longer one is a rejected row, never read whole."
+    )
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
 

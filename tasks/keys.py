@@ -6,12 +6,14 @@ them and whenever; nothing here depends on a run id or a clock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 
 import pyarrow as pa
 
+from tasks import prepare
 from tasks.config import DatasetSpec, Mode, ModelConfig, SamplingConfig
 from tasks.prepare.sources import file_keys
 
@@ -106,16 +108,28 @@ def score_key(output_key: str, dataset_version: str, scorers_version: str) -> st
 
 
 def input_fingerprint(dataset: DatasetSpec, mode: Mode, context_tokens: int | None) -> str:
-    """The input as prepared: the spec, the prompt mode and context budget, and each source file's
-    properties (fsspec's ukey: size and mtime on a local disk, the ETag on an object store)."""
+    """The input as prepared: the spec, the prompt mode and context budget, each source file's
+    properties (see file_key: what tells its content apart) and the code that prepares it."""
     return content_hash(
         {
             "spec": dataset.model_dump(mode="json"),
             "mode": mode,
             "context_tokens": context_tokens,
             "files": file_keys(dataset.source),
+            "code": prepare_code_version(),
         }
     )
+
+
+@functools.cache
+def prepare_code_version() -> str:
+    """A hash of the source of the prepare package and of this module (request keys): a fix to
+    reading, rendering, validation or dedupe prepares every input again instead of reusing parts."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted([*Path(prepare.__file__).parent.glob("*.py"), Path(__file__)]):
+        source = path.read_bytes()
+        digest.update(f"{path.name}\0{len(source)}\0".encode() + source)
+    return digest.hexdigest()
 
 
 class DatasetVersioner:

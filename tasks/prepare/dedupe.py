@@ -1,8 +1,10 @@
-"""Exact dedupe: requests with the same (normalized) content share one canonical request and one output.
+"""Exact dedupe: requests with the same content share one canonical request and one output.
 
-The text after Unicode NFKC, whitespace folding and optional case folding (lower case), hashed
-(xxh64 under two seeds); the state across batches is a hash table of those keys, ~100 bytes per
-request. Near-duplicates are found afterwards, in `near_dedupe`.
+By default the same content is the same request as the engine receives it: its request_key, the
+hash of the request's canonical JSON. With `match: normalized`, the request's text (dedupe_text,
+an unambiguous flattening) after Unicode NFKC, whitespace folding and optional case folding.
+Either is hashed (xxh64 under two seeds); the state across batches is a hash table of those keys,
+~100 bytes per request. Near-duplicates are found afterwards, in `near_dedupe`.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class ExactDeduper:
         """The 128-bit hash of each normalized text: only the rows that normalizing can change are normalized."""
         from tasks.prepare.kernels import fold, suspect_rows, text_hashes
 
-        if self.config.normalize and self.config.case_fold:
+        if self.config.case_fold:
             texts = pc.utf8_lower(texts)
-        suspects = suspect_rows(texts) if self.config.normalize else []
+        suspects = suspect_rows(texts)
         if len(suspects) == len(texts) > 0:  # multi-line prompts, say
             return text_hashes(fold(texts))
         hashes, checks = text_hashes(texts)
@@ -62,12 +64,15 @@ class ExactDeduper:
         return pa.chunked_array(self.ids, pa.string()).take(pa.array(positions, pa.int64())).combine_chunks()
 
     def mark(self, requests: pa.Table) -> tuple[pa.Table, pa.Table]:
-        text = requests["dedupe_text"] if "dedupe_text" in requests.column_names else requests["request_key"]
         custom_ids = requests["custom_id"].combine_chunks().cast(pa.string())
         from tasks.prepare.kernels import text_hashes
 
         hashes = dict(zip(["id", "id_check"], text_hashes(custom_ids)))
-        hashes.update(zip(["text", "text_check"], self.content_hashes(text.combine_chunks())))
+        if self.config.match == "normalized":
+            content = self.content_hashes(requests["dedupe_text"].combine_chunks())
+        else:  # the request as sent: the hash of its canonical JSON
+            content = text_hashes(requests["request_key"].combine_chunks())
+        hashes.update(zip(["text", "text_check"], content))
         row_numbers = self.rows_read + np.arange(requests.num_rows)
         self.rows_read += requests.num_rows
         repeated = np.flatnonzero(self.id_index.setdefault(hashes["id"], hashes["id_check"], row_numbers) != row_numbers)

@@ -12,6 +12,7 @@ from tasks.prepare.sources import (
     OPENAI_FIELDS,
     OPENAI_URLS,
     SourceBatch,
+    bounded_lines,
     expectation_columns,
     filesystem,
     needed_columns,
@@ -97,44 +98,96 @@ def jsonl_columns(spec: DatasetSpec, fmt: str) -> list[str]:
     return [c for c in needed_columns(spec) if c not in spec.override_columns] + ["overrides"]
 
 
+# Bytes of JSON lines per batch, besides the rows per batch: memory stays bounded when rows are large.
+BATCH_BYTES = 64 << 20
+
+
 def iter_jsonl_batches(spec: DatasetSpec, files: list[str], fmt: str, batch_size: int) -> Iterator[SourceBatch]:
     columns, needed, raw_columns = jsonl_columns(spec, fmt), needed_columns(spec), expectation_columns(spec)
+    id_kinds = IdKinds(spec.id_column if fmt != "openai_batch" else None)
     for file in files:
         fs, path, _ = filesystem(file)
         rows: list[dict] = []
         bad: list[dict] = []
-        first_row = 0
+        first_row = batch_bytes = 0
         with fs.open(path, "rb", compression="infer") as handle:
             line = -1
-            for line, raw in enumerate(handle):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    bad.append(rejected(file, line, "line", f"line {line + 1}: invalid UTF-8 at byte {error.start}"))
-                    text = None
-                if text is not None and text.strip():
-                    try:
-                        record = json.loads(text)
-                    except ValueError as error:
-                        bad.append(rejected(file, line, "line", f"line {line + 1}: not valid JSON ({error})"))
-                        record = None
-                    if record is not None and not isinstance(record, dict):
-                        bad.append(rejected(file, line, "line", f"line {line + 1}: not a JSON object"))
-                    elif record is not None:
-                        if fmt == "openai_batch":
-                            row, problem = openai_row(record, file, line)
-                        else:
-                            check_first_record(spec, file, line, record, seen_rows=bool(rows) or first_row > 0)
-                            row, problem = jsonl_row(spec, record, file, line, needed, raw_columns)
-                        if problem:
-                            bad.append(problem)
-                        else:
-                            rows.append({"__line": line, **row})
-                if line + 1 - first_row >= batch_size:
+            for line, raw in enumerate(bounded_lines(handle, spec.max_line_bytes)):
+                seen_rows = bool(rows) or first_row > 0
+                row, problem = read_line(spec, fmt, raw, file, line, needed, raw_columns, id_kinds, seen_rows)
+                if problem:
+                    bad.append(problem)
+                elif row:
+                    rows.append({"__line": line, **row})
+                batch_bytes += len(raw or b"")
+                if line + 1 - first_row >= batch_size or batch_bytes >= BATCH_BYTES:
                     yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
-                    rows, bad, first_row = [], [], line + 1
+                    rows, bad, first_row, batch_bytes = [], [], line + 1, 0
             if line + 1 > first_row:
                 yield jsonl_batch(file, first_row, line + 1, rows, bad, columns, raw_columns)
+
+
+def read_line(
+    spec: DatasetSpec,
+    fmt: str,
+    raw: bytes | None,
+    file: str,
+    line: int,
+    needed: list[str],
+    raw_columns: list[str],
+    id_kinds: IdKinds,
+    seen_rows: bool,
+) -> tuple[dict | None, dict | None]:
+    """One line as (row, None), (None, rejected row), or (None, None) when it is blank."""
+    if raw is None:
+        return None, rejected(file, line, "line", f"line {line + 1}: longer than max_line_bytes ({spec.max_line_bytes} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return None, rejected(file, line, "line", f"line {line + 1}: invalid UTF-8 at byte {error.start}")
+    if not text.strip():
+        return None, None
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        return None, rejected(file, line, "line", f"line {line + 1}: not valid JSON ({error})")
+    except RecursionError:
+        return None, rejected(file, line, "line", f"line {line + 1}: JSON nested too deeply")
+    if not isinstance(record, dict):
+        return None, rejected(file, line, "line", f"line {line + 1}: not a JSON object")
+    if fmt == "openai_batch":
+        return openai_row(record, file, line)
+    check_first_record(spec, file, line, record, seen_rows)
+    row, problem = jsonl_row(spec, record, file, line, needed, raw_columns)
+    problem = problem or id_kinds.check(record.get(spec.id_column) if spec.id_column else None, file, line)
+    return (None, problem) if problem else (row, None)
+
+
+class IdKinds:
+    """Ids are text or integers, one kind per dataset: 1 and "1" would both become custom_id "1", so a
+    row whose id is of the other kind than the first row's is rejected, naming both."""
+
+    def __init__(self, id_column: str | None):
+        self.id_column = id_column
+        self.first: tuple[str, str, int] | None = None  # (kind, file, line) of the first id
+
+    def check(self, raw_id: str | int | None, file: str, line: int) -> dict | None:
+        if self.id_column is None or raw_id is None:
+            return None
+        kind = "text" if isinstance(raw_id, str) else "a number"
+        if self.first is None:
+            self.first = (kind, file, line)
+        elif kind != self.first[0]:
+            first_kind, first_file, first_line = self.first
+            return rejected(
+                file,
+                line,
+                self.id_column,
+                f"line {line + 1}: id {json.dumps(raw_id)} is {kind}, but the dataset's ids are {first_kind} "
+                f'(from {first_file} line {first_line + 1}): 1 and "1" would be one id',
+                str(raw_id),
+            )
+        return None
 
 
 def check_first_record(spec: DatasetSpec, file: str, line: int, record: dict, seen_rows: bool) -> None:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from tasks.config import DatasetSpec, SpecError
-from tasks.prepare.sources import SourceBatch, filesystem, needed_columns, partition_root
+from tasks.prepare.sources import SourceBatch, escape_glob, filesystem, needed_columns, partition_root
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,30 @@ def check_schema(spec: DatasetSpec, file: str, schema: pa.Schema) -> None:
             )
 
 
+# Bytes (uncompressed, as the footer counts them) per batch, besides the rows: large rows make smaller batches.
+BATCH_BYTES = 64 << 20
+
+
+def rows_per_batch(source: ParquetSource, batch_size: int) -> int:
+    metadata = source.fragment.metadata
+    size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return max(1, min(batch_size, BATCH_BYTES * max(metadata.num_rows, 1) // max(size, 1)))
+
+
 def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_size: int) -> Iterator[SourceBatch]:
     columns = needed_columns(spec)
     # DuckDB decodes Parquet (Snappy above all) in about half the CPU time Arrow takes here; one
     # thread, because the pipeline's work on the previous batch runs on the other core meanwhile.
     with duckdb.connect(config={"threads": 1}) as reader:
-        fs, _, prefix = filesystem(sources[0].file)
-        if prefix:  # URLs: DuckDB reads them through the dataset's fsspec filesystem (one per dataset)
+        fs, _, _ = filesystem(sources[0].file)
+        if "://" in sources[0].file:  # URLs: DuckDB reads them through the dataset's fsspec filesystem (one per dataset)
             reader.register_filesystem(fs)
         for source in sources:
             physical = [c for c in columns if c not in source.partitions]
             first_row = 0
             try:
-                for batch in parquet_batches(reader, source.file, physical, batch_size):
+                names = source.fragment.physical_schema.names
+                for batch in parquet_batches(reader, source.file, names, physical, rows_per_batch(source, batch_size)):
                     for name in columns:
                         if name in source.partitions:
                             batch = batch.append_column(name, pa.array([source.partitions[name]] * batch.num_rows))
@@ -134,11 +145,20 @@ def iter_parquet_batches(spec: DatasetSpec, sources: list[ParquetSource], batch_
 
 
 def parquet_batches(
-    reader: duckdb.DuckDBPyConnection, file: str, columns: list[str], batch_size: int
+    reader: duckdb.DuckDBPyConnection, file: str, names: list[str], columns: list[str], batch_size: int
 ) -> Iterator[pa.RecordBatch]:
-    """The file's columns, in file order, in batches of at most batch_size rows."""
-    _, path, prefix = filesystem(file)
-    select = ", ".join('"' + c.replace('"', '""') + '"' for c in columns) or "NULL AS no_columns"
-    query = f"SELECT {select} FROM read_parquet(?, hive_partitioning = false)"  # partitions come from the dataset
-    for batch in reader.sql(query, params=[file if prefix else path]).to_arrow_reader(batch_size):
-        yield batch.select(columns)
+    """The file's columns, in file order, in batches of at most batch_size rows.
+
+    DuckDB matches column names ignoring case and renames a clash (prompt, Prompt → prompt, Prompt_1),
+    so each column is selected by DuckDB's name at its position in the file (`names`, Arrow's exact
+    ones), and the path is escaped: DuckDB would take [, ? and * in a file name as a glob.
+    """
+    source = escape_glob(file if "://" in file else filesystem(file)[1])
+    scan = "read_parquet(?, hive_partitioning = false)"  # partitions come from the dataset
+    duckdb_names = [row[0] for row in reader.execute(f"DESCRIBE SELECT * FROM {scan}", [source]).fetchall()]
+    if len(duckdb_names) != len(names):
+        raise SpecError(f"dataset file {file}: DuckDB reads {len(duckdb_names)} columns where the footer has {len(names)}")
+    at = {name: duckdb_names[position] for position, name in enumerate(names)}
+    select = ", ".join('"' + at[c].replace('"', '""') + '"' for c in columns) or "NULL AS no_columns"
+    for batch in reader.sql(f"SELECT {select} FROM {scan}", params=[source]).to_arrow_reader(batch_size):
+        yield batch.select(list(range(len(columns)))).rename_columns(columns)

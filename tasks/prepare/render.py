@@ -25,7 +25,7 @@ REQUEST_SCHEMA = pa.schema(
         # Working columns for validation, dedupe and sharding (not stored in DuckDB):
         ("dedupe_text", pa.string()),  # the content as plain text, so normalization can see its whitespace
         ("approx_tokens", pa.int64()),  # characters / 4: cheap, and close enough for budgets
-        ("roles", pa.string()),  # comma-separated message roles, for the allowed-roles expectation
+        ("roles", pa.string()),  # JSON list of the message roles, for the allowed-roles expectation
     ]
 )
 
@@ -54,19 +54,31 @@ def conversation(prompt: str | None, messages: str | None) -> list[dict]:
     return json.loads(messages) if messages else [{"role": "user", "content": prompt or ""}]
 
 
-def dedupe_text(content: dict) -> str:
-    """The content as one text for dedupe, DEL (0x7f) between role and content and between messages.
+def escape(text: str) -> str:
+    return text.replace("\x7f", "\x7f\x7f")
 
-    DEL is no whitespace, so folding keeps it; the spaces around it make folding trim each message
-    (" hi " and "hi" compare equal).
+
+def dedupe_text(content: dict) -> str:
+    """The content as one text for dedupe: one that no other content flattens to.
+
+    DEL (0x7f) is doubled inside role and content; DEL and one more character mark the parts
+    (":" ends a role, ";" a message, "=" starts the overrides), so one message can never read as
+    two. Neither NFKC nor whitespace folding changes DEL or the marks, and the mark is followed by
+    a space: folding trims each message (" hi " and "hi" compare equal) and nothing composes with
+    the mark. Every character is ASCII or the text's own, so the exact dedupe's fast path holds.
     """
     if "messages" in content:
-        parts = [f"{m['role']}\x7f {m['content']} " for m in content["messages"]]
+        text = "".join(f"{escape(m['role'])}\x7f: {escape(m['content'])} \x7f;" for m in content["messages"])
     else:
-        parts = [content["prompt"]]
+        text = escape(content["prompt"])
     if "overrides" in content:
-        parts.append(" " + json.dumps(content["overrides"], sort_keys=True))
-    return "\x7f\x7f".join(parts)
+        text += "\x7f= " + json.dumps(content["overrides"], sort_keys=True)
+    return text
+
+
+def roles_json(roles: list[str]) -> str:
+    """The roles as the allowed-roles expectation matches them: JSON quotes each, so a role holding a comma stays one role."""
+    return json.dumps(roles, ensure_ascii=False, separators=(",", ":"))
 
 
 class RowError(ValueError):
@@ -92,6 +104,8 @@ def parse_messages(value: object, field: str) -> list[dict] | None:
             value = json.loads(as_text(value, field))
         except ValueError as error:
             raise RowError(field, f"messages are not valid JSON ({error})") from error
+        except RecursionError as error:
+            raise RowError(field, "messages are nested too deeply") from error
     ok = (
         isinstance(value, list)
         and value
@@ -122,6 +136,8 @@ class Renderer:
                 return self.template.render(**row)
             except jinja2.TemplateError as error:
                 raise RowError(self.prompt_field, f"template error: {error}") from error
+            except Exception as error:  # the template's own code failing on this row: None + '!', 1 / 0, ...
+                raise RowError(self.prompt_field, f"template error: {type(error).__name__}: {error}") from error
         if self.messages_field and row.get(self.messages_field) is not None:
             return None
         prompt = as_text(row.get(self.prompt_field), self.prompt_field)
@@ -163,7 +179,7 @@ class Renderer:
             "reference": reference,
             "dedupe_text": text,
             "approx_tokens": -(-len(text) // 4),
-            "roles": ",".join(m["role"] for m in content["messages"]) if "messages" in content else None,
+            "roles": roles_json([m["role"] for m in content["messages"]]) if "messages" in content else None,
         }
 
     def render(self, source: SourceBatch) -> tuple[pa.Table, pa.Table]:

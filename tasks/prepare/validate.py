@@ -5,12 +5,14 @@ approximate tokens, characters / 4), message roles allowed; plus the expectation
 over the request columns (custom_id, prompt, messages, overrides, reference, approx_tokens, roles)
 and the dataset's own columns they name (read for validation only, in their own types).
 Rows an expectation flags become rejected rows with the expectation as the reason; the run goes
-on. Id uniqueness is reported here, and enforced across batches by the deduper (the first row
+on. An expectation that raises (a bad regex, a comparison across types) rejects every row of the
+batch with the error as the reason: rows it could not check are not let through. Id uniqueness is reported here, and enforced across batches by the deduper (the first row
 with an id is kept, later ones are rejected).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -22,14 +24,15 @@ from tasks.prepare.sources import REJECTED_SCHEMA
 
 
 def builtin_expectations(config: ValidationConfig, context_tokens: int | None) -> list[dict]:
-    roles = "|".join(re.escape(role) for role in config.allowed_roles)
+    # The roles column is a JSON list: each allowed role is matched as a whole JSON string, quotes included.
+    roles = "|".join(re.escape(json.dumps(role, ensure_ascii=False)) for role in config.allowed_roles)
     expectations = [
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "custom_id"}},
         {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "custom_id"}},
         {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "dedupe_text", "min_value": 1}},
         {
             "type": "expect_column_values_to_match_regex",
-            "kwargs": {"column": "roles", "regex": f"^(?:{roles})(?:,(?:{roles}))*$"},
+            "kwargs": {"column": "roles", "regex": f"^\\[(?:{roles})(?:,(?:{roles}))*\\]$"},
         },
     ]
     budget = config.max_prompt_tokens or context_tokens
@@ -47,11 +50,20 @@ def reason_for(expectation: dict) -> tuple[str, str]:
     if column == "approx_tokens":
         return "prompt", f"prompt too long: over the context budget of {kwargs['max_value']} tokens (characters / 4)"
     if column == "roles":
-        return "messages", f"message role not allowed (expected: {kwargs['regex']})"
+        return "messages", "message role not allowed (see validation.allowed_roles)"
     if column == "dedupe_text":
         return "prompt", "prompt is empty"
     details = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "column")
     return column, f"failed {kind}" + (f" ({details})" if details else "")
+
+
+def raised_error(outcome) -> str | None:
+    """The message of an exception the expectation raised; GX reports it at the top or per metric."""
+    info = outcome.exception_info or {}
+    for report in [info, *(value for value in info.values() if isinstance(value, dict))]:
+        if report.get("raised_exception"):
+            return str(report.get("exception_message"))
+    return None
 
 
 @dataclass
@@ -108,8 +120,13 @@ class Validator:
             position = next(i for i, e in enumerate(self.expectations) if self.matches(e, config))
             tally = self.tallies[position]
             tally.rows += requests.num_rows
-            if outcome.exception_info and outcome.exception_info.get("raised_exception"):
-                tally.errors.append(str(outcome.exception_info.get("exception_message")))
+            if (error := raised_error(outcome)) is not None:
+                # Rows an expectation could not check are not known to pass it: each is rejected, saying why.
+                tally.errors.append(error)
+                tally.unexpected += requests.num_rows
+                reason = f"{config.type} could not be checked: {error}"
+                for index in range(requests.num_rows):
+                    failed.setdefault(index, (self.expectations[position].get("kwargs", {}).get("column", "row"), reason))
                 continue
             unexpected = outcome.result.get("unexpected_index_list") or []
             tally.unexpected += len(unexpected)

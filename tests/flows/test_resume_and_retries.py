@@ -133,7 +133,7 @@ def test_a_kill_9_mid_inference_recomputes_only_what_was_in_the_engine(
             summary.unique_requests,
             summary.unique_requests,
         )
-        # duplicates (normalized text) are answered through duplicate_of, as run_outputs shows
+        # duplicates (identical requests) are answered through duplicate_of, as run_outputs shows
         unanswered = con.execute(
             "SELECT count(*) FROM requests q WHERE NOT EXISTS (SELECT 1 FROM run_outputs r "
             "WHERE r.run_id = ? AND r.dataset_version = q.dataset_version AND r.custom_id = q.custom_id)",

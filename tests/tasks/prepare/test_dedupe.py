@@ -37,17 +37,17 @@ def test_a_repeated_id_is_rejected_with_its_row():
 
 
 def texts(rows: list[tuple[str, str]]) -> pa.Table:
-    table = requests([(custom_id, "unused") for custom_id, _ in rows])
+    table = requests([(custom_id, text) for custom_id, text in rows])  # exact: the request key stands for the text
     return table.append_column("dedupe_text", pa.array([text for _, text in rows]))
 
 
-def test_exact_duplicates_are_found_after_nfkc_and_whitespace_folding_and_optionally_case():
+def test_normalized_duplicates_are_found_after_nfkc_and_whitespace_folding_and_optionally_case():
     rows = [("a", "Hello  world"), ("b", " Hello\tworld\n"), ("c", "Ｈｅｌｌｏ world"), ("d", "hello world")]
-    marked, _ = ExactDeduper(config=DedupeConfig()).mark(texts(rows))
+    marked, _ = ExactDeduper(config=DedupeConfig(match="normalized")).mark(texts(rows))
     assert marked["duplicate_of"].to_pylist() == [None, "a", "a", None]
-    marked, _ = ExactDeduper(config=DedupeConfig(case_fold=True)).mark(texts(rows))
+    marked, _ = ExactDeduper(config=DedupeConfig(match="normalized", case_fold=True)).mark(texts(rows))
     assert marked["duplicate_of"].to_pylist() == [None, "a", "a", "a"]
-    marked, _ = ExactDeduper(config=DedupeConfig(normalize=False)).mark(texts(rows))
+    marked, _ = ExactDeduper(config=DedupeConfig()).mark(texts(rows))
     assert marked["duplicate_of"].to_pylist() == [None, None, None, None]
 
 

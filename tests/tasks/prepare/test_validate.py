@@ -13,7 +13,7 @@ def requests(rows: list[dict]) -> pa.Table:
         "overrides": None,
         "reference": None,
         "approx_tokens": 1,
-        "roles": "user",
+        "roles": '["user"]',
         "dedupe_text": "p",
         "source_file": "f.parquet",
         "source_row": 0,
@@ -28,7 +28,7 @@ def test_rows_failing_the_builtin_suite_are_rejected_with_reason_and_location():
             [
                 {"custom_id": "ok"},
                 {"custom_id": "long", "approx_tokens": 101},
-                {"custom_id": "role", "roles": "system,tool"},
+                {"custom_id": "role", "roles": '["system","tool"]'},
                 {"custom_id": "ok"},  # a repeated id is the deduper's to reject (it keeps the first)
             ]
         )
