@@ -1,6 +1,10 @@
 """Inference's Prefect tasks: one cached task per shard, run here or in groups on the shard-worker
 deployment. The cache key is the content of the work (see `keys.output_key`), never the run, and
-the cache is how worker groups hand results back: a group's run only has to finish."""
+the cache is how worker groups hand results back: a group's run only has to finish.
+
+The cache is ours, not Prefect's: a shard's record is its manifest as JSON next to its output
+file (`job.read_manifest`). Prefect's records are pickles, or name the serializer that reads them,
+and the storage is shared: whoever can write there would run code in every process that reads it."""
 
 from __future__ import annotations
 
@@ -14,10 +18,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture, as_completed
-from prefect.results import ResultStore
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from tqdm import tqdm
 
 from blocks import secret_value
@@ -30,16 +33,13 @@ from tasks.inference.job import (
     ShardOutput,
     check_model,
     output_file,
+    read_manifest,
     split_groups,
     summarize_outputs,
 )
 from tasks.prepare.shard import Shard
 
 Dispatch = Literal["local", "workers"]
-
-
-def shard_cache_key(_context, parameters: dict) -> str:
-    return parameters["job"].output_key(parameters["shard"])
 
 
 def is_transient(_task, _task_run, state) -> bool:
@@ -64,14 +64,19 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
         yield
 
 
-@task(name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True, retry_condition_fn=is_transient)
-def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput:
+@task(name="generate-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=is_transient)
+def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
+    """Compute a shard and write its output file, then its manifest; a shard with both returns at once."""
+    if (done := read_manifest(job, shard)) is not None:
+        return Completed(name="Cached", data=done)  # shown as Cached, like a hit of Prefect's own cache
     key, path = job.output_key(shard), job.output_path(shard)
     engine = open_engine(job.model, secret_value(job.model.api_key_secret))
     with engine_slot(job.model, job.sharding.gpu_limit):
         result = engine.generate(storage.read_parquet(shard.path), job.sampling, key)
     storage.write_parquet(output_file(shard, key, result.outputs), path)
-    return summarize_outputs(shard, key, path, result)
+    output = summarize_outputs(shard, key, path, result)
+    storage.write_text(output.model_dump_json(), job.manifest_path(shard))  # last: the file it names is complete
+    return output
 
 
 @task(name="fingerprint-model")
@@ -98,11 +103,7 @@ def wait_with_progress(futures: list[PrefectFuture], description: str, unit: str
 
 def generate_here(shards: list[Shard], job: InferenceJob, description: str) -> tuple[list[ShardOutput], list[bool]]:
     """Every shard in this process: each shard's manifest, and whether it came from the cache."""
-    generate = generate_shard.with_options(
-        result_storage=job.result_storage(),
-        retries=job.sharding.retries,
-        retry_delay_seconds=job.sharding.retry_delay_seconds,
-    )
+    generate = generate_shard.with_options(retries=job.sharding.retries, retry_delay_seconds=job.sharding.retry_delay_seconds)
     futures = [generate.submit(shard, job) for shard in shards]
     wait_with_progress(futures, description, unit="shard")
     return [future.result() for future in futures], [future.state.name == "Cached" for future in futures]
@@ -129,9 +130,7 @@ def generate_on_workers(
     shards: list[Shard], job: InferenceJob, n_workers: int, workers: WorkersConfig, description: str
 ) -> tuple[list[ShardOutput], list[bool]]:
     """Dispatch the shards not yet in the cache in n_workers groups, wait, read every manifest back."""
-    cache = ResultStore(result_storage=LocalFileSystem(basepath=str(job.result_storage())))
-    output_keys = [job.output_key(shard) for shard in shards]
-    cached = [cache.exists(key) for key in output_keys]
+    cached = [read_manifest(job, shard) is not None for shard in shards]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
     get_run_logger().info(
         "%d of %d shards already cached; dispatching %d in %d groups to %s",
@@ -144,7 +143,14 @@ def generate_on_workers(
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [run_group.submit(i, group, job, workers) for i, group in enumerate(groups)]
     wait_with_progress(futures, description, unit="group")  # raises the error of a group that failed all its attempts
-    return [cache.read(key).result for key in output_keys], cached
+    return [read_back(job, shard) for shard in shards], cached
+
+
+def read_back(job: InferenceJob, shard: Shard) -> ShardOutput:
+    """A shard's manifest once its group has finished."""
+    if (output := read_manifest(job, shard)) is None:
+        raise RuntimeError(f"shard {shard.shard_key}: its group finished, but {job.manifest_path(shard)} is missing or invalid")
+    return output
 
 
 def generate_shards_of_run(

@@ -10,8 +10,6 @@ import duckdb
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.filesystems import LocalFileSystem
-from prefect.results import ResultStore
 
 from flows.batch_inference import batch_inference
 from tasks.config import SamplingConfig, ShardingConfig, StructuredOutput
@@ -81,12 +79,11 @@ def test_a_kill_9_mid_inference_resumes_from_the_finished_shards(
     sampling, sharding = SamplingConfig(max_tokens=24), ShardingConfig(shard_size=40)
     run = start_flow_process("killed", spec, tiny_model, sampling, sharding, store)
     outputs_dir = Path(store.storage) / "outputs"
-    # Prefect writes a shard's cache record after its task returns, so a kill can land between a
-    # shard's file and its record: count the shards whose record is complete (what a re-run may use).
-    records = ResultStore(result_storage=LocalFileSystem(basepath=str(Path(store.storage, "prefect-results").resolve())))
 
+    # A shard's cache record (its JSON manifest) is written after its file, so a kill can land between
+    # the two: count the shards whose record is complete (what a re-run may use).
     def recorded_shards() -> set[str]:
-        return {path.stem for path in outputs_dir.glob("*.parquet") if records.exists(path.stem)}
+        return {path.stem for path in outputs_dir.glob("*.parquet") if path.with_suffix(".json").exists()}
 
     try:
         while len(recorded_shards()) < 3:
