@@ -16,6 +16,7 @@ import jinja2.meta
 import pyarrow as pa
 
 from tasks.config import DatasetSpec, SpecError
+from tasks.redact import redact
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -89,7 +90,9 @@ def filesystem(source: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
     """(filesystem, path on it, prefix that turns a path back into a URL)."""
     fs, path = fsspec.core.url_to_fs(source)
     local = fs.protocol in ("file", ("file", "local"), "local")
-    return fs, path, "" if local or "://" not in source else f"{source.split('://', 1)[0]}://"
+    # HTTP(S) paths keep their scheme; other filesystems (s3, gcs, ...) drop it
+    keeps_scheme = "://" in path
+    return fs, path, "" if local or keeps_scheme or "://" not in source else f"{source.split('://', 1)[0]}://"
 
 
 def format_of(spec: DatasetSpec, files: list[str]) -> str:
@@ -145,4 +148,4 @@ def file_keys(source: str) -> dict[str, str]:
 
 def rejected(file: str, row: int, field_name: str, reason: str, custom_id: str | None = None) -> dict:
     """A rejected_rows row: where the row is, which field is at fault and why."""
-    return {"source_file": file, "source_row": row, "custom_id": custom_id, "field": field_name, "reason": reason}
+    return {"source_file": redact(file), "source_row": row, "custom_id": custom_id, "field": field_name, "reason": reason}
