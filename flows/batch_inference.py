@@ -64,6 +64,7 @@ def batch_inference(
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
     runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py)."""
     model, store = resolve(model, InferenceModel), resolve(store, ResultsStore)
+    scorers_used = scorers_version(resolve_scorers(scorers))  # an unknown scorer fails the run before any work
     clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = str(flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}")
     work_dir = storage.join(store.storage, "work", run_id)

@@ -6,11 +6,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+
+from tasks.redact import redact, redact_options
 
 
 class SpecError(ValueError):
-    """A dataset spec or configuration that cannot work; raised before anything is written."""
+    """A dataset spec or configuration that cannot work; raised before anything is written.
+
+    Its message names the file or URL at fault, without the URL's credentials: it is logged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -109,7 +116,15 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Dataset name, recorded with every dataset version.")
-    source: str = Field(description="Parquet file, folder (Hive partitions too), glob, JSONL file or any fsspec URL.")
+    source: str = Field(
+        description="Parquet file, folder (Hive partitions too), glob, JSONL file or any fsspec URL. Recorded without "
+        "credentials: a URL that needs them goes in a Secret block named by source_secret."
+    )
+    source_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the source URL with its credentials "
+        "(https://user:password@host/data.parquet); read in place of `source`, which names the data in the records.",
+    )
     format: InputFormat = Field("auto", description="auto: from the file names (and the first JSONL line).")
     id_column: str | None = Field(
         None, description="Column holding a unique id per row; becomes custom_id. Unset: an id derived from the row's content."
@@ -127,6 +142,11 @@ class DatasetSpec(BaseModel):
     )
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+
+    @field_serializer("source", when_used="json")
+    def _source_without_credentials(self, source: str) -> str:
+        """What a flow run's parameters, the store and the logs get (they are all written as JSON)."""
+        return redact(source)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> DatasetSpec:
@@ -217,6 +237,16 @@ class ModelConfig(BaseModel):
     max_concurrency: int = Field(32, ge=1, description="Requests in flight at once (openai engine).")
     request_timeout_seconds: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0, description="Per request, on 429, 5xx and timeouts (openai engine).")
+
+    @field_serializer("base_url", when_used="json")
+    def _base_url_without_credentials(self, base_url: str | None) -> str | None:
+        """The key belongs in the Secret block of api_key_secret; one put in the URL is not recorded."""
+        return None if base_url is None else redact(base_url)
+
+    @field_serializer("engine_kwargs", when_used="json")
+    def _engine_kwargs_without_secrets(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A token among the engine arguments (hf_token) is not recorded: it belongs in the worker's environment."""
+        return redact_options(engine_kwargs)
 
     @model_validator(mode="after")
     def _engine_needs(self) -> ModelConfig:

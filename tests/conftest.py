@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import duckdb
@@ -324,3 +325,28 @@ def start_flow_process(tmp_path):
 def sample_parquet() -> Path:
     """The bundled sample (2,400 rows), read-only."""
     return SAMPLE_PARQUET
+
+
+# ---------------------------------------------------------------- user scorers
+
+
+@pytest.fixture
+def install_scorers(tmp_path, monkeypatch):
+    """Install a package of user scorers the way pip does: a module plus a dist-info folder whose
+    entry_points.txt registers them (group vllm_batch_flows.scorers), on sys.path."""
+
+    installed = []
+
+    def install(module: str, source: str, entries: dict[str, str]) -> None:
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+        dist_info = tmp_path / f"{module}-1.0.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+        lines = [f"{name} = {value}" for name, value in entries.items()]
+        (dist_info / "entry_points.txt").write_text("[vllm_batch_flows.scorers]\n" + "\n".join(lines) + "\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        installed.append(module)
+
+    yield install
+    for module in installed:
+        sys.modules.pop(module, None)

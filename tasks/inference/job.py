@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks import keys, storage
 from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, SpecError
@@ -39,11 +39,9 @@ class InferenceJob(BaseModel):
     def journal_folder(self, shard: Shard) -> str:
         return storage.join(self.storage, "journal", self.output_key(shard))
 
-    def result_storage(self) -> Path:
-        """Where Prefect persists the shard tasks' results (the cache records), next to the shard files."""
-        if "://" in self.storage:
-            raise SpecError(f"storage {self.storage}: only a local folder is supported in this version")
-        return Path(self.storage, "prefect-results").resolve()
+    def manifest_path(self, shard: Shard) -> str:
+        """The shard's cache record: its ShardOutput as JSON, next to its output file."""
+        return storage.join(self.storage, "outputs", f"{self.output_key(shard)}.json")
 
 
 class ShardOutput(BaseModel):
@@ -62,6 +60,25 @@ class ShardOutput(BaseModel):
     max_num_seqs: int | None  # the engine's; None for the openai engine
     engine_load_seconds: float  # how long the process's first shard waited for the engine to start
     engine_requests: int  # requests this attempt answered with the engine (not failed checks, not resumed)
+
+
+def read_manifest(job: InferenceJob, shard: Shard) -> ShardOutput | None:
+    """The shard as computed before, or None: a cache miss.
+
+    The record lives on storage other machines write to, so it is read as plain data and trusted
+    only as far as it checks out: its keys and path are this shard's, and its output file is there.
+    """
+    path = job.manifest_path(shard)
+    if not storage.exists(path):
+        return None
+    try:
+        output = ShardOutput.model_validate_json(storage.read_text(path))
+    except (ValidationError, UnicodeDecodeError):
+        return None  # damaged or not ours: computed again, and the record rewritten
+    expected = (shard.shard_key, job.output_key(shard), job.output_path(shard))
+    if (output.shard_key, output.output_key, output.path) != expected or not storage.exists(output.path):
+        return None
+    return output
 
 
 def output_file(shard: Shard, key: str, outputs: pa.Table) -> pa.Table:

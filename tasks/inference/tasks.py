@@ -1,6 +1,10 @@
 """Inference's Prefect tasks: one cached task per shard, run here or in groups on the shard-worker
 deployment. The cache key is the content of the work (see `keys.output_key`), never the run, and
-the cache is how worker groups hand results back: a group's run only has to finish."""
+the cache is how worker groups hand results back: a group's run only has to finish.
+
+The cache is ours, not Prefect's: a shard's record is its manifest as JSON next to its output
+file (`job.read_manifest`). Prefect's records are pickles, or name the serializer that reads them,
+and the storage is shared: whoever can write there would run code in every process that reads it."""
 
 from __future__ import annotations
 
@@ -15,23 +19,22 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture, as_completed, wait
-from prefect.results import ResultStore
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from tqdm import tqdm
 
 from blocks import secret_value
 from tasks import keys, storage
 from tasks.config import ModelConfig, WorkersConfig
 from tasks.engines import open_engine
-from tasks.engines.base import GenerateResult
 from tasks.inference.job import (
     PERMANENT_ERRORS,
     InferenceJob,
     ShardOutput,
     check_model,
     output_file,
+    read_manifest,
     split_groups,
     summarize_outputs,
 )
@@ -39,10 +42,6 @@ from tasks.inference.journal import ShardJournal, generate_in_parts
 from tasks.prepare.shard import Shard
 
 Dispatch = Literal["local", "workers"]
-
-
-def shard_cache_key(_context, parameters: dict) -> str:
-    return parameters["job"].output_key(parameters["shard"])
 
 
 # Set when the process is told to stop (Ctrl-C, SIGTERM, a cancel): a shard that then fails is not retried.
@@ -71,19 +70,22 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
         yield
 
 
-@task(name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True, retry_condition_fn=is_transient)
-def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput:
+@task(name="generate-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=is_transient)
+def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
+    """Compute a shard and write its output file, then its manifest; a shard with both returns at once.
+    Parts an interrupted attempt finished come from the shard's journal, not the engine."""
+    if (done := read_manifest(job, shard)) is not None:
+        return Completed(name="Cached", data=done)  # shown as Cached, like a hit of Prefect's own cache
     key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
-    if storage.exists(path):  # an attempt wrote it, and was killed before Prefect recorded its result
-        outputs = storage.read_parquet(path)
-        return summarize_outputs(shard, key, path, GenerateResult(outputs, 0.0, 0, None), fresh=outputs.slice(0, 0))
     engine = open_engine(job.model, secret_value(job.model.api_key_secret))
     with engine_slot(job.model, job.sharding.gpu_limit):
         requests = storage.read_parquet(shard.path)
         result, fresh = generate_in_parts(engine, requests, job.sampling, key, journal, job.sharding.part_size)
     storage.write_parquet(output_file(shard, key, result.outputs), path)
+    output = summarize_outputs(shard, key, path, result, fresh)
+    storage.write_text(output.model_dump_json(), job.manifest_path(shard))  # last: the file it names is complete
     journal.remove()
-    return summarize_outputs(shard, key, path, result, fresh)
+    return output
 
 
 @task(name="fingerprint-model")
@@ -124,11 +126,7 @@ def generate_here(
 
     After a shard fails (all its retries spent) no new shard starts; the ones in flight finish first.
     """
-    generate = generate_shard.with_options(
-        result_storage=job.result_storage(),
-        retries=job.sharding.retries,
-        retry_delay_seconds=job.sharding.retry_delay_seconds,
-    )
+    generate = generate_shard.with_options(retries=job.sharding.retries, retry_delay_seconds=job.sharding.retry_delay_seconds)
     stopping.clear()
     waiting, running = deque(shards), {}
     finished: dict[str, tuple[ShardOutput, bool]] = {}
@@ -203,10 +201,9 @@ def generate_on_workers(
     on_finished: ShardDone = ignore_shard,
 ) -> tuple[list[ShardOutput], list[bool]]:
     """Dispatch the shards not yet in the cache in n_workers groups; while they run, hand each shard on
-    as its cache record appears; then read every manifest back."""
-    cache = ResultStore(result_storage=LocalFileSystem(basepath=str(job.result_storage())))
-    output_keys = [job.output_key(shard) for shard in shards]
-    cached = [cache.exists(key) for key in output_keys]
+    as its manifest appears; then read every manifest back."""
+    manifests = [read_manifest(job, shard) for shard in shards]
+    cached = [manifest is not None for manifest in manifests]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
     get_run_logger().info(
         "%d of %d shards already cached; dispatching %d in %d groups to %s",
@@ -216,22 +213,23 @@ def generate_on_workers(
         len(groups),
         workers.deployment,
     )
-    for key, hit in zip(output_keys, cached):
-        if hit:
-            on_finished(cache.read(key).result, True)
-    awaited = [key for key, hit in zip(output_keys, cached) if not hit]
+    for manifest in manifests:
+        if manifest is not None:
+            on_finished(manifest, True)
+    awaited = [shard for shard, manifest in zip(shards, manifests) if manifest is None]
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [run_group.submit(i, group, job, workers) for i, group in enumerate(groups)]
     progress = Progress(len(futures), description, unit="group")
     try:
         not_done = set(futures)
         while not_done or awaited:
-            done, not_done = wait(list(not_done), timeout=workers.poll_seconds)
+            _, not_done = wait(list(not_done), timeout=workers.poll_seconds)
             for _ in range(len(futures) - len(not_done) - progress.done):
                 progress.advance()
-            for key in [key for key in awaited if cache.exists(key)]:
-                on_finished(cache.read(key).result, False)
-                awaited.remove(key)
+            for shard in list(awaited):
+                if (manifest := read_manifest(job, shard)) is not None:
+                    on_finished(manifest, False)
+                    awaited.remove(shard)
             if not not_done:
                 break
     finally:
@@ -239,7 +237,14 @@ def generate_on_workers(
     for future in futures:
         if not future.state.is_completed():
             future.result()  # raises the error of a group that failed all its attempts
-    return [cache.read(key).result for key in output_keys], cached
+    return [read_back(job, shard) for shard in shards], cached
+
+
+def read_back(job: InferenceJob, shard: Shard) -> ShardOutput:
+    """A shard's manifest once its group has finished."""
+    if (output := read_manifest(job, shard)) is None:
+        raise RuntimeError(f"shard {shard.shard_key}: its group finished, but {job.manifest_path(shard)} is missing or invalid")
+    return output
 
 
 def generate_shards_of_run(

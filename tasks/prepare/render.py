@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from tasks.config import DatasetSpec, Mode, SamplingOverrides, describe_errors
 from tasks.keys import content_hash
 from tasks.prepare.sources import REJECTED_SCHEMA, SourceBatch, validated_columns
+from tasks.redact import redact
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -187,9 +188,10 @@ class Renderer:
         requests: list[dict] = []
         rendered_rows: list[int] = []
         rejected: list[dict] = list(source.rejected)
+        source_file = redact(source.file)  # stored with every request: a URL's credentials are not
         for offset, row in enumerate(source.batch.to_pylist()):
             line = row.pop("__line", None)
-            location = {"source_file": source.file, "source_row": source.first_row + offset if line is None else line}
+            location = {"source_file": source_file, "source_row": source.first_row + offset if line is None else line}
             custom_id = None
             if self.id_field:
                 try:

@@ -21,6 +21,7 @@ import jinja2.meta
 import pyarrow as pa
 
 from tasks.config import DatasetSpec, SpecError
+from tasks.redact import redact
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -220,4 +221,4 @@ def content_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def rejected(file: str, row: int, field_name: str, reason: str, custom_id: str | None = None) -> dict:
     """A rejected_rows row: where the row is, which field is at fault and why."""
-    return {"source_file": file, "source_row": row, "custom_id": custom_id, "field": field_name, "reason": reason}
+    return {"source_file": redact(file), "source_row": row, "custom_id": custom_id, "field": field_name, "reason": reason}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
+from blocks import secret_value
 from tasks import storage
 from tasks.config import DatasetSpec, Mode, SpecError, StoreConfig
 from tasks.inference.job import InferenceJob
@@ -14,6 +15,8 @@ from tasks.store.queries import answered_keys
 @task(name="write-requests")
 def write_requests(dataset: DatasetSpec, mode: Mode, storage_root: str, context_tokens: int | None = None) -> RequestSet:
     """Load, render, validate and dedupe the dataset into request and rejected-row files (kept per input)."""
+    if dataset.source_secret:  # the URL with its credentials, read here only: the spec keeps naming `source`
+        dataset = dataset.model_copy(update={"source": secret_value(dataset.source_secret)})
     return prepare_requests(dataset, mode, storage_root, context_tokens)
 
 

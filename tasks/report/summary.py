@@ -15,6 +15,7 @@ from pathlib import Path
 from tasks.config import DatasetSpec
 from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.prepare.requests import RequestSet
+from tasks.redact import redact
 from tasks.store.commit import CommitFiles
 from tasks.store.rows import DatasetVersionRow, RunCounts, RunRow, RunShardRow
 
@@ -195,7 +196,7 @@ def dataset_version_row(dataset: DatasetSpec, request_set: RequestSet) -> Datase
     return DatasetVersionRow(
         dataset_version=request_set.dataset_version,
         dataset_name=dataset.name,
-        source=dataset.source,
+        source=redact(dataset.source),
         spec=dataset.model_dump_json(),
         template_hash=request_set.template_hash,
         rows_read=request_set.rows_read,

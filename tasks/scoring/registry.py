@@ -1,11 +1,17 @@
-"""The scorer registry: built-ins by name, user scorers by import path; and scoring a table of outputs."""
+"""The scorer registry: built-ins by name, user scorers registered by the packages that hold them;
+and scoring a table of outputs.
+
+A scorer's name comes from whoever starts a flow, so it only ever selects from this registry: a
+user scorer is an entry point of an installed package (group `vllm_batch_flows.scorers`), checked
+to be a Scorer or a ScorerFactory before anything is called.
+"""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 
 import jsonschema
 import pyarrow as pa
@@ -15,6 +21,7 @@ from tasks.scoring.judge import judge_scorer
 from tasks.scoring.scorers import (
     SCORE_SCHEMA,
     Scorer,
+    ScorerFactory,
     ScorerSpec,
     chrf,
     distinct_n_scorer,
@@ -55,6 +62,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 }
 # Everything that needs no options; scorers without their input (no reference, no logprobs) write no rows.
 DEFAULT_SCORERS = [name for name in SCORERS if name not in ("json_schema", "regex", "judge")]
+ENTRY_POINT_GROUP = "vllm_batch_flows.scorers"
 
 
 Secrets = Callable[[str | None], str | None]
@@ -62,28 +70,51 @@ Secrets = Callable[[str | None], str | None]
 
 def with_secrets(factory: Callable[..., Scorer], options: dict, secrets: Secrets | None) -> Scorer:
     """Call a scorer factory; one that takes `secrets` (the judge) gets the run-time lookup of Secret blocks."""
-    if secrets is not None and "secrets" in inspect.signature(factory).parameters:
+    function = factory.make if isinstance(factory, ScorerFactory) else factory
+    if secrets is not None and "secrets" in inspect.signature(function).parameters:
         return factory(**options, secrets=secrets)
     return factory(**options)
 
 
+def registered_scorer(name: str) -> EntryPoint:
+    """The installed user scorer of that name (or of that import path, `package.module:attribute`)."""
+    registered = entry_points(group=ENTRY_POINT_GROUP)
+    for entry in registered:
+        if name in (entry.name, entry.value):
+            return entry
+    raise SpecError(
+        f"scorer {name}: not a built-in ({', '.join(SCORERS)}) nor a registered user scorer "
+        f"(entry points of group {ENTRY_POINT_GROUP}: {', '.join(sorted(registered.names)) or 'none installed'})"
+    )
+
+
+def load_user_scorer(entry: EntryPoint) -> Scorer | ScorerFactory:
+    found = entry.load()
+    if not isinstance(found, Scorer | ScorerFactory):
+        raise SpecError(
+            f"scorer {entry.name}: {entry.value} is {type(found).__name__}, not a Scorer or a function marked @scorer_factory"
+        )
+    return found
+
+
 def resolve_scorer(spec: str | ScorerSpec | dict, secrets: Secrets | None = None) -> Scorer:
-    """A built-in by name, or a user scorer by import path (a `Scorer`, or a factory returning one)."""
+    """A built-in by name, or a registered user scorer (a `Scorer`, or a `ScorerFactory` taking the options)."""
     spec = ScorerSpec(name=spec) if isinstance(spec, str) else ScorerSpec.model_validate(spec)
     try:
         if spec.name in SCORERS:
             return with_secrets(SCORERS[spec.name], spec.options, secrets)
-        if ":" not in spec.name:
-            raise SpecError(
-                f"scorer {spec.name}: not a built-in ({', '.join(SCORERS)}) nor an import path 'package.module:attribute'"
-            )
-        module, attribute = spec.name.split(":", 1)
-        found = getattr(importlib.import_module(module), attribute)
-        scorer = found if isinstance(found, Scorer) and not spec.options else with_secrets(found, spec.options, secrets)
+        found = load_user_scorer(registered_scorer(spec.name))
+        if isinstance(found, Scorer):
+            if spec.options:
+                raise SpecError(f"scorer {spec.name}: takes no options (it is a Scorer, not a factory)")
+            return found
+        scorer = with_secrets(found, spec.options, secrets)
     except (ImportError, AttributeError, TypeError, ValueError, re.error, jsonschema.SchemaError) as error:
+        if isinstance(error, SpecError):
+            raise
         raise SpecError(f"scorer {spec.name}: {type(error).__name__}: {error}") from error
     if not isinstance(scorer, Scorer):
-        raise SpecError(f"scorer {spec.name}: import path gives {type(scorer).__name__}, not a tasks.scoring.scorers.Scorer")
+        raise SpecError(f"scorer {spec.name}: its factory returned {type(scorer).__name__}, not a Scorer")
     return scorer
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import jsonschema
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from tasks.keys import content_hash
+from tasks.redact import redact_options
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -42,13 +43,34 @@ class Scorer:
     score: Callable[[list[dict]], list[Score]]
 
 
+@dataclass(frozen=True)
+class ScorerFactory:
+    """A function from options to a Scorer, marked as one (`@scorer_factory`): the registry calls
+    nothing it has not checked to be a Scorer or a ScorerFactory."""
+
+    make: Callable[..., Scorer]
+
+    def __call__(self, **options: Any) -> Scorer:
+        return self.make(**options)
+
+
+def scorer_factory(make: Callable[..., Scorer]) -> ScorerFactory:
+    """Mark a user scorer's factory: `@scorer_factory def starts_with(prefix): return Scorer(...)`."""
+    return ScorerFactory(make)
+
+
 class ScorerSpec(BaseModel):
-    """A scorer with options: a built-in name or a user scorer's import path `package.module:attribute`."""
+    """A scorer with options: a built-in name or the name of a registered user scorer (see registry)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the scorer's factory.")
+
+    @field_serializer("options", when_used="json")
+    def _options_without_secrets(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A judge's model options may hold a URL with credentials: recorded (as parameters, in logs) without them."""
+        return redact_options(options)
 
 
 def per_row(function: Callable[[dict], Score]) -> Callable[[list[dict]], list[Score]]:

@@ -1,5 +1,3 @@
-import textwrap
-
 import pytest
 
 from flows.rescore import rescore
@@ -10,22 +8,19 @@ pytestmark = pytest.mark.slow  # whole flows (no vLLM)
 SCORES = "SELECT scorer, scorer_version, value, label FROM scores ORDER BY ALL"
 
 
-def test_rescore_adds_new_versions_beside_old_scores_without_inference(
-    prefect_harness, committed_store, query, tmp_path, monkeypatch
-):
-    (tmp_path / "v2_scorers.py").write_text(
-        textwrap.dedent(
-            """
-            from tasks.scoring.scorers import Scorer, per_row
+def test_rescore_adds_new_versions_beside_old_scores_without_inference(prefect_harness, committed_store, query, install_scorers):
+    install_scorers(
+        "v2_scorers",
+        """
+        from tasks.scoring.scorers import Scorer, per_row
 
-            completion_tokens = Scorer("completion_tokens", "2", per_row(lambda row: (row["completion_tokens"] * 10.0, None)))
-            """
-        )
+        completion_tokens = Scorer("completion_tokens", "2", per_row(lambda row: (row["completion_tokens"] * 10.0, None)))
+        """,
+        {"completion_tokens_v2": "v2_scorers:completion_tokens"},
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     before = query(committed_store, SCORES)
 
-    summary = rescore("r1", ["v2_scorers:completion_tokens", {"name": "regex", "options": {"pattern": "x"}}], committed_store)
+    summary = rescore("r1", ["completion_tokens_v2", {"name": "regex", "options": {"pattern": "x"}}], committed_store)
 
     assert (summary.outputs, summary.new_scores) == (2, 2)  # the error row is read but has nothing to score
     after = query(committed_store, SCORES)

@@ -48,12 +48,12 @@ def kill_flow_run_process(flow_run_id) -> bool:
 
 
 def cache_records(group_run) -> list[Path]:
-    """Where the shard tasks of a group's flow run persist their results (the cache records)."""
+    """Where the shard tasks of a group's flow run write their cache records (JSON manifests)."""
     from tasks.inference.job import InferenceJob
     from tasks.prepare.shard import Shard
 
     job = InferenceJob.model_validate(group_run.parameters["job"])
-    return [job.result_storage() / job.output_key(Shard(**shard)) for shard in group_run.parameters["shards"]]
+    return [Path(job.manifest_path(Shard(**shard))) for shard in group_run.parameters["shards"]]
 
 
 def settled_shard_runs(client, flow_run) -> list:

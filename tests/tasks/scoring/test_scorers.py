@@ -1,6 +1,4 @@
 import math
-import sys
-import textwrap
 
 import pyarrow as pa
 import pytest
@@ -153,28 +151,30 @@ def test_options_are_part_of_the_version_and_unknown_scorers_are_named():
     assert first.version != second.version
     with pytest.raises(SpecError, match="scorer nope: not a built-in"):
         resolve_scorer("nope")
-    with pytest.raises(SpecError, match="scorer no_such_module:x: ModuleNotFoundError"):
+    with pytest.raises(SpecError, match="scorer no_such_module:x: not a built-in .* nor a registered user scorer"):
         resolve_scorer("no_such_module:x")
     with pytest.raises(SpecError, match="a name appears twice"):
         resolve_scorers(["refusal", ScorerSpec(name="refusal")])
 
 
-def test_user_scorer_by_import_path(tmp_path, monkeypatch):
-    (tmp_path / "my_scorers.py").write_text(
-        textwrap.dedent(
-            """
-            from tasks.scoring.scorers import Scorer, per_row
+def test_user_scorer_registered_by_entry_point(install_scorers):
+    install_scorers(
+        "my_scorers",
+        """
+        from tasks.scoring.scorers import Scorer, per_row, scorer_factory
 
-            shouting = Scorer("shouting", "2", per_row(lambda row: (float(row["text"].isupper()), None)))
+        shouting = Scorer("shouting", "2", per_row(lambda row: (float(row["text"].isupper()), None)))
 
-            def starts_with(prefix):
-                return Scorer("starts_with", "1+" + prefix, per_row(lambda row: (float(row["text"].startswith(prefix)), None)))
-            """
-        )
+        @scorer_factory
+        def starts_with(prefix):
+            return Scorer("starts_with", "1+" + prefix, per_row(lambda row: (float(row["text"].startswith(prefix)), None)))
+        """,
+        {"shouting": "my_scorers:shouting", "starts_with": "my_scorers:starts_with"},
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert score("my_scorers:shouting", row("HEY")) == (1.0, None)
-    assert score({"name": "my_scorers:starts_with", "options": {"prefix": "He"}}, row("Hello")) == (1.0, None)
-    table = score_rows([row("HEY")], resolve_scorers(["my_scorers:shouting"]))
+    assert score("shouting", row("HEY")) == (1.0, None)
+    assert score("my_scorers:shouting", row("HEY")) == (1.0, None)  # its import path names it too
+    assert score({"name": "starts_with", "options": {"prefix": "He"}}, row("Hello")) == (1.0, None)
+    table = score_rows([row("HEY")], resolve_scorers(["shouting"]))
     assert table.to_pylist()[0]["scorer_version"] == "2"
-    sys.modules.pop("my_scorers", None)
+    with pytest.raises(SpecError, match="scorer shouting: takes no options"):
+        resolve_scorer({"name": "shouting", "options": {"x": 1}})
