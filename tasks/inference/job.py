@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks import keys, storage
 from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, SpecError
-from tasks.engines.base import GenerateResult
+from tasks.engines.base import TRANSIENT, GenerateResult
 from tasks.prepare.shard import Shard
 
 
@@ -52,6 +52,7 @@ class ShardOutput(BaseModel):
     requests: int
     outputs: int
     errors: int
+    transient_errors: int = 0  # asked again by the next run: a cached shard with any is computed again
     prompt_tokens: int
     completion_tokens: int
     generate_seconds: float
@@ -81,6 +82,7 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult)
         requests=shard.requests,
         outputs=outputs.num_rows,
         errors=outputs.num_rows - ok.num_rows,
+        transient_errors=pc.sum(pc.equal(outputs["error_kind"], TRANSIENT)).as_py() or 0,
         prompt_tokens=pc.sum(ok["prompt_tokens"]).as_py() or 0,
         completion_tokens=pc.sum(ok["completion_tokens"]).as_py() or 0,
         generate_seconds=result.seconds,
@@ -92,8 +94,7 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult)
 
 def check_model(model: ModelConfig) -> None:
     """A local model folder that is not there is a configuration mistake: say so before any work."""
-    looks_local = model.model.startswith((".", "/", "~")) or Path(model.model).exists()
-    if looks_local and not (Path(model.model).expanduser() / "config.json").is_file():
+    if model.engine == "vllm" and keys.is_local(model.model) and not (Path(model.model).expanduser() / "config.json").is_file():
         raise SpecError(
             f"model {model.model}: no model folder with a config.json there (for the bundled tiny model run `make tiny-model`)"
         )

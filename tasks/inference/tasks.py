@@ -75,9 +75,31 @@ def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput:
 
 
 @task(name="fingerprint-model")
-def fingerprint_model(model: ModelConfig) -> str:
+def fingerprint_model(model: ModelConfig, storage: str) -> str:
+    """The model's key, checked on the way: its folder is there, or its server answers with our key.
+
+    File hashes are remembered in the storage folder, so unchanged weights are read once.
+    """
     check_model(model)
-    return keys.model_fingerprint(model)
+    served = None
+    if model.engine == "openai":
+        from tasks.engines.openai import served_model
+
+        served = served_model(model, secret_value(model.api_key_secret))
+    return keys.model_fingerprint(model, keys.hash_memo_path(storage), served)
+
+
+def shard_cache(job: InferenceJob) -> ResultStore:
+    return ResultStore(result_storage=LocalFileSystem(basepath=str(job.result_storage())))
+
+
+def reusable(cache: ResultStore, key: str) -> bool:
+    """Whether a shard's cache record can stand for its work: not when it recorded transient errors
+    (those requests are asked again). A record from before transient errors were counted: only without errors."""
+    if not cache.exists(key):
+        return False
+    output = cache.read(key).result
+    return getattr(output, "transient_errors", output.errors) == 0
 
 
 def wait_with_progress(futures: list[PrefectFuture], description: str, unit: str) -> None:
@@ -103,7 +125,9 @@ def generate_here(shards: list[Shard], job: InferenceJob, description: str) -> t
         retries=job.sharding.retries,
         retry_delay_seconds=job.sharding.retry_delay_seconds,
     )
-    futures = [generate.submit(shard, job) for shard in shards]
+    ask_again = generate.with_options(refresh_cache=True)  # computed again, its record overwritten
+    cache = shard_cache(job)
+    futures = [(generate if reusable(cache, job.output_key(shard)) else ask_again).submit(shard, job) for shard in shards]
     wait_with_progress(futures, description, unit="shard")
     return [future.result() for future in futures], [future.state.name == "Cached" for future in futures]
 
@@ -129,9 +153,9 @@ def generate_on_workers(
     shards: list[Shard], job: InferenceJob, n_workers: int, workers: WorkersConfig, description: str
 ) -> tuple[list[ShardOutput], list[bool]]:
     """Dispatch the shards not yet in the cache in n_workers groups, wait, read every manifest back."""
-    cache = ResultStore(result_storage=LocalFileSystem(basepath=str(job.result_storage())))
+    cache = shard_cache(job)
     output_keys = [job.output_key(shard) for shard in shards]
-    cached = [cache.exists(key) for key in output_keys]
+    cached = [reusable(cache, key) for key in output_keys]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
     get_run_logger().info(
         "%d of %d shards already cached; dispatching %d in %d groups to %s",

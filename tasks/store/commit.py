@@ -1,7 +1,9 @@
 """Writes: a run and everything it produced in one transaction, and scores added to a stored run.
 
 Every insert ignores rows that are already there, so committing the same shard (or the same run)
-twice changes nothing, and a failure anywhere rolls the whole commit back.
+twice changes nothing, and a failure anywhere rolls the whole commit back. The one row a commit
+replaces is a transient error (a timeout, a 429 or 5xx after the retries): a later run asked again,
+and its answer takes the error's place (and its scores' place).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def commit_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
                 {"dv": keys["dv"], "files": files.rejected},
             )
         if files.outputs:
+            replace_transient_errors(con, run.model_fingerprint, run.sampling_hash, files.outputs)
             con.execute(
                 f"""
                 INSERT INTO outputs BY NAME
@@ -74,6 +77,22 @@ def commit_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
         insert_scores(con, run.run_id, run.model_fingerprint, run.sampling_hash, files.scores)
         insert_rows(con, "run_shards", record.shards)
         insert_rows(con, "runs", [run])
+
+
+def replace_transient_errors(con: duckdb.DuckDBPyConnection, fingerprint: str, sampling: str, paths: list[str]) -> None:
+    """Remove the stored transient error rows (and their scores) that these output files answer anew."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE replaced AS
+        SELECT output_id FROM outputs
+        WHERE error_kind = 'transient' AND output_id IN (
+            SELECT {OUTPUT_ID_SQL.format(t="o")} FROM read_parquet($files, union_by_name = true) o)
+        """,
+        {"fp": fingerprint, "sh": sampling, "files": paths},
+    )
+    con.execute("DELETE FROM scores WHERE output_id IN (SELECT output_id FROM replaced)")
+    con.execute("DELETE FROM outputs WHERE output_id IN (SELECT output_id FROM replaced)")
+    con.execute("DROP TABLE replaced")
 
 
 def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:
