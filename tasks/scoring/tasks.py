@@ -35,13 +35,18 @@ def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Tabl
 def write_scores(
     outputs: list[ShardOutput], request_set: RequestSet, specs: list[str | ScorerSpec], storage_root: str
 ) -> list[str]:
-    """Score each output shard once per scorer set and dataset version (references belong to the dataset)."""
+    """Score each output shard once per scorer set and dataset version (references belong to the dataset).
+
+    A shard with transient errors is computed again by the next run, under the same output key:
+    its scores are written apart and never reused, so the answers that replace the errors get theirs.
+    """
     scorers = resolve_scorers(specs, secret_value)
     paths = []
     for output in outputs:
         key = keys.score_key(output.output_key, request_set.dataset_version, scorers_version(scorers))
-        path = storage.join(storage_root, "scores", f"{key}.parquet")
-        if not storage.exists(path):
+        partial = output.transient_errors > 0
+        path = storage.join(storage_root, "scores", f"{key}-partial.parquet" if partial else f"{key}.parquet")
+        if partial or not storage.exists(path):
             storage.write_parquet(score_outputs(outputs_with_requests(output.path, request_set.request_files), scorers), path)
         paths.append(path)
     return paths
