@@ -147,11 +147,11 @@ def model_fingerprint(config: ModelConfig, memo_path: Path | None = None, served
     elif is_local(config.model):
         model = {"files": folder_fingerprint(Path(config.model).expanduser(), memo)}
     else:
-        model = {"hub": config.model, "commit": hub_commit(config.model, config.revision)}
+        model = {"hub": config.model, "revision": hub_commit(config.model, config.revision)}
     fingerprint = content_hash(
         {
-            **model,
             "revision": config.revision,  # for a server, the user's word on what it cannot report
+            **model,  # a hub id's revision: the commit it stands for
             "engine": config.engine,
             "dtype": config.dtype,
             "max_model_len": config.max_model_len,
