@@ -40,26 +40,7 @@ def test_fingerprint_includes_the_lora_adapter_files(tiny_model, tiny_lora_dir, 
     assert model_fingerprint(changed) != model_fingerprint(with_adapter)
 
 
-def overwrite_weights(folder, seed: int = 1) -> None:
-    """Same-shaped new weights (different values, same file size), saved over the old file as a fine-tune would be."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = folder / "model.safetensors"
-    size = path.stat().st_size
-    with safe_open(str(path), "pt") as weights:
-        metadata = weights.metadata()
-        tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 - safe_open is not iterable
-    generator = torch.Generator().manual_seed(seed)
-    fresh = {
-        name: (torch.randn(t.shape, generator=generator) * (t.float().std() + 1e-3)).to(t.dtype) for name, t in tensors.items()
-    }
-    save_file(fresh, str(path), metadata=metadata)
-    assert path.stat().st_size == size
-
-
-def test_weights_are_keyed_by_their_content_not_their_name_and_size(tiny_model, tmp_path):
+def test_weights_are_keyed_by_their_content_not_their_name_and_size(tiny_model, tmp_path, overwrite_weights):
     copy = tmp_path / "model"
     shutil.copytree(tiny_model.model, copy)
     model = tiny_model.model_copy(update={"model": str(copy)})
@@ -104,7 +85,7 @@ def fingerprint_in_a_process(model_dir, memo) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_the_memo_spares_reading_unchanged_weights_again_and_notices_new_ones(tiny_model, tmp_path):
+def test_the_memo_spares_reading_unchanged_weights_again_and_notices_new_ones(tiny_model, tmp_path, overwrite_weights):
     copy = tmp_path / "model"
     shutil.copytree(tiny_model.model, copy)
     weights = (copy / "model.safetensors").stat().st_size
