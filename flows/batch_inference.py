@@ -74,7 +74,11 @@ def batch_inference(
         publish_validation(request_set, dataset.name)
         check_rejected_share(request_set, dataset)
     job = InferenceJob(
-        model=model, sampling=sampling, model_fingerprint=fingerprint_model(model), storage=store.storage, sharding=sharding
+        model=model,
+        sampling=sampling,
+        model_fingerprint=fingerprint_model(model, store.storage),
+        storage=store.storage,
+        sharding=sharding,
     )
     with clock("shard"):
         plan = write_shards(request_set, job, store, work_dir)

@@ -124,16 +124,17 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
     if model.engine != "vllm":
         return
     from tasks.engines.vllm import start_engine_in_background
-    from tasks.keys import input_fingerprint, model_fingerprint, sampling_hash
+    from tasks.keys import hash_memo_path, input_fingerprint, model_fingerprint, sampling_hash
     from tasks.prepare.dataset import check_dataset
     from tasks.store.queries import answered_before
 
     try:
         check_dataset(dataset)  # files and schemas (Parquet footers): a bad input needs no engine
         fingerprint = input_fingerprint(dataset, model.mode, model.max_model_len)
+        model_key = model_fingerprint(model, hash_memo_path(store.storage))
     except SpecError:
-        return  # the flow reports a bad source with its context
-    if not answered_before(store.duckdb_path, fingerprint, model_fingerprint(model), sampling_hash(sampling)):
+        return  # the flow reports a bad source (or an unresolvable hub revision) with its context
+    if not answered_before(store.duckdb_path, fingerprint, model_key, sampling_hash(sampling)):
         start_engine_in_background(model)
 
 

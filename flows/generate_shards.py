@@ -18,7 +18,7 @@ from tasks.prepare.shard import Shard
 
 @flow(name="generate-shards", log_prints=True)
 def generate_shards(shards: list[Shard], job: InferenceJob) -> dict[str, int]:
-    if fingerprint_model(job.model) != job.model_fingerprint:
+    if fingerprint_model(job.model, job.storage) != job.model_fingerprint:
         raise SpecError(f"model {job.model.model}: the files on this worker differ from those the run was planned with")
     outputs, cached = generate_here(shards, job, f"{len(shards)} shards on {job.model.model}")
     return {"shards": len(outputs), "cached": sum(cached), "requests": sum(output.requests for output in outputs)}

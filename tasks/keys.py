@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
 
 from tasks import prepare
-from tasks.config import DatasetSpec, Mode, ModelConfig, SamplingConfig
+from tasks.config import DatasetSpec, Mode, ModelConfig, SamplingConfig, SpecError
 from tasks.prepare.sources import file_keys
 
 
@@ -42,53 +44,130 @@ def sampling_hash(sampling: SamplingConfig) -> str:
     return content_hash(sampling.model_dump(mode="json"))
 
 
-# Files whose bytes decide what the model computes; weights are identified by name and size
-# (hashing gigabytes of weights on every run would cost more than it protects).
-FINGERPRINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "adapter_config.json",
-)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# Files that decide nothing the model computes; every other file of a model or adapter folder is in its key.
+IGNORED_FILES = ("README.md", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
+HASH_CHUNK_BYTES = 8 << 20
 
 
-def folder_fingerprint(folder: Path) -> dict[str, str]:
+def file_hash(path: Path) -> str:
+    """blake2b of the file's bytes, read in 8 MB chunks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashMemo:
+    """Content hashes remembered by path, size, mtime, ctime and inode, in a small JSON file: a
+    100 GB model is read once, not on every run. A file rewritten in place gets a new mtime and
+    ctime, a file replaced a new inode: either way it is hashed again. None: no memo, every file is read.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.changed = False
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}  # a memo cut short by a crash: hash again
+
+    def hash(self, path: Path) -> str:
+        stat = path.stat()  # of the target: a hub snapshot links to its blobs
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        name = str(path.resolve())
+        entry = self.entries.get(name)
+        if entry is not None and entry.get("stamp") == stamp:
+            return entry["hash"]
+        self.entries[name] = {"stamp": stamp, "hash": file_hash(path)}
+        self.changed = True
+        return self.entries[name]["hash"]
+
+    def save(self) -> None:
+        """Written whole and renamed into place: a reader sees the old memo or the new one, never half."""
+        if self.path is None or not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(self.entries, sort_keys=True))
+        os.replace(partial, self.path)
+        self.changed = False
+
+
+def hash_memo_path(storage: str) -> Path | None:
+    """The memo of a store's storage folder (a local folder only)."""
+    return None if "://" in storage else Path(storage) / "file-hashes.json"
+
+
+def folder_fingerprint(folder: Path, memo: HashMemo) -> dict[str, str]:
+    """Every file of the folder (and its subfolders) by content: weights, config and every tokenizer file."""
     files: dict[str, str] = {}
     if folder.is_dir():
-        for path in sorted(folder.iterdir()):
-            if path.name in FINGERPRINT_FILES:
-                files[path.name] = content_hash(path.read_text(errors="replace"))
-            elif path.suffix in WEIGHT_SUFFIXES:
-                files[path.name] = f"size:{path.stat().st_size}"
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if any(part.startswith(".") for part in relative.parts) or path.name in IGNORED_FILES or not path.is_file():
+                continue
+            files[relative.as_posix()] = memo.hash(path)
     return files
 
 
-def model_fingerprint(config: ModelConfig) -> str:
-    """Identify the model as loaded: its files, revision, adapter and the engine args that change outputs."""
-    files = folder_fingerprint(Path(config.model).expanduser())
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_commit(model: str, revision: str | None) -> str:
+    """The commit a hub id's revision (default main) stands for, from the local hub cache's refs."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "refs" / (revision or "main")
+    if ref.is_file():
+        return ref.read_text().strip()
+    raise SpecError(
+        f"model {model}: revision {revision or 'main'} is not in the local hub cache ({ref}): download it first "
+        f"(hf download {model}) or set revision to a commit hash, so the cache key names the exact weights"
+    )
+
+
+def is_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
+
+
+def model_fingerprint(config: ModelConfig, memo_path: Path | None = None, served: dict | None = None) -> str:
+    """Identify the model as loaded: its files by content (or its hub commit, or what the server reports
+    it serves), its adapter, and the engine args that change outputs.
+
+    `served` is the openai engine's model card (`openai.served_model`); `memo_path` remembers file hashes.
+    """
+    memo = HashMemo(memo_path)
     adapter = config.lora_adapter
-    return content_hash(
+    if config.engine == "openai":
+        # the server's own word on what it serves, and the user's revision for what it cannot say
+        model = {"served": served or {"id": config.model}}
+    elif is_local(config.model):
+        model = {"files": folder_fingerprint(Path(config.model).expanduser(), memo)}
+    else:
+        model = {"hub": config.model, "revision": hub_commit(config.model, config.revision)}
+    fingerprint = content_hash(
         {
-            "files": files,
-            # A hub or served name stands for itself only when there is no local folder to read.
-            "name": None if files else config.model,
-            "revision": config.revision,
+            "revision": config.revision,  # for a server, the user's word on what it cannot report
+            **model,  # a hub id's revision: the commit it stands for
             "engine": config.engine,
             "dtype": config.dtype,
             "max_model_len": config.max_model_len,
             "quantization": config.quantization,
             "kv_cache_dtype": config.kv_cache_dtype,
             "mode": config.mode,
-            "lora": {"name": adapter.name, "files": folder_fingerprint(Path(adapter.path))} if adapter else None,
+            "seed": config.seed,
+            "speculative_config": config.speculative_config,
+            "engine_kwargs": config.model_dump(mode="json")["engine_kwargs"],
+            "lora": {"name": adapter.name, "files": folder_fingerprint(Path(adapter.path), memo)} if adapter else None,
         }
     )
+    memo.save()
+    return fingerprint
 
 
 def shard_key(request_keys: list[str]) -> str:

@@ -73,6 +73,32 @@ def close_engine_at_exit():
     close_engine()
 
 
+@pytest.fixture(scope="session")
+def overwrite_weights():
+    """Save same-shaped new weights (other values, same file size) over a model folder's, as a fine-tune would be."""
+
+    def overwrite_weights(folder, seed: int = 1) -> None:
+        """Same-shaped new weights (different values, same file size), saved over the old file as a fine-tune would be."""
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = folder / "model.safetensors"
+        size = path.stat().st_size
+        with safe_open(str(path), "pt") as weights:
+            metadata = weights.metadata()
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 - safe_open is not iterable
+        generator = torch.Generator().manual_seed(seed)
+        fresh = {
+            name: (torch.randn(t.shape, generator=generator) * (t.float().std() + 1e-3)).to(t.dtype)
+            for name, t in tensors.items()
+        }
+        save_file(fresh, str(path), metadata=metadata)
+        assert path.stat().st_size == size
+
+    return overwrite_weights
+
+
 # ---------------------------------------------------------------- data and results files
 
 

@@ -13,6 +13,12 @@ from pydantic import ValidationError
 
 from tasks.config import SamplingConfig, describe_errors
 
+# A permanent error is the request's own answer (its prompt is too long, its schema invalid): stored
+# and reused like any answer. A transient one (a timeout, a 429 or 5xx after every retry) is stored
+# for the record, but the next run asks again.
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
 
 @dataclass
 class OutputRecord:
@@ -28,10 +34,13 @@ class OutputRecord:
     latency_seconds: float | None = None  # queued to last token
     error_code: str | None = None  # context_length_exceeded, invalid_request, ...; None on success
     error: str | None = None
+    error_kind: str | None = None  # PERMANENT or TRANSIENT; None on success
 
     @classmethod
-    def failed(cls, request_key: str, code: str, message: str, prompt_tokens: int | None = None) -> OutputRecord:
-        return cls(request_key, prompt_tokens=prompt_tokens, error_code=code, error=message)
+    def failed(
+        cls, request_key: str, code: str, message: str, prompt_tokens: int | None = None, kind: str = PERMANENT
+    ) -> OutputRecord:
+        return cls(request_key, prompt_tokens=prompt_tokens, error_code=code, error=message, error_kind=kind)
 
 
 def arrow_type(hint: object) -> pa.DataType:
@@ -90,6 +99,10 @@ def request_columns(requests: pa.Table) -> zip:
 
 class ShardOutOfMemory(RuntimeError):
     """Transient: the retry runs the shard in smaller batches."""
+
+
+class ServerUnreachable(RuntimeError):
+    """Transient: the server took no connection; the shard is retried, then the run fails (no error rows)."""
 
 
 class EngineRestarted(RuntimeError):

@@ -1,5 +1,8 @@
 """The `openai` engine: any OpenAI-compatible server (vllm serve, a hosted API) over async HTTP, with
-bounded concurrency and retries of the answers that may heal (408, 409, 429, 5xx, timeouts)."""
+bounded concurrency and retries of the answers that may heal (408, 409, 429, 5xx, timeouts).
+
+What still fails after the retries is a transient error row (the next run asks again); a 401 or 403,
+or a server that takes no connection, fails the shard instead of filling the run with error rows."""
 
 from __future__ import annotations
 
@@ -11,10 +14,61 @@ import time
 import httpx
 import pyarrow as pa
 
-from tasks.config import ModelConfig, SamplingConfig
-from tasks.engines.base import GenerateResult, OutputRecord, output_table, request_columns, request_sampling
+from tasks.config import ModelConfig, SamplingConfig, SpecError
+from tasks.engines.base import (
+    TRANSIENT,
+    GenerateResult,
+    OutputRecord,
+    ServerUnreachable,
+    output_table,
+    request_columns,
+    request_sampling,
+)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+REFUSED_STATUS = {401, 403}
+MAX_RETRY_AFTER_SECONDS = 60.0
+# What a model card says about the weights behind a served name. Not `created`: vLLM stamps it with
+# the time of the request, so it would change the key of every run.
+CARD_FIELDS = ("id", "root", "parent", "owned_by", "max_model_len")
+
+
+def refused(config: ModelConfig, status: int, request: str, text: str) -> SpecError:
+    return SpecError(
+        f"openai server at {config.base_url} answered {status} to {request}: the API key "
+        f"(Secret block {config.api_key_secret or 'none set: api_key_secret'}) is missing or wrong: {text[:300]}"
+    )
+
+
+def served_model(config: ModelConfig, api_key: str | None) -> dict:
+    """The server's model card of `config.model` (GET /models): the served model's identity, checked
+    before any work, so a server that is down or refuses the key fails the run at once."""
+    url = config.base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=httpx.Timeout(30.0))
+    except httpx.TransportError as error:
+        raise SpecError(f"openai server at {config.base_url}: cannot connect ({type(error).__name__}: {error})") from error
+    if response.status_code in REFUSED_STATUS:
+        raise refused(config, response.status_code, "GET /models", response.text)
+    if response.status_code == 404:
+        return {"id": config.model}  # a server that does not list its models: the name (and revision) is all there is
+    if response.status_code != 200:
+        raise SpecError(
+            f"openai server at {config.base_url} answered {response.status_code} to GET /models: {response.text[:300]}"
+        )
+    cards = {card.get("id"): card for card in response.json().get("data") or []}
+    if config.model not in cards:
+        raise SpecError(f"openai server at {config.base_url} does not serve {config.model!r}; it serves {sorted(cards)}")
+    return {field: cards[config.model][field] for field in CARD_FIELDS if cards[config.model].get(field) is not None}
+
+
+def retry_delay(attempt: int, response: httpx.Response | None) -> float:
+    """The server's Retry-After (seconds) when it sends one, else exponential backoff with jitter."""
+    after = response.headers.get("retry-after") if response is not None else None
+    if after is not None and after.replace(".", "", 1).isdigit():
+        return min(float(after), MAX_RETRY_AFTER_SECONDS)
+    return min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
 
 
 def request_body(model: str, prompt: str | None, messages: str | None, sampling: SamplingConfig) -> dict:
@@ -109,18 +163,28 @@ class OpenAIEngine:
         path = "chat/completions" if chat else "completions"
         async with limit:
             for attempt in range(self.config.max_retries + 1):
-                started = time.perf_counter()
+                started, response = time.perf_counter(), None
+                last = attempt == self.config.max_retries
                 try:
                     response = await client.post(path, json=body)
+                except httpx.ConnectError as error:
+                    if last:
+                        raise ServerUnreachable(f"openai server at {self.config.base_url}: cannot connect ({error})") from error
                 except (httpx.TimeoutException, httpx.TransportError) as error:
-                    if attempt == self.config.max_retries:
-                        return [OutputRecord.failed(key, "connection_error", f"{type(error).__name__}: {error}")]
+                    if last:
+                        message = f"{type(error).__name__}: {error}"
+                        return [OutputRecord.failed(key, "connection_error", message, kind=TRANSIENT)]
                 else:
-                    if response.status_code == 200:
+                    status = response.status_code
+                    if status == 200:
                         self.requests_sent += 1
                         latency = time.perf_counter() - started
                         return choice_records(key, response.json(), latency, chat, sampling.logprobs is not None)
-                    if response.status_code not in RETRY_STATUS or attempt == self.config.max_retries:
-                        return [OutputRecord.failed(key, f"http_{response.status_code}", response.text[:2000])]
-                await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+                    if status in REFUSED_STATUS:
+                        raise refused(self.config, status, f"POST /{path}", response.text)
+                    if status not in RETRY_STATUS:  # the request's own fault: its answer
+                        return [OutputRecord.failed(key, f"http_{status}", response.text[:2000])]
+                    if last:
+                        return [OutputRecord.failed(key, f"http_{status}", response.text[:2000], kind=TRANSIENT)]
+                await asyncio.sleep(retry_delay(attempt, response))
         raise AssertionError("unreachable")

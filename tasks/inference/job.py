@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks import keys, storage
 from tasks.config import ModelConfig, SamplingConfig, ShardingConfig, SpecError
-from tasks.engines.base import GenerateResult
+from tasks.engines.base import TRANSIENT, GenerateResult
 from tasks.prepare.shard import Shard
 
 
@@ -53,6 +53,7 @@ class ShardOutput(BaseModel):
     requests: int
     outputs: int
     errors: int
+    transient_errors: int = 0  # asked again by the next run: a cached shard with any is computed again
     prompt_tokens: int
     completion_tokens: int
     generate_seconds: float
@@ -78,6 +79,8 @@ def read_manifest(job: InferenceJob, shard: Shard) -> ShardOutput | None:
     expected = (shard.shard_key, job.output_key(shard), job.output_path(shard))
     if (output.shard_key, output.output_key, output.path) != expected or not storage.exists(output.path):
         return None
+    if output.transient_errors:  # those requests are asked again: the shard is computed again (its journal keeps the rest)
+        return None
     return output
 
 
@@ -99,6 +102,7 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult,
         requests=shard.requests,
         outputs=outputs.num_rows,
         errors=outputs.num_rows - ok.num_rows,
+        transient_errors=pc.sum(pc.equal(outputs["error_kind"], TRANSIENT)).as_py() or 0,
         prompt_tokens=pc.sum(ok["prompt_tokens"]).as_py() or 0,
         completion_tokens=pc.sum(ok["completion_tokens"]).as_py() or 0,
         generate_seconds=result.seconds,
@@ -111,8 +115,7 @@ def summarize_outputs(shard: Shard, key: str, path: str, result: GenerateResult,
 
 def check_model(model: ModelConfig) -> None:
     """A local model folder that is not there is a configuration mistake: say so before any work."""
-    looks_local = model.model.startswith((".", "/", "~")) or Path(model.model).exists()
-    if looks_local and not (Path(model.model).expanduser() / "config.json").is_file():
+    if model.engine == "vllm" and keys.is_local(model.model) and not (Path(model.model).expanduser() / "config.json").is_file():
         raise SpecError(
             f"model {model.model}: no model folder with a config.json there (for the bundled tiny model run `make tiny-model`)"
         )

@@ -26,9 +26,12 @@ class ShardJournal:
         self.folder = folder
 
     def finished(self) -> pa.Table:
-        """Every record the parts hold, each (request, sample) once."""
-        parts = [storage.read_parquet(path) for path in storage.list_files(self.folder, ".parquet")]
-        return first_of_each(pa.concat_tables(parts)) if parts else OUTPUT_SCHEMA.empty_table()
+        """Every record the parts hold, each (request, sample) once; never a transient error (asked again)."""
+        parts = [storage.read_parquet(path, OUTPUT_SCHEMA.names) for path in storage.list_files(self.folder, ".parquet")]
+        if not parts:
+            return OUTPUT_SCHEMA.empty_table()
+        records = first_of_each(pa.concat_tables(parts))
+        return records.filter(pc.fill_null(records["error_kind"] != "transient", True))
 
     def append(self, records: pa.Table) -> None:
         name = keys.content_hash(sorted(records["request_key"].to_pylist()))

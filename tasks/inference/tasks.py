@@ -77,6 +77,8 @@ def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
     if (done := read_manifest(job, shard)) is not None:
         return Completed(name="Cached", data=done)  # shown as Cached, like a hit of Prefect's own cache
     key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
+    if storage.exists(path):  # an earlier attempt's answers stay; only its transient errors are asked again
+        journal.append(storage.read_parquet(path))
     engine = open_engine(job.model, secret_value(job.model.api_key_secret))
     with engine_slot(job.model, job.sharding.gpu_limit):
         requests = storage.read_parquet(shard.path)
@@ -89,9 +91,18 @@ def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
 
 
 @task(name="fingerprint-model")
-def fingerprint_model(model: ModelConfig) -> str:
+def fingerprint_model(model: ModelConfig, storage: str) -> str:
+    """The model's key, checked on the way: its folder is there, or its server answers with our key.
+
+    File hashes are remembered in the storage folder, so unchanged weights are read once.
+    """
     check_model(model)
-    return keys.model_fingerprint(model)
+    served = None
+    if model.engine == "openai":
+        from tasks.engines.openai import served_model
+
+        served = served_model(model, secret_value(model.api_key_secret))
+    return keys.model_fingerprint(model, keys.hash_memo_path(storage), served)
 
 
 ShardDone = Callable[[ShardOutput, bool], None]  # a finished shard's manifest, and whether it came from the cache

@@ -89,6 +89,7 @@ def summarize_run(
         reused_requests=reused_requests,
         outputs=sum(output.outputs for output in outputs),
         errors=sum(output.errors for output in outputs),
+        transient_errors=sum(output.transient_errors for output in outputs),
         prompt_tokens=sum(output.prompt_tokens for output in outputs),
         completion_tokens=sum(output.completion_tokens for output in outputs),
         generated_tokens=generated,
@@ -110,6 +111,7 @@ SUMMARY_LABELS = {
     "reused_requests": "requests answered from earlier runs",
     "outputs": "outputs",
     "errors": "errors",
+    "transient_errors": "of which transient (asked again next run)",
     "prompt_tokens": "prompt tokens",
     "completion_tokens": "completion tokens",
     "tokens_per_second": "generated tokens/s",
@@ -218,7 +220,7 @@ def shard_row(run_id: str, output: ShardOutput, cached: bool) -> RunShardRow:
 
 def shard_counts(output: ShardOutput, cached: bool) -> dict[str, int]:
     """What a finished shard adds to its run's live counts (a cached shard computed nothing in this run)."""
-    counts = output.model_dump(include={"outputs", "errors", "prompt_tokens", "completion_tokens"})
+    counts = output.model_dump(include={"outputs", "errors", "transient_errors", "prompt_tokens", "completion_tokens"})
     if cached:
         return {**counts, "engine_requests": 0, "generated_tokens": 0}
     return {**counts, "engine_requests": output.engine_requests, "generated_tokens": output.completion_tokens}

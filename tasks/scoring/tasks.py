@@ -33,8 +33,11 @@ def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Tabl
 
 def score_path(output: ShardOutput, dataset_version: str, version: str, storage_root: str) -> str:
     """Where an output shard's scores are: one file per shard, scorer set and dataset version (references
-    belong to the dataset)."""
-    return storage.join(storage_root, "scores", f"{keys.score_key(output.output_key, dataset_version, version)}.parquet")
+    belong to the dataset). A shard with transient errors is computed again by the next run, under the
+    same output key: its scores go apart and are never reused, so the answers that replace the errors
+    get theirs."""
+    key = keys.score_key(output.output_key, dataset_version, version)
+    return storage.join(storage_root, "scores", f"{key}-partial.parquet" if output.transient_errors else f"{key}.parquet")
 
 
 def score_files_of(
@@ -48,12 +51,12 @@ def score_files_of(
 def write_scores(
     outputs: list[ShardOutput], request_set: RequestSet, specs: list[str | ScorerSpec], storage_root: str
 ) -> list[str]:
-    """Score each output shard once per scorer set and dataset version."""
+    """Score each output shard once per scorer set and dataset version (a shard with transient errors each time)."""
     scorers = resolve_scorers(specs, secret_value)
     paths = []
     for output in outputs:
         path = score_path(output, request_set.dataset_version, scorers_version(scorers), storage_root)
-        if not storage.exists(path):
+        if output.transient_errors or not storage.exists(path):
             storage.write_parquet(score_outputs(outputs_with_requests(output.path, request_set.request_files), scorers), path)
         paths.append(path)
     return paths

@@ -3,7 +3,9 @@ added to a stored run.
 
 Every insert ignores rows that are already there, so committing the same shard (or the same run)
 twice changes nothing, and a failure anywhere rolls that commit back. A shard's commit is one short
-transaction, so readers wait for it at most that long.
+transaction, so readers wait for it at most that long. The one row a commit replaces is a transient
+error (a timeout, a 429 or 5xx after the retries): a later run asked again, and its answer takes the
+error's place (and its scores' place).
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ class RunRecord:
 OUTPUT_ID_SQL = "md5(concat_ws(':', {t}.request_key, $fp, $sh, CAST({t}.sample_index AS VARCHAR)))"
 
 # The run's counters a finished shard adds to while the run goes (its final row then sets them all).
-LIVE_COUNTS = ("outputs", "errors", "prompt_tokens", "completion_tokens", "engine_requests", "generated_tokens")
+LIVE_COUNTS = (
+    "outputs",
+    "errors",
+    "transient_errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "engine_requests",
+    "generated_tokens",
+)
 
 
 def begin_run(con: duckdb.DuckDBPyConnection, run: RunRow, dataset: DatasetVersionRow, files: CommitFiles) -> None:
@@ -121,6 +131,7 @@ def insert_inputs(con: duckdb.DuckDBPyConnection, dataset: DatasetVersionRow, fi
 def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]) -> None:
     """Output files name their requests by request_key; the run's dataset version gives each its custom_id."""
     if paths:
+        replace_transient_errors(con, run.model_fingerprint, run.sampling_hash, paths)
         con.execute(
             f"""
             INSERT INTO outputs BY NAME
@@ -140,6 +151,22 @@ def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]
                 "files": paths,
             },
         )
+
+
+def replace_transient_errors(con: duckdb.DuckDBPyConnection, fingerprint: str, sampling: str, paths: list[str]) -> None:
+    """Remove the stored transient error rows (and their scores) that these output files answer anew."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE replaced AS
+        SELECT output_id FROM outputs
+        WHERE error_kind = 'transient' AND output_id IN (
+            SELECT {OUTPUT_ID_SQL.format(t="o")} FROM read_parquet($files, union_by_name = true) o)
+        """,
+        {"fp": fingerprint, "sh": sampling, "files": paths},
+    )
+    con.execute("DELETE FROM scores WHERE output_id IN (SELECT output_id FROM replaced)")
+    con.execute("DELETE FROM outputs WHERE output_id IN (SELECT output_id FROM replaced)")
+    con.execute("DROP TABLE replaced")
 
 
 def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:

@@ -45,13 +45,15 @@ def answered_before(duckdb_path: str, input_fingerprint: str, model_fingerprint:
 def answered_keys(
     duckdb_path: str, model_fingerprint: str, sampling_hash: str, lock_timeout_seconds: float = 60.0
 ) -> pa.Array | None:
-    """Request keys that already have outputs for this model and sampling (None when there is no file yet)."""
+    """Request keys answered for this model and sampling (None when there is no file yet): by an
+    answer or by a permanent error; a transient error is asked again."""
     if not Path(duckdb_path).is_file():
         return None
     con = open_for_read(duckdb_path, lock_timeout_seconds)
     try:
         keys = con.sql(
-            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ?",
+            "SELECT DISTINCT request_key FROM outputs WHERE model_fingerprint = ? AND sampling_hash = ? "
+            "AND error_kind IS DISTINCT FROM 'transient'",
             params=[model_fingerprint, sampling_hash],
         ).to_arrow_table()["request_key"]
     finally:

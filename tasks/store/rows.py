@@ -37,6 +37,7 @@ class RunCounts(BaseModel):
     reused_requests: int = 0  # unique requests answered by outputs already in the file
     outputs: int
     errors: int
+    transient_errors: int = 0  # of the errors: the server's passing trouble; the next run asks again
     prompt_tokens: int
     completion_tokens: int
     generated_tokens: int  # completion tokens computed by this run (not from cache)
@@ -74,6 +75,7 @@ class RunShardRow(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     generate_seconds: float
+    transient_errors: int = 0
     cached: bool
     batch_size: int | None = None
     max_num_seqs: int | None = None

@@ -92,7 +92,8 @@ CREATE TABLE outputs (
     "error" VARCHAR,
     created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL,
     mean_logprob DOUBLE,
-    latency_seconds DOUBLE
+    latency_seconds DOUBLE,
+    error_kind VARCHAR
 );
 
 CREATE TABLE rejected_rows (
@@ -119,7 +120,7 @@ CREATE TABLE requests (
     PRIMARY KEY(dataset_version, custom_id)
 );
 
-CREATE VIEW run_outputs AS SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o."text", o.finish_reason, o.prompt_tokens, o.completion_tokens, o.error_code, o."error", o.output_id, o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds FROM (((runs AS r INNER JOIN requests AS q ON ((q.dataset_version = r.dataset_version))) LEFT JOIN requests AS c ON (((c.dataset_version = q.dataset_version) AND (c.custom_id = q.duplicate_of)))) INNER JOIN outputs AS o ON (((o.request_key = COALESCE(c.request_key, q.request_key)) AND (o.model_fingerprint = r.model_fingerprint) AND (o.sampling_hash = r.sampling_hash)))) WHERE (r.fan_out OR (q.duplicate_of IS NULL));
+CREATE VIEW run_outputs AS SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o."text", o.finish_reason, o.prompt_tokens, o.completion_tokens, o.error_code, o."error", o.output_id, o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds, o.error_kind FROM (((runs AS r INNER JOIN requests AS q ON ((q.dataset_version = r.dataset_version))) LEFT JOIN requests AS c ON (((c.dataset_version = q.dataset_version) AND (c.custom_id = q.duplicate_of)))) INNER JOIN outputs AS o ON (((o.request_key = COALESCE(c.request_key, q.request_key)) AND (o.model_fingerprint = r.model_fingerprint) AND (o.sampling_hash = r.sampling_hash)))) WHERE (r.fan_out OR (q.duplicate_of IS NULL));
 
 CREATE VIEW run_scores AS SELECT ro.run_id, s.scorer, s.scorer_version, count(s."value") AS n, (count_star() - count(s."value")) AS unscored, avg(s."value") AS mean, stddev_samp(s."value") AS stddev, (avg(s."value") - ((1.96 * stddev_samp(s."value")) / sqrt(count(s."value")))) AS ci95_low, (avg(s."value") + ((1.96 * stddev_samp(s."value")) / sqrt(count(s."value")))) AS ci95_high FROM (run_outputs AS ro INNER JOIN scores AS s ON ((s.output_id = ro.output_id))) WHERE (ro.duplicate_of IS NULL) GROUP BY ro.run_id, s.scorer, s.scorer_version;
 
@@ -136,6 +137,7 @@ CREATE TABLE run_shards (
     batch_size INTEGER,
     max_num_seqs INTEGER,
     engine_load_seconds DOUBLE,
+    transient_errors INTEGER DEFAULT(0) NOT NULL,
     committed_at TIMESTAMP WITH TIME ZONE,
     PRIMARY KEY(run_id, shard_key)
 );
@@ -176,6 +178,7 @@ CREATE TABLE runs (
     reused_requests BIGINT DEFAULT(0) NOT NULL,
     input_fingerprint VARCHAR,
     fan_out BOOLEAN DEFAULT(true) NOT NULL,
+    transient_errors BIGINT DEFAULT(0) NOT NULL,
     status VARCHAR DEFAULT('completed') NOT NULL
 );
 

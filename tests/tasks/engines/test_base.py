@@ -39,4 +39,5 @@ def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
         "latency_seconds": None,
         "error_code": "invalid_request",
         "error": "bad",
+        "error_kind": "permanent",
     }

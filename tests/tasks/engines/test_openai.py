@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import duckdb
 import httpx
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.batch_inference import batch_inference
-from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig, StructuredOutput
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, SpecError, StoreConfig, StructuredOutput
 from tasks.engines.openai import request_body
 
 API_KEY = "sk-test-not-a-real-key-4242"
@@ -196,9 +197,8 @@ def test_request_errors_become_error_rows_and_the_run_goes_on(vllm_server, api_k
     assert rows == {"short": None, "long": "http_400"}
 
     wrong_key = StoreConfig(duckdb_path=str(tmp_path / "w.duckdb"), storage=str(tmp_path / "w"))
-    summary = batch_inference(
-        dataset=spec, model=openai_model(vllm_server, None), sampling=SamplingConfig(max_tokens=4), store=wrong_key
-    )
-    assert summary.errors == 2
-    with duckdb.connect(wrong_key.duckdb_path, read_only=True) as con:
-        assert con.execute("SELECT DISTINCT error_code FROM outputs").fetchall() == [("http_401",)]
+    with pytest.raises(SpecError, match="answered 401"):  # no key: the run fails, no error rows stand in for answers
+        batch_inference(
+            dataset=spec, model=openai_model(vllm_server, None), sampling=SamplingConfig(max_tokens=4), store=wrong_key
+        )
+    assert not Path(wrong_key.duckdb_path).exists()

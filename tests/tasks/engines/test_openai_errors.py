@@ -1,0 +1,181 @@
+"""Only answers are answers: the openai engine against a real, faulty HTTP server started by the test.
+
+The server is a small OpenAI-shaped app on 127.0.0.1 (the server is what is faulty here, not our code):
+it answers 503, 429 with Retry-After, or closes the connection for the prompts it is told to, and 400
+for a prompt that is the request's own fault. A wrong key gets 401; a closed port stands for a server
+that is down.
+"""
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.batch_inference import batch_inference
+from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, SpecError
+
+PROMPTS = [f"question {i}" for i in range(8)]
+TOO_LONG = "question 7"  # the server's 400: the request's own fault, a permanent answer
+RIGHT_KEY = "sk-right"
+
+
+class FaultyServer:
+    """An OpenAI-compatible server whose faults the test sets per prompt: 503, 429, close, or none."""
+
+    def __init__(self, faults: dict[str, str], auth_on_models: bool = True):
+        self.faults = dict(faults)
+        self.asked: Counter = Counter()  # POSTs per prompt
+        self.models_asked = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorized(self) -> bool:
+                if self.headers.get("Authorization") == f"Bearer {RIGHT_KEY}":
+                    return True
+                self.reply(401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}})
+                return False
+
+            def do_GET(self):
+                server.models_asked += 1
+                if auth_on_models and not self.authorized():
+                    return
+                card = {"id": "fake", "object": "model", "created": int(time.time()), "owned_by": "test", "root": "/m/fake"}
+                self.reply(200, {"object": "list", "data": [card]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                server.asked[prompt] += 1
+                if not self.authorized():
+                    return
+                fault = server.faults.get(prompt)
+                if fault == "503":
+                    self.reply(503, {"error": {"message": "overloaded"}})
+                elif fault == "429":
+                    self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                elif fault == "close":
+                    self.close_connection = True  # no answer at all: the client sees the connection drop
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif prompt == TOO_LONG:
+                    self.reply(400, {"error": {"message": "context length exceeded"}})
+                else:
+                    answer = {"index": 0, "message": {"role": "assistant", "content": f"echo {prompt}"}, "finish_reason": "stop"}
+                    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+                    self.reply(200, {"id": "x", "object": "chat.completion", "choices": [answer], "usage": usage})
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def dataset(tmp_path) -> DatasetSpec:
+    path = tmp_path / "questions.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS}), path)
+    return DatasetSpec(name="questions", source=str(path), id_column="id", prompt_column="prompt")
+
+
+@pytest.fixture
+def secret(prefect_harness):
+    from prefect.blocks.system import Secret
+
+    def save(value: str) -> str:
+        Secret(value=value).save("faulty-server-key", overwrite=True)
+        return "faulty-server-key"
+
+    return save
+
+
+def run(dataset, url, secret_name, store):
+    model = ModelConfig(model="fake", engine="openai", base_url=url, api_key_secret=secret_name, max_retries=1)
+    # one request per shard: a shard whose every request failed has the same key on the re-run
+    sharding = ShardingConfig(shard_size=1, retries=0)
+    return batch_inference(dataset=dataset, model=model, sampling=SamplingConfig(max_tokens=4), sharding=sharding, store=store)
+
+
+def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dataset, secret, store, query):
+    faults = {"question 1": "503", "question 3": "429", "question 5": "close"}
+    server = FaultyServer(faults)
+    try:
+        first = run(dataset, server.url, secret(RIGHT_KEY), store)
+        assert first.errors == 4
+        assert query(store, "SELECT custom_id, error_code FROM run_outputs WHERE error_code IS NOT NULL ORDER BY 1") == [
+            ("q1", "http_503"),
+            ("q3", "http_429"),
+            ("q5", "connection_error"),
+            ("q7", "http_400"),
+        ]
+        assert all(server.asked[prompt] == 2 for prompt in faults)  # the first try and the one retry
+
+        server.faults.clear()  # healed
+        server.asked.clear()
+        second = run(dataset, server.url, secret(RIGHT_KEY), store)
+    finally:
+        server.close()
+    # exactly the transient failures are asked again; answers and the permanent error are reused
+    assert server.asked == Counter(dict.fromkeys(faults, 1))
+    # the first run recorded which errors were transient (its shards, its summary)
+    assert first.transient_errors == 3
+    assert query(store, "SELECT sum(transient_errors) FROM run_shards WHERE run_id = ?", [first.run_id]) == [(3,)]
+    assert (second.engine_requests, second.reused_requests, second.errors, second.transient_errors) == (3, 5, 0, 0)
+    second_outputs = query(
+        store, "SELECT custom_id, text, error_kind FROM run_outputs WHERE run_id = ? ORDER BY 1", [second.run_id]
+    )
+    assert second_outputs == [
+        (f"q{i}", None, "permanent") if f"question {i}" == TOO_LONG else (f"q{i}", f"echo question {i}", None)
+        for i in range(len(PROMPTS))
+    ]
+    # the answers took the transient errors' places: one row per request, none transient left
+    assert query(store, "SELECT count(*), count(DISTINCT request_key) FROM outputs") == [(8, 8)]
+    assert query(store, "SELECT count(*) FROM outputs WHERE error_kind = 'transient'") == [(0,)]
+    assert query(store, "SELECT count(DISTINCT o.custom_id) FROM scores s JOIN outputs o USING (output_id)") == [(7,)]
+
+
+@pytest.mark.parametrize("auth_on_models", [True, False], ids=["refused-at-models", "refused-at-completions"])
+def test_a_wrong_key_fails_the_run_with_the_server_and_status_and_stores_nothing(dataset, secret, store, auth_on_models, query):
+    server = FaultyServer({}, auth_on_models=auth_on_models)
+    try:
+        with pytest.raises(SpecError) as raised:
+            run(dataset, server.url, secret("sk-wrong"), store)
+    finally:
+        server.close()
+    message = str(raised.value)
+    assert server.url in message and "401" in message and "API key" in message
+    assert max(server.asked.values(), default=0) <= 1  # a refusal is not retried
+    assert not Path(store.duckdb_path).exists()  # nothing committed: no error rows standing in for answers
+
+
+def test_a_server_that_is_down_fails_the_run_at_once(dataset, secret, store):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"  # nothing listens here once the probe closes
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="cannot connect") as raised:
+        run(dataset, url, secret(RIGHT_KEY), store)
+    assert url in str(raised.value) and time.monotonic() - started < 60
+    assert not Path(store.duckdb_path).exists()
