@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 
 import httpx
@@ -130,6 +131,36 @@ def choice_records(request_key: str, response: dict, latency: float, chat: bool,
     return rows
 
 
+class RequestLoop:
+    """The process's one event loop for the openai engine, in a thread of its own. Every shard and part
+    that calls a server (however many run at once) sends its requests here, through one concurrency
+    limit per server: the requests in flight across the whole run never exceed `max_concurrency`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        threading.Thread(target=self.loop.run_forever, name="openai-requests", daemon=True).start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def limit(self, server: str, size: int) -> asyncio.Semaphore:
+        """The server's limit; called in the loop, so no lock is needed."""
+        return self.limits.setdefault((server, size), asyncio.Semaphore(size))
+
+
+_request_loop: RequestLoop | None = None
+_request_loop_lock = threading.Lock()
+
+
+def request_loop() -> RequestLoop:
+    global _request_loop
+    with _request_loop_lock:
+        if _request_loop is None:
+            _request_loop = RequestLoop()
+        return _request_loop
+
+
 class OpenAIEngine:
     """The Engine for `engine: openai`. The API key comes in at run time (from a Secret block), never as configuration."""
 
@@ -140,11 +171,11 @@ class OpenAIEngine:
 
     def generate(self, requests: pa.Table, sampling: SamplingConfig, key: str = "") -> GenerateResult:
         started = time.perf_counter()
-        outputs = output_table(asyncio.run(self.generate_all(requests, sampling)))
+        outputs = output_table(request_loop().run(self.generate_all(requests, sampling)))
         return GenerateResult(outputs, time.perf_counter() - started, requests.num_rows, None)
 
     async def generate_all(self, requests: pa.Table, sampling: SamplingConfig) -> list[OutputRecord]:
-        limit = asyncio.Semaphore(self.config.max_concurrency)
+        limit = request_loop().limit(self.config.base_url, self.config.max_concurrency)
         timeout = httpx.Timeout(self.config.request_timeout_seconds, connect=30.0)
         base_url = self.config.base_url.rstrip("/") + "/"
         async with httpx.AsyncClient(base_url=base_url, headers=self.headers, timeout=timeout) as client:

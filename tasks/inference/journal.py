@@ -31,7 +31,7 @@ class ShardJournal:
         if not parts:
             return OUTPUT_SCHEMA.empty_table()
         records = first_of_each(pa.concat_tables(parts))
-        return records.filter(pc.fill_null(records["error_kind"] != "transient", True))
+        return records.filter(pc.fill_null(pc.not_equal(records["error_kind"], "transient"), True))
 
     def append(self, records: pa.Table) -> None:
         name = keys.content_hash(sorted(records["request_key"].to_pylist()))

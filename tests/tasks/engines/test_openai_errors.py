@@ -29,10 +29,12 @@ RIGHT_KEY = "sk-right"
 class FaultyServer:
     """An OpenAI-compatible server whose faults the test sets per prompt: 503, 429, close, or none."""
 
-    def __init__(self, faults: dict[str, str], auth_on_models: bool = True):
+    def __init__(self, faults: dict[str, str], auth_on_models: bool = True, answer_seconds: float = 0.0):
         self.faults = dict(faults)
         self.asked: Counter = Counter()  # POSTs per prompt
         self.models_asked = 0
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once, and the most seen
+        self.in_flight_lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +63,17 @@ class FaultyServer:
                 self.reply(200, {"object": "list", "data": [card]})
 
             def do_POST(self):
+                with server.in_flight_lock:
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(answer_seconds)
+                    self.answer()
+                finally:
+                    with server.in_flight_lock:
+                        server.in_flight -= 1
+
+            def answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
                 server.asked[prompt] += 1
@@ -167,7 +180,11 @@ def test_a_wrong_key_fails_the_run_with_the_server_and_status_and_stores_nothing
     message = str(raised.value)
     assert server.url in message and "401" in message and "API key" in message
     assert max(server.asked.values(), default=0) <= 1  # a refusal is not retried
-    assert not Path(store.duckdb_path).exists()  # nothing committed: no error rows standing in for answers
+    # no error rows standing in for answers: a refusal before any work commits nothing, one during the
+    # run leaves the run marked failed with no outputs
+    if Path(store.duckdb_path).exists():
+        assert query(store, "SELECT status, outputs FROM runs") == [("failed", 0)]
+        assert query(store, "SELECT count(*) FROM outputs") == [(0,)]
 
 
 def test_a_server_that_is_down_fails_the_run_at_once(dataset, secret, store):
@@ -179,3 +196,25 @@ def test_a_server_that_is_down_fails_the_run_at_once(dataset, secret, store):
         run(dataset, url, secret(RIGHT_KEY), store)
     assert url in str(raised.value) and time.monotonic() - started < 60
     assert not Path(store.duckdb_path).exists()
+
+
+def test_requests_in_flight_across_the_whole_run_never_exceed_max_concurrency(tmp_path, secret, store):
+    server = FaultyServer({}, answer_seconds=0.05)
+    path = tmp_path / "many.parquet"
+    prompts = [f"question {i}" for i in range(100, 160)]
+    pq.write_table(pa.table({"id": [f"m{i}" for i in range(len(prompts))], "prompt": prompts}), path)
+    dataset = DatasetSpec(name="many", source=str(path), id_column="id", prompt_column="prompt")
+    model = ModelConfig(model="fake", engine="openai", base_url=server.url, api_key_secret=secret(RIGHT_KEY), max_concurrency=3)
+    try:  # three shards in flight, two parts each: six generate calls at once share the server's three slots
+        summary = batch_inference(
+            dataset=dataset,
+            model=model,
+            sampling=SamplingConfig(max_tokens=4),
+            sharding=ShardingConfig(shard_size=10, part_size=4, shards_in_flight=3),
+            store=store,
+        )
+    finally:
+        server.close()
+    assert summary.outputs == len(prompts) and summary.errors == 0
+    assert sum(server.asked.values()) == len(prompts)
+    assert 1 < server.most_in_flight <= 3
