@@ -37,7 +37,9 @@ def export_outputs(
         for suffix in ("parquet", "chat.jsonl", "batch_output.jsonl", "batch_errors.jsonl")
     }
     exported: list[ExportFile] = []
-    with tempfile.TemporaryDirectory(prefix="vbf-export-") as work:
+    # One export of a name at a time (another waits here), so its files all come from one export.
+    lock = storage.join(out_dir, f".{name}.lock")
+    with storage.exclusive_lock(lock), tempfile.TemporaryDirectory(prefix="vbf-export-") as work:
         selection = f"{work}/selection.parquet"
         select_export_rows(store, run_id, where, selection)
         if "parquet" in formats:

@@ -7,6 +7,7 @@ or a run resumed after a crash — never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import re
@@ -95,6 +96,23 @@ def atomic_path(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
             fs.rm(partial)
         raise
     synced(fs, folder)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file `path` (created if missing, never removed) for the
+    block: another process asking for the same lock waits until this one lets go, or dies — the
+    kernel releases a killed holder's lock, so none is ever left stale. An object store (s3://...)
+    has no such lock: there the block runs unlocked."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    os.makedirs(os.path.dirname(fs_path), exist_ok=True)
+    # Never removed: a waiter would then hold a lock on a file no newcomer opens.
+    with open(fs_path, "a") as handle:  # closing it lets go
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager

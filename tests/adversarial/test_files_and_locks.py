@@ -3,6 +3,7 @@ mid-write, durability of what later steps trust, and a commit racing an export i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,7 +13,9 @@ import textwrap
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from prefect.settings import PREFECT_API_URL
 
 from flows.export_curated import export_curated
 from flows.export_outputs import export_outputs
@@ -122,17 +125,50 @@ def test_a_published_file_is_on_disk_before_it_gets_its_name(tmp_path):
     assert target.read_text() == "manifest"
 
 
-# ---------------------------------------------------------------- a commit while an export writes
+# ---------------------------------------------------------------- exports in processes of their own
 
 EXPORT_PROCESS = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from flows.export_outputs import export_outputs
     from tasks.config import StoreConfig
     if __name__ == "__main__":
-        export_outputs(sys.argv[1], run_id="r1", formats=["parquet", "chat_jsonl"], store=StoreConfig.model_validate_json(sys.argv[2]))
+        out, store, options = sys.argv[1:]
+        export_outputs(out, store=StoreConfig.model_validate_json(store), **json.loads(options))
     """
 )
+
+
+def start_export(tmp_path, out, store, label: str, **options) -> subprocess.Popen:
+    """export_outputs(out, **options) in a process and session of its own, reporting to the test
+    session's Prefect server (a server of its own takes minutes to start on a busy machine); its
+    stderr goes to <label>.log."""
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT_PROCESS)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), store.model_dump_json(), json.dumps(options)],
+        env={**python_env(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}, stderr=open(tmp_path / f"{label}.log", "w"), start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+
+
+def log_of(tmp_path, label: str) -> str:
+    return (tmp_path / f"{label}.log").read_text()[-3000:]
+
+
+def stop_while_writing(export: subprocess.Popen, out, partial: str, tmp_path, label: str) -> None:
+    """SIGSTOP the export (and its children) while a partial file matching `partial` is in `out`."""
+    deadline = time.monotonic() + 300
+    while not list(out.glob(partial)):
+        assert export.poll() is None and time.monotonic() < deadline, log_of(tmp_path, label)
+        time.sleep(0.002)
+    os.killpg(export.pid, signal.SIGSTOP)
+
+
+def end_process(process: subprocess.Popen) -> None:
+    """Whatever a failed test left running: its whole session, stopped or not, is killed."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def many_outputs(tmp_path, rows, run_id: str, count: int) -> RunRecord:
@@ -164,30 +200,75 @@ def many_outputs(tmp_path, rows, run_id: str, count: int) -> RunRecord:
 
 
 @pytest.mark.slow
-def test_a_commit_lands_while_an_export_writes_its_files(store, rows, query, tmp_path):
+def test_a_commit_lands_while_an_export_writes_its_files(prefect_harness, store, rows, query, tmp_path):
     with writing(store.duckdb_path) as con:
         commit_run(con, many_outputs(tmp_path, rows, "r1", 60_000))
     later_run = many_outputs(tmp_path, rows, "r2", 10)
     out = tmp_path / "out"
-    script = tmp_path / "export.py"
-    script.write_text(EXPORT_PROCESS)
-    export = subprocess.Popen(
-        [sys.executable, str(script), str(out), store.model_dump_json()],
-        env=python_env(tmp_path), stderr=open(tmp_path / "export.log", "w"), start_new_session=True,  # noqa: SIM115
-    )  # fmt: skip
+    export = start_export(tmp_path, out, store, "export", run_id="r1", formats=["parquet", "chat_jsonl"])
     try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*.partial")):  # the export is writing one of its files
-            assert export.poll() is None and time.monotonic() < deadline, (tmp_path / "export.log").read_text()[-3000:]
-            time.sleep(0.002)
-        os.killpg(export.pid, signal.SIGSTOP)  # ... and stays in the middle of it
+        stop_while_writing(export, out, "*.partial", tmp_path, "export")  # in the middle of a file
         started = time.monotonic()
         with writing(store.duckdb_path, lock_timeout_seconds=3) as con:
             commit_run(con, later_run)
         assert time.monotonic() - started < 3
-    finally:
         os.killpg(export.pid, signal.SIGCONT)
-        assert export.wait(timeout=300) == 0, (tmp_path / "export.log").read_text()[-3000:]
+        assert export.wait(timeout=300) == 0, log_of(tmp_path, "export")
+    finally:
+        end_process(export)
     assert query(store, "SELECT run_id FROM runs ORDER BY run_id") == [("r1",), ("r2",)]  # the commit landed
     with open(out / "r1.chat.jsonl") as handle:
         assert sum(1 for _ in handle) == 60_000  # the export is whole: it read the file before the commit
+
+
+# ---------------------------------------------------------------- two exports of one name at once
+
+
+def waiting_for_a_lock(pid: int) -> bool:
+    """The process is blocked asking for a file lock another process holds (Linux: /proc/locks)."""
+    with open("/proc/locks") as locks:
+        return any(re.search(rf"->\s+\w+\s+\w+\s+\w+\s+{pid}\s", line) for line in locks)
+
+
+def exported_ids(out, name: str) -> dict[str, list[str]]:
+    """The request ids in each of an export's four files (a chat line's answer names its request)."""
+    lines = {suffix: (out / f"{name}.{suffix}").read_text().splitlines() for suffix in ("chat.jsonl", "batch_output.jsonl", "batch_errors.jsonl")}  # fmt: skip
+    return {
+        "parquet": pq.read_table(out / f"{name}.parquet", columns=["custom_id"]).column("custom_id").to_pylist(),
+        "chat": [json.loads(line)["messages"][-1]["content"].split()[1] for line in lines["chat.jsonl"]],
+        "batch": [json.loads(line)["custom_id"] for line in lines["batch_output.jsonl"] + lines["batch_errors.jsonl"]],
+    }
+
+
+@pytest.mark.slow
+def test_two_exports_of_one_name_at_once_leave_the_files_of_one_of_them(prefect_harness, store, rows, tmp_path):
+    """The first is stopped after its Parquet file, while it writes the chat file; the second starts
+    meanwhile. Unlocked, the second writes all four files and the first, resumed, overwrites three."""
+    with writing(store.duckdb_path) as con:
+        commit_run(con, many_outputs(tmp_path, rows, "r1", 60_000))
+    selections = {
+        "first": [f"q{i:06d}" for i in range(10, 60_000)],
+        "second": [f"q{i:06d}" for i in range(10)],
+    }
+    out = tmp_path / "out"
+    first = start_export(tmp_path, out, store, "first", run_id="r1", where="source_row >= 10")
+    second = None
+    try:
+        stop_while_writing(first, out, "r1.chat.jsonl.*.partial", tmp_path, "first")
+        second = start_export(tmp_path, out, store, "second", run_id="r1", where="source_row < 10")
+        deadline = time.monotonic() + 300
+        while second.poll() is None and not waiting_for_a_lock(second.pid):  # done, or waits for the first
+            assert time.monotonic() < deadline, log_of(tmp_path, "second")
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, log_of(tmp_path, "first")
+        assert second.wait(timeout=300) == 0, log_of(tmp_path, "second")
+    finally:
+        for export in (first, second):
+            if export is not None:
+                end_process(export)
+    exported = exported_ids(out, "r1")
+    assert exported["parquet"] in selections.values(), len(exported["parquet"])
+    assert exported["chat"] == exported["parquet"], (len(exported["chat"]), len(exported["parquet"]))
+    assert exported["batch"] == exported["parquet"], (len(exported["batch"]), len(exported["parquet"]))
+    assert not list(out.glob("*.partial"))
