@@ -31,8 +31,14 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path in it). Folder listings are never remembered: workers on other machines write
+    into the same folders (an object store's listing kept from before would hide their files)."""
+    return fsspec.core.url_to_fs(path, use_listings_cache=False)
+
+
 def exists(path: str) -> bool:
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     return fs.exists(fs_path)
 
 
@@ -82,7 +88,7 @@ def synced(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def atomic_path(path: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
     """(filesystem, temporary path) to write; synced and moved to `path` once the block succeeds,
     removed if it fails. Leftovers of earlier writers of `path` that were killed are removed first."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     folder = fs_path.rsplit("/", 1)[0]
     fs.makedirs(folder, exist_ok=True)
     remove_leftovers(fs, fs_path)
@@ -104,7 +110,7 @@ def exclusive_lock(path: str) -> Iterator[None]:
     block: another process asking for the same lock waits until this one lets go, or dies — the
     kernel releases a killed holder's lock, so none is ever left stale. An object store (s3://...)
     has no such lock: there the block runs unlocked."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     if not isinstance(fs, LocalFileSystem):
         yield
         return
@@ -138,13 +144,13 @@ def write_bytes(data: bytes, path: str) -> None:
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     return pq.read_table(fs_path, filesystem=fs, columns=columns)
 
 
 def list_files(folder: str, suffix: str) -> list[str]:
     """The complete files in a folder whose names end with suffix (none when the folder is missing)."""
-    fs, fs_path = fsspec.core.url_to_fs(folder)
+    fs, fs_path = filesystem(folder)
     if not fs.exists(fs_path):
         return []
     protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
@@ -152,11 +158,11 @@ def list_files(folder: str, suffix: str) -> list[str]:
 
 
 def read_text(path: str) -> str:
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     return fs.cat_file(fs_path).decode()
 
 
 def remove_tree(path: str) -> None:
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = filesystem(path)
     if fs.exists(fs_path):
         fs.rm(fs_path, recursive=True)

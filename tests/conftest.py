@@ -376,3 +376,54 @@ def install_scorers(tmp_path, monkeypatch):
     yield install
     for module in installed:
         sys.modules.pop(module, None)
+
+
+# ---------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1, and the standard AWS variables that point s3fs
+    (botocore) at it: the endpoint and credentials a user sets for their own object store. Returns the
+    variables, for processes the test starts."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from tasks.cluster import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket on the S3 server, as an s3:// URL."""
+    import re
+    import uuid
+
+    import fsspec
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"
