@@ -18,6 +18,7 @@ from typing import IO
 
 import fsspec
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -146,6 +147,17 @@ def write_bytes(data: bytes, path: str) -> None:
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     fs, fs_path = filesystem(path)
     return pq.read_table(fs_path, filesystem=fs, columns=columns)
+
+
+def parquet_dataset(paths: list[str]) -> ds.Dataset:
+    """The Parquet files (of one storage) as one dataset, read lazily: columns matched by name, a column
+    some files lack is null there. What DuckDB reads them through (it opens no s3:// URL itself)."""
+    fs, _ = filesystem(paths[0])
+    arrow_fs = None if isinstance(fs, LocalFileSystem) else fs  # Arrow's own local files are faster
+    fs_paths = [filesystem(path)[1] for path in paths]
+    schemas = [pq.read_schema(path, filesystem=arrow_fs) for path in fs_paths]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return ds.dataset(fs_paths, schema=schema, format="parquet", filesystem=arrow_fs)
 
 
 def list_files(folder: str, suffix: str) -> list[str]:

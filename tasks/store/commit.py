@@ -10,10 +10,13 @@ error's place (and its scores' place).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import duckdb
 
+from tasks import storage
 from tasks.store.rows import ComparisonRow, DatasetVersionRow, RunRow, RunShardRow
 from tasks.store.sql import StoreError, fetch_value, insert_rows, transaction
 
@@ -51,6 +54,17 @@ LIVE_COUNTS = (
     "engine_requests",
     "generated_tokens",
 )
+
+
+@contextmanager
+def parquet_files(con: duckdb.DuckDBPyConnection, name: str, paths: list[str]) -> Iterator[str]:
+    """The files as one table `name` for the block's queries, read through Arrow and fsspec, so a
+    storage URL (s3://...) reads as a local folder does: DuckDB opens no URL without its httpfs extension."""
+    con.register(name, storage.parquet_dataset(paths))
+    try:
+        yield name
+    finally:
+        con.unregister(name)
 
 
 def begin_run(con: duckdb.DuckDBPyConnection, run: RunRow, dataset: DatasetVersionRow, files: CommitFiles) -> None:
@@ -114,31 +128,35 @@ def commit_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
 def insert_inputs(con: duckdb.DuckDBPyConnection, dataset: DatasetVersionRow, files: CommitFiles) -> None:
     insert_rows(con, "dataset_versions", [dataset])
     if files.requests:
-        con.execute(
-            "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
-            "messages, duplicate_of, source_file, source_row, overrides, reference "
-            "FROM read_parquet($files) ON CONFLICT DO NOTHING",
-            {"dv": dataset.dataset_version, "files": files.requests},
-        )
+        with parquet_files(con, "request_files", files.requests):
+            con.execute(
+                "INSERT INTO requests BY NAME SELECT $dv AS dataset_version, custom_id, request_key, prompt, "
+                "messages, duplicate_of, source_file, source_row, overrides, reference "
+                "FROM request_files ON CONFLICT DO NOTHING",
+                {"dv": dataset.dataset_version},
+            )
     if files.rejected:
-        con.execute(
-            "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
-            "custom_id, field, reason FROM read_parquet($files) ON CONFLICT DO NOTHING",
-            {"dv": dataset.dataset_version, "files": files.rejected},
-        )
+        with parquet_files(con, "rejected_files", files.rejected):
+            con.execute(
+                "INSERT INTO rejected_rows BY NAME SELECT $dv AS dataset_version, source_file, source_row, "
+                "custom_id, field, reason FROM rejected_files ON CONFLICT DO NOTHING",
+                {"dv": dataset.dataset_version},
+            )
 
 
 def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]) -> None:
     """Output files name their requests by request_key; the run's dataset version gives each its custom_id."""
-    if paths:
-        replace_transient_errors(con, run.model_fingerprint, run.sampling_hash, paths)
+    if not paths:
+        return
+    with parquet_files(con, "output_files", paths):
+        replace_transient_errors(con, run.model_fingerprint, run.sampling_hash)
         con.execute(
             f"""
             INSERT INTO outputs BY NAME
             SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
                    o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
                    $dv AS dataset_version, q.custom_id
-            FROM read_parquet($files, union_by_name = true) o
+            FROM output_files o
             JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
                            AND q.duplicate_of IS NULL
             ON CONFLICT DO NOTHING
@@ -148,21 +166,20 @@ def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]
                 "fp": run.model_fingerprint,
                 "sh": run.sampling_hash,
                 "run": run.run_id,
-                "files": paths,
             },
         )
 
 
-def replace_transient_errors(con: duckdb.DuckDBPyConnection, fingerprint: str, sampling: str, paths: list[str]) -> None:
-    """Remove the stored transient error rows (and their scores) that these output files answer anew."""
+def replace_transient_errors(con: duckdb.DuckDBPyConnection, fingerprint: str, sampling: str) -> None:
+    """Remove the stored transient error rows (and their scores) that `output_files` (registered) answer anew."""
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE replaced AS
         SELECT output_id FROM outputs
         WHERE error_kind = 'transient' AND output_id IN (
-            SELECT {OUTPUT_ID_SQL.format(t="o")} FROM read_parquet($files, union_by_name = true) o)
+            SELECT {OUTPUT_ID_SQL.format(t="o")} FROM output_files o)
         """,
-        {"fp": fingerprint, "sh": sampling, "files": paths},
+        {"fp": fingerprint, "sh": sampling},
     )
     con.execute("DELETE FROM scores WHERE output_id IN (SELECT output_id FROM replaced)")
     con.execute("DELETE FROM outputs WHERE output_id IN (SELECT output_id FROM replaced)")
@@ -171,16 +188,18 @@ def replace_transient_errors(con: duckdb.DuckDBPyConnection, fingerprint: str, s
 
 def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str, sampling: str, paths: list[str]) -> None:
     """Score files name outputs by request_key and sample; the run's model and sampling complete the output_id."""
-    if paths:
+    if not paths:
+        return
+    with parquet_files(con, "score_files", paths):
         con.execute(
             f"""
             INSERT INTO scores BY NAME
             SELECT {OUTPUT_ID_SQL.format(t="s")} AS output_id, s.scorer, s.scorer_version,
                    s.value, s.label, $run AS run_id
-            FROM read_parquet($files, union_by_name = true) s
+            FROM score_files s
             ON CONFLICT DO NOTHING
             """,
-            {"fp": fingerprint, "sh": sampling, "run": run_id, "files": paths},
+            {"fp": fingerprint, "sh": sampling, "run": run_id},
         )
 
 

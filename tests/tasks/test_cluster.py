@@ -2,8 +2,9 @@
 
 One test, because the system takes minutes to start on a small machine: it deploys, runs
 batch-inference on two worker groups through `prefect deployment run`, runs the same input
-with dispatch="local", compares the two DuckDB files, kills a group's process, lets a short interval
-schedule start a run, and checks that stopping leaves nothing running.
+with dispatch="local", compares the two DuckDB files, kills a group's process (that run's storage on
+an S3-compatible server, so the groups share no folder), lets a short interval schedule start a run,
+and checks that stopping leaves nothing running.
 """
 
 import json
@@ -19,6 +20,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import storage
 from tasks.cluster import REPO, LocalCluster, deployable_names, processes_with_home
 
 pytestmark = pytest.mark.slow
@@ -47,13 +49,13 @@ def kill_flow_run_process(flow_run_id) -> bool:
     return False
 
 
-def cache_records(group_run) -> list[Path]:
+def cache_records(group_run) -> list[str]:
     """Where the shard tasks of a group's flow run write their cache records (JSON manifests)."""
     from tasks.inference.job import InferenceJob
     from tasks.prepare.shard import Shard
 
     job = InferenceJob.model_validate(group_run.parameters["job"])
-    return [Path(job.manifest_path(Shard(**shard))) for shard in group_run.parameters["shards"]]
+    return [job.manifest_path(Shard(**shard)) for shard in group_run.parameters["shards"]]
 
 
 def settled_shard_runs(client, flow_run) -> list:
@@ -97,7 +99,9 @@ def run_deployment(cluster: LocalCluster, parameters: dict):
     return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
 
 
-def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_schedules(tmp_path, tiny_model_dir, sample_parquet):
+def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_schedules(
+    tmp_path, tiny_model_dir, sample_parquet, s3_server, s3_bucket
+):
     data = tmp_path / "forty.parquet"
     pq.write_table(pq.read_table(sample_parquet).slice(0, 40), data)
     dataset = {"name": "forty", "source": str(data), "id_column": "id", "prompt_column": "prompt"}
@@ -108,7 +112,8 @@ def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_sched
     }
     results = tmp_path / "results"  # the `local-results` block the deployment names points here
     local_store = {"duckdb_path": str(tmp_path / "local.duckdb"), "storage": str(tmp_path / "local-storage")}
-    cluster = LocalCluster(tmp_path / "prefect", results=results, python=sys.executable)
+    # The workers reach the S3 server as a user's would reach theirs: by the standard AWS variables.
+    cluster = LocalCluster(tmp_path / "prefect", results=results, python=sys.executable, extra_env=s3_server)
     try:
         cluster.start()
         assert set(deployable_names(REPO / "prefect.yaml")) >= {"sample", "generate-shards"}
@@ -142,8 +147,9 @@ def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_sched
         sql = f"SELECT {OUTPUT_COLUMNS} FROM outputs ORDER BY request_key, sample_index"
         assert query(Path(local_store["duckdb_path"]), sql) == query(duckdb_path, sql)
 
-        # A group whose process dies is run again; the shards it had finished come from the cache.
-        killed_store = {"duckdb_path": str(tmp_path / "killed.duckdb"), "storage": str(tmp_path / "killed-storage")}
+        # A group whose process dies is run again; the shards it had finished come from the cache, which,
+        # with the shard files, lives in a bucket of the S3 server: the groups share no folder.
+        killed_store = {"duckdb_path": str(tmp_path / "killed.duckdb"), "storage": f"{s3_bucket}/killed-storage"}
         killed_params = {
             **common,
             "sampling": {"max_tokens": 5},
@@ -159,7 +165,7 @@ def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_sched
             while True:  # kill group 0 of this run once one of its shards is in the cache (its record written)
                 assert time.monotonic() < deadline, "group 0 never finished a shard"
                 first = [r for r in group_runs(client, 0) if r.created > parent.created and r.state.is_running()]
-                if first and any(record.exists() for record in cache_records(first[0])):
+                if first and any(storage.exists(record) for record in cache_records(first[0])):
                     assert kill_flow_run_process(first[0].id)
                     break
                 time.sleep(0.3)
@@ -172,6 +178,8 @@ def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_sched
         killed_db = Path(killed_store["duckdb_path"])
         assert query(killed_db, "SELECT outputs, errors, unique_requests FROM runs")[0] == (summary[5], 0, summary[5])
         assert query(killed_db, "SELECT count(*), count(DISTINCT request_key) FROM outputs")[0] == (summary[5], summary[5])
+        manifests = storage.list_files(storage.join(killed_store["storage"], "outputs"), ".json")
+        assert len(manifests) == query(killed_db, "SELECT shards FROM runs")[0][0]
 
         # A short interval schedule starts a run of its own. Once a worker has taken it, the schedule is
         # deleted (which removes the runs it queued after it), so the server carries one run, not one per 10 s.

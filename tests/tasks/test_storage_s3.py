@@ -14,7 +14,13 @@ from tasks.cluster import REPO
 
 def in_another_process(code: str, *args: str) -> None:
     """Run code in a new Python process (another machine, as far as the bucket can tell)."""
-    subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, check=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        check=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def bucket_keys(url: str) -> list[str]:
@@ -75,3 +81,16 @@ def test_files_another_process_writes_are_seen_after_this_one_has_looked(s3_buck
     in_another_process("import sys; from tasks import storage; storage.remove_tree(sys.argv[1])", folder)
     assert not storage.exists(storage.join(folder, "theirs.json"))
     assert storage.list_files(folder, ".json") == []
+
+
+def test_prefix_buckets_of_a_large_run_go_through_the_bucket_and_leave_nothing(s3_bucket):
+    """A run of more than PREFIX_BUCKET_ROWS requests orders them through scratch files in its work folder."""
+    from tasks.prepare.shard import order_by_prefix
+
+    texts = [f"{'abc'[i % 3]} prompt {i}" for i in range(300)]
+    tables = [
+        pa.table({"request_key": [f"k{i}" for i in range(s, s + 100)], "dedupe_text": texts[s : s + 100]}) for s in (0, 100, 200)
+    ]
+    ordered = pa.concat_tables(order_by_prefix(iter(tables), storage.join(s3_bucket, "work", "run", "prefix-buckets"), 4))
+    assert sorted(ordered["request_key"].to_pylist()) == sorted(f"k{i}" for i in range(300))
+    assert bucket_keys(s3_bucket) == []

@@ -47,7 +47,7 @@ def test_a_failing_commit_leaves_no_partial_rows(store, commit_inputs, snapshot,
     before = snapshot(store)
     files = commit_inputs.files
     broken = CommitFiles(files.requests, [], files.outputs, [str(tmp_path / "missing.parquet")])
-    with writing(store.duckdb_path) as con, pytest.raises(duckdb.Error):
+    with writing(store.duckdb_path) as con, pytest.raises(FileNotFoundError, match="missing.parquet"):
         commit_run(con, RunRecord(commit_inputs.run, commit_inputs.dataset, commit_inputs.shards, broken))
     assert snapshot(store) == before
 
