@@ -1,6 +1,7 @@
 """The file layer on an object store: a real S3-compatible server (moto) on 127.0.0.1, reached through
 s3fs with the standard AWS variables, and other processes writing the same bucket as other machines would."""
 
+import os
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ def in_another_process(code: str, *args: str) -> None:
         cwd=REPO,
         check=True,
         timeout=120,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
 
 
