@@ -67,7 +67,7 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
 @task(name="generate-shard", cache_key_fn=shard_cache_key, persist_result=True, retry_condition_fn=is_transient)
 def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput:
     key, path = job.output_key(shard), job.output_path(shard)
-    engine = open_engine(job.model, secret_value(job.model.api_key_secret))
+    engine = open_engine(job.model, secret_value(job.model.api_key_secret), job.storage)
     with engine_slot(job.model, job.sharding.gpu_limit):
         result = engine.generate(storage.read_parquet(shard.path), job.sampling, key)
     storage.write_parquet(output_file(shard, key, result.outputs), path)
