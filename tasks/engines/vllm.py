@@ -74,7 +74,7 @@ class VllmEngine:
         self.llm = self.build()
         self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs, restart=self.restart)
         self.watchdog = Watchdog(self.loop, config.step_timeout_seconds)
-        self.deaths: list[str] = []  # why the engine died since a request last finished
+        self.deaths: list[BaseException] = []  # the engine's deaths in a row (see restart)
         self.settled_at_death = 0
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
@@ -101,6 +101,7 @@ class VllmEngine:
     def restart(self, error: BaseException):
         """A new engine in place of one that died or hung, or None when `error` is no engine death.
 
+        Deaths are "in a row" until the engine gets through two full batches between them.
         Killed or crashed: the same settings, at most `engine_restarts` times in a row. Out of
         memory: half max_num_seqs and max_num_batched_tokens, down to a floor, persisted. Hung twice
         in a row, or out of memory at the floor: EngineFailed, naming why.
@@ -109,8 +110,8 @@ class VllmEngine:
 
         if not isinstance(error, EngineDeadError | EngineHung):
             return None
-        if self.loop.settled > self.settled_at_death:
-            self.deaths = []  # the engine did work since its last death: this one is not "in a row"
+        if self.loop.settled - self.settled_at_death >= self.loop.admit_below:
+            self.deaths = []  # the engine got through two full batches since its last death: this one is not "in a row"
         self.settled_at_death = self.loop.settled
         kill_processes(self.processes)  # a dead core's workers, a hung core; vLLM's own clean-up may lag
         cause = self.death_cause(error)
@@ -121,7 +122,7 @@ class VllmEngine:
             self.lower_limits(error)
         elif len(self.deaths) >= self.config.engine_restarts:
             raise EngineFailed(
-                f"the vLLM engine died {len(self.deaths) + 1} times in a row without finishing a request "
+                f"the vLLM engine died {len(self.deaths) + 1} times in a row "
                 f"(engine_restarts={self.config.engine_restarts}); last: {cause}"
             )
         self.deaths.append(error)
