@@ -161,6 +161,7 @@ class Watchdog:
     def __init__(self, loop, timeout: float):
         self.loop, self.timeout = loop, timeout
         self.interrupted = None  # the engine already handed its death
+        self.hung = None  # the engine the watchdog found hung
         self.stopping = threading.Event()
         threading.Thread(target=self.watch, name="vllm-engine-watchdog", daemon=True).start()
 
@@ -174,6 +175,7 @@ class Watchdog:
             if llm.llm_engine.engine_core.resources.engine_dead:
                 self.interrupt(llm, EngineDeadError())
             elif time.monotonic() - started > self.timeout:
+                self.hung = llm  # before the kill: the step may wake with vLLM's own "engine dead" first
                 kill_processes(engine_processes(llm))
                 self.interrupt(llm, EngineHung(f"no engine step returned within step_timeout_seconds={self.timeout:g}"))
 

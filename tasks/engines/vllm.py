@@ -74,7 +74,7 @@ class VllmEngine:
         self.llm = self.build()
         self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs, restart=self.restart)
         self.watchdog = Watchdog(self.loop, config.step_timeout_seconds)
-        self.deaths: list[BaseException] = []  # the engine's deaths in a row (see restart)
+        self.deaths: list[str] = []  # the causes of the engine's deaths in a row (see restart)
         self.settled_at_death = 0
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
@@ -114,10 +114,13 @@ class VllmEngine:
             self.deaths = []  # the engine got through two full batches since its last death: this one is not "in a row"
         self.settled_at_death = self.loop.settled
         kill_processes(self.processes)  # a dead core's workers, a hung core; vLLM's own clean-up may lag
-        cause = self.death_cause(error)
+        hung = self.watchdog.hung is self.llm
+        cause = (
+            f"hung: no engine step returned within step_timeout_seconds={self.watchdog.timeout:g}" if hung else self.death_cause()
+        )
         logger.warning("vLLM engine %s; restarting it", cause)
-        if isinstance(error, EngineHung) and any(isinstance(d, EngineHung) for d in self.deaths):
-            raise EngineFailed(f"the vLLM engine hung again after a restart: {error}")
+        if hung and "hung" in self.deaths:
+            raise EngineFailed(f"the vLLM engine hung again after a restart: {cause}")
         if cause == "ran out of memory":
             self.lower_limits(error)
         elif len(self.deaths) >= self.config.engine_restarts:
@@ -125,16 +128,14 @@ class VllmEngine:
                 f"the vLLM engine died {len(self.deaths) + 1} times in a row "
                 f"(engine_restarts={self.config.engine_restarts}); last: {cause}"
             )
-        self.deaths.append(error)
+        self.deaths.append("hung" if hung else cause)
         with contextlib.suppress(Exception):  # already dead: only its client's sockets and threads are left
             self.llm.llm_engine.engine_core.shutdown(timeout=0)
         self.llm = self.build()
         self.loop.admit_below = 2 * self.max_num_seqs
         return self.llm
 
-    def death_cause(self, error: BaseException) -> str:
-        if isinstance(error, EngineHung):
-            return f"hung: {error}"
+    def death_cause(self) -> str:
         if self.output.mentions_out_of_memory():
             return "ran out of memory"
         codes = [p.exitcode for p in getattr(self.llm.llm_engine.engine_core.resources.engine_manager, "processes", [])]
