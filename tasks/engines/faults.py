@@ -21,7 +21,17 @@ from tasks.config import ModelConfig
 
 # What an allocation failure says in the engine's output, on the GPU build and the CPU build
 # ("DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)", "CUDA out of memory").
-MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "memoryerror", "std::bad_alloc")
+# oneDNN (CPU build) reports a failed allocation while it creates a kernel only as "could not create
+# a primitive": seen mid-run under an address-space limit; a kernel vLLM cannot build at all already
+# fails the engine's warm-up, before any request.
+MEMORY_MARKERS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "memoryerror",
+    "std::bad_alloc",
+    "could not create a primitive",
+)
 
 
 class EngineHung(RuntimeError):

@@ -200,8 +200,9 @@ def test_a_hung_engine_step_is_restarted_by_the_watchdog_and_a_second_hang_fails
         core = run.engine_core()
         core.suspend()  # SIGSTOP: the step waits for an answer that never comes
         stopped_at = time.monotonic()
-        new_core = engine_core_of(run.process.pid, timeout=60, not_pid=core.pid)
+        engine_start_of(run.process.pid, timeout=60, not_pid=core.pid)
         restarted_after = time.monotonic() - stopped_at
+        new_core = engine_core_of(run.process.pid, not_pid=core.pid)
         assert not alive(core)  # the watchdog killed the hung core
         # the new engine hangs too, as soon as it has the requests the hung one held
         while run.expect({"PROGRESS"}, timeout=600)[1]["resent"] == 0:
@@ -236,7 +237,8 @@ def test_a_real_out_of_memory_restarts_with_lower_batch_limits_that_a_new_proces
     assert mark == "RESULT", result
     assert result["rows"] == result["distinct"] == 1500 and result["errors"] == 0
     assert result["max_num_seqs"] == max_num_seqs // 2  # what the shard finished with, as run_shards records it
-    assert any("Cannot allocate memory" in line for line in run.output)  # a real allocation failed
+    # a real allocation failed (in PyTorch's allocator, or in oneDNN's as it built a kernel)
+    assert any("Cannot allocate memory" in line or "could not create a primitive" in line for line in run.output)
     (saved,) = json.loads((run.storage / "engine-limits.json").read_text()).values()
     assert saved["max_num_seqs"] == max_num_seqs // 2
     assert saved["max_num_batched_tokens"] < 8192 and "out of memory" in saved["reason"]
