@@ -135,7 +135,7 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
     except SpecError:
         return  # the flow reports a bad source (or an unresolvable hub revision) with its context
     if not answered_before(store.duckdb_path, fingerprint, model_key, sampling_hash(sampling)):
-        start_engine_in_background(model)
+        start_engine_in_background(model, store.storage)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -230,6 +230,16 @@ class ModelConfig(BaseModel):
     max_loras: int = 1
     speculative_config: dict[str, Any] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Other vllm.LLM arguments.")
+    step_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="vllm: an engine step that takes longer is a hang: the engine is restarted (twice in a row: the run fails).",
+    )
+    engine_restarts: int = Field(
+        3,
+        ge=0,
+        description="vllm: engine deaths in a row (no request finished in between) that are restarted before the run fails.",
+    )
     lora_adapter: LoraAdapter | None = None
     # openai engine
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (openai engine).")

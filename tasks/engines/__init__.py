@@ -18,7 +18,8 @@ ENGINES: dict[str, str] = {
 }
 
 
-def open_engine(model: ModelConfig, api_key: str | None = None) -> Engine:
-    """The engine `model.engine` names; `api_key` is for engines that call a server (from a Secret block)."""
+def open_engine(model: ModelConfig, api_key: str | None = None, storage: str | None = None) -> Engine:
+    """The engine `model.engine` names; `api_key` is for engines that call a server (from a Secret block),
+    `storage` the result storage, where an engine keeps what a later process should know (vllm: its batch limits)."""
     module, name = ENGINES[model.engine].split(":")
-    return getattr(importlib.import_module(module), name)(model, api_key)
+    return getattr(importlib.import_module(module), name)(model, api_key, storage)

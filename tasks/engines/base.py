@@ -61,8 +61,8 @@ def output_table(records: list[OutputRecord]) -> pa.Table:
 class GenerateResult:
     outputs: pa.Table  # OUTPUT_SCHEMA
     seconds: float  # engine seconds spent on these requests
-    batch_size: int  # requests per engine submission (smaller after an out-of-memory)
-    max_num_seqs: int | None  # the engine's batch limit; None where it has none (openai)
+    batch_size: int  # requests per engine submission
+    max_num_seqs: int | None  # the engine's batch limit at the end (lowered after an out-of-memory); None for openai
     engine_load_seconds: float = 0.0  # how long the process's first shard waited for the engine to start
 
 
@@ -97,8 +97,9 @@ def request_columns(requests: pa.Table) -> zip:
     return zip(requests["request_key"].to_pylist(), requests["prompt"].to_pylist(), requests["messages"].to_pylist(), overrides)
 
 
-class ShardOutOfMemory(RuntimeError):
-    """Transient: the retry runs the shard in smaller batches."""
+class EngineFailed(RuntimeError):
+    """Transient: the engine could not be kept running (it hung again, ran out of memory at its
+    smallest batch, or died too often in a row); a retry starts a new one."""
 
 
 class ServerUnreachable(RuntimeError):

@@ -6,6 +6,8 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tasks.config import SamplingConfig, SpecError
@@ -48,25 +50,39 @@ class Submission:
         return self.outcomes
 
 
+def not_an_engine_death(error: BaseException) -> None:
+    return None
+
+
 class EngineLoop:
     """The one thread that drives vLLM: it adds each shard's requests as they come and steps the
     engine without pause, so the running batch stays full across shard boundaries instead of
     draining at the end of every generate call. Each shard waits only for its own requests.
 
     A shard is admitted while fewer than `admit_below` requests are unfinished (two full batches):
-    the next shard queues behind the running one, and shards still finish roughly in order.
+    the next shard queues behind the running one, and shards still finish roughly in order. vLLM
+    itself holds at most `admit_below` requests at a time (the rest wait here), so an engine that
+    dies loses at most that many. `restart(error)` returns a new engine when the error was the
+    engine's death (or raises when it cannot, failing every waiting shard), and None when the error
+    was not a death; the requests the dead engine held go to the new one, settled ones stay settled.
     """
 
-    def __init__(self, llm, admit_below: int):
+    def __init__(self, llm, admit_below: int, restart: Callable[[BaseException], object] = not_an_engine_death):
         self.llm = llm
         self.admit_below = admit_below
+        self.restart = restart
         self.inbox: queue.Queue[Submission | None] = queue.Queue()
+        self.waiting: deque[tuple[Submission, int]] = deque()  # admitted requests not yet handed to vLLM
         self.owner: dict[str, tuple[Submission, int]] = {}  # vLLM request id -> (submission, index)
         self.unfinished: list[Submission] = []  # oldest first
         self.room = threading.Condition()
         self.queued = 0  # requests submitted and not finished
         self.stopped = False
         self.serial = itertools.count()
+        self.sent = 0  # requests handed to vLLM, resent ones included
+        self.resent = 0  # requests handed again to a new engine after the one holding them died
+        self.settled = 0  # requests that have their outcome
+        self.step_started: float | None = None  # monotonic time the running step began; None between steps
         self.thread = threading.Thread(target=self.run, name="vllm-engine-loop", daemon=True)
         self.thread.start()
 
@@ -86,23 +102,33 @@ class EngineLoop:
     def run(self) -> None:
         try:
             self.drive()
-        except BaseException as error:  # the engine died, or this loop broke: no shard may wait forever
+        except BaseException as error:  # the engine died for good, or this loop broke: no shard may wait forever
             self.fail_unfinished(error, [])
 
     def drive(self) -> None:
         last_step = time.perf_counter()
         while True:
-            arrived = self.take_arrivals(wait=not self.owner)
+            arrived = self.take_arrivals(wait=not self.owner and not self.waiting)
             if None in arrived:
                 self.fail_unfinished(EngineRestarted("the engine was closed while this shard waited"), arrived)
                 return
             if not self.owner:
                 last_step = time.perf_counter()  # idle until now: that time is nobody's
             for submission in arrived:
-                self.add(submission)
+                self.unfinished.append(submission)
+                self.waiting.extend((submission, index) for index in range(len(submission.pending)))
+            self.hand_over()
             if not self.owner:
                 continue
-            outputs = self.llm.llm_engine.step()
+            try:
+                self.step_started = time.monotonic()
+                outputs = self.llm.llm_engine.step()
+            except Exception as error:
+                self.step_started = None  # a restart is no step: the watchdog must not time it
+                if not self.replace_engine(error):
+                    raise
+                continue
+            self.step_started = None
             now = time.perf_counter()
             if self.unfinished:
                 self.unfinished[0].engine_seconds += now - last_step
@@ -112,6 +138,18 @@ class EngineLoop:
                 if owner is not None:
                     self.settle(*owner, output)
 
+    def replace_engine(self, error: BaseException) -> bool:
+        """If the engine died (or hung): a new one gets the requests the dead one held, first in line."""
+        llm = self.restart(error)  # raises when it cannot: run() fails every waiting shard with that
+        if llm is None:
+            return False
+        lost = list(self.owner.values())
+        self.owner.clear()
+        self.llm = llm
+        self.waiting.extendleft(reversed(lost))
+        self.resent += len(lost)
+        return True
+
     def take_arrivals(self, wait: bool) -> list[Submission | None]:
         arrived = [self.inbox.get()] if wait else []
         while True:
@@ -120,47 +158,54 @@ class EngineLoop:
             except queue.Empty:
                 return arrived
 
-    def add(self, submission: Submission) -> None:
-        """Hand the submission's requests to vLLM one by one: a request vLLM rejects is settled with the error."""
+    def hand_over(self) -> None:
+        """Give vLLM waiting requests until it holds admit_below; a request vLLM rejects is settled with the error."""
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
-        self.unfinished.append(submission)
-        added: list[str] = []
-        for index, (request, params) in enumerate(zip(submission.pending, submission.params)):
+        while self.waiting and len(self.owner) < self.admit_below:
+            submission, index = self.waiting.popleft()
+            if submission.done.is_set():  # rejected as a whole while its other requests waited
+                continue
+            params = submission.params[index]
             params.output_kind = RequestOutputKind.FINAL_ONLY  # the finished output only, as LLM.generate asks
             request_id = f"request-{next(self.serial)}"
             try:
                 self.llm.llm_engine.add_request(
-                    request_id, {"prompt_token_ids": request.token_ids}, params, lora_request=submission.lora_request
+                    request_id,
+                    {"prompt_token_ids": submission.pending[index].token_ids},
+                    params,
+                    lora_request=submission.lora_request,
                 )
             except VLLMValidationError as error:
                 if submission.shared_sampling:  # every request has the run's sampling: the run's configuration is at fault
-                    self.abort(added)
                     self.reject(submission, SpecError(f"sampling parameters rejected by vLLM: {error}"))
-                    return
-                self.settle(submission, index, error)  # a row's own parameters are at fault: the others run
+                else:
+                    self.settle(submission, index, error)  # a row's own parameters are at fault: the others run
                 continue
             except Exception as error:
-                self.abort(added)
-                self.reject(submission, error)
-                return
-            added.append(request_id)
+                if self.replace_engine(error):  # it died: this request waits for the new engine
+                    self.waiting.appendleft((submission, index))
+                else:
+                    self.reject(submission, error)
+                continue
+            self.sent += 1
             self.owner[request_id] = (submission, index)
-
-    def abort(self, request_ids: list[str]) -> None:
-        if request_ids:
-            self.llm.llm_engine.abort_request(request_ids)
-            for request_id in request_ids:
-                del self.owner[request_id]
 
     def settle(self, submission: Submission, index: int, outcome) -> None:
         submission.settle(index, outcome)
+        self.settled += 1
         self.release(1)
         if submission.done.is_set():
             self.unfinished.remove(submission)
 
     def reject(self, submission: Submission, error: BaseException) -> None:
+        """Fail the whole submission: its requests still in vLLM are aborted, those waiting are skipped."""
+        mine = [request_id for request_id, (owner, _) in self.owner.items() if owner is submission]
+        if mine:
+            self.llm.llm_engine.abort_request(mine)
+            for request_id in mine:
+                del self.owner[request_id]
         submission.fail(error)
         if submission in self.unfinished:
             self.unfinished.remove(submission)
@@ -174,6 +219,7 @@ class EngineLoop:
             for submission in [*self.unfinished, *(s for s in arrived if s is not None)]:
                 submission.fail(error)
             self.owner.clear()
+            self.waiting.clear()
             self.unfinished.clear()
             self.queued = 0
             self.room.notify_all()

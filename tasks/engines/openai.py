@@ -164,8 +164,8 @@ def request_loop() -> RequestLoop:
 class OpenAIEngine:
     """The Engine for `engine: openai`. The API key comes in at run time (from a Secret block), never as configuration."""
 
-    def __init__(self, config: ModelConfig, api_key: str | None = None):
-        self.config = config
+    def __init__(self, config: ModelConfig, api_key: str | None = None, storage: str | None = None):
+        self.config = config  # (storage: this engine keeps nothing between processes)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.requests_sent = 0
 

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import gc
 import json
+import logging
 import threading
 import time
 import zlib
@@ -14,15 +15,22 @@ import zlib
 import pyarrow as pa
 
 from tasks.config import ModelConfig, SamplingConfig
-from tasks.engines.base import (
-    GenerateResult,
-    OutputRecord,
-    ShardOutOfMemory,
-    output_table,
-    request_columns,
-    request_sampling,
+from tasks.engines.base import EngineFailed, GenerateResult, OutputRecord, output_table, request_columns, request_sampling
+from tasks.engines.faults import (
+    EngineHung,
+    EngineOutput,
+    Watchdog,
+    engine_processes,
+    ensure_reaper,
+    kill_processes,
+    limits_file,
+    lowered,
+    save_limits,
+    saved_limits,
 )
 from tasks.engines.loop import EngineLoop, PendingRequest, Submission
+
+logger = logging.getLogger(__name__)
 
 
 def engine_arguments(config: ModelConfig) -> dict:
@@ -56,18 +64,101 @@ def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
 
 
 class VllmEngine:
-    def __init__(self, config: ModelConfig):
-        from vllm import LLM
+    """vllm.LLM with its loop, restarted when its engine processes die or hang (see `restart`)."""
 
+    def __init__(self, config: ModelConfig, limits_path: str | None = None):
         self.config = config
-        self.llm = LLM(**engine_arguments(config))
-        self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs)
+        self.limits_path = limits_path  # where lowered batch limits are kept for these engine args
+        self.limits = saved_limits(limits_path, config)  # what an earlier out-of-memory left, if anything
+        self.output = EngineOutput()
+        self.llm = self.build()
+        self.loop = EngineLoop(self.llm, admit_below=2 * self.max_num_seqs, restart=self.restart)
+        self.watchdog = Watchdog(self.loop, config.step_timeout_seconds)
+        self.deaths: list[str] = []  # the causes of the engine's deaths in a row (see restart)
+        self.settled_at_death = 0
         # prepare() tokenizes in shard threads while generate() detokenizes: each gets its own copy
         self.tokenizer = copy.deepcopy(self.llm.get_tokenizer())
         self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.start_reported = False
-        self.requests_sent = 0  # how many requests reached the engine in this process
+
+    def build(self):
+        from vllm import LLM
+
+        ensure_reaper()
+        with self.output.capture():  # the engine's processes start with our output piped through
+            llm = LLM(**{**engine_arguments(self.config), **self.limits})
+        self.processes = engine_processes(llm)
+        scheduler = llm.llm_engine.vllm_config.scheduler_config
+        logger.info(
+            "vLLM engine ready: engine core pid %s, max_num_seqs %d, max_num_batched_tokens %d",
+            self.processes[0].pid if self.processes else "?",
+            scheduler.max_num_seqs,
+            scheduler.max_num_batched_tokens,
+        )
+        return llm
+
+    def restart(self, error: BaseException):
+        """A new engine in place of one that died or hung, or None when `error` is no engine death.
+
+        Deaths are "in a row" until the engine gets through two full batches between them.
+        Killed or crashed: the same settings, at most `engine_restarts` times in a row. Out of
+        memory: half max_num_seqs and max_num_batched_tokens, down to a floor, persisted. Hung twice
+        in a row, or out of memory at the floor: EngineFailed, naming why.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not isinstance(error, EngineDeadError | EngineHung):
+            return None
+        if self.loop.settled - self.settled_at_death >= self.loop.admit_below:
+            self.deaths = []  # the engine got through two full batches since its last death: this one is not "in a row"
+        self.settled_at_death = self.loop.settled
+        kill_processes(self.processes)  # a dead core's workers, a hung core; vLLM's own clean-up may lag
+        hung = self.watchdog.hung is self.llm
+        cause = (
+            f"hung: no engine step returned within step_timeout_seconds={self.watchdog.timeout:g}" if hung else self.death_cause()
+        )
+        logger.warning("vLLM engine %s; restarting it", cause)
+        if hung and "hung" in self.deaths:
+            raise EngineFailed(f"the vLLM engine hung again after a restart: {cause}")
+        if cause == "ran out of memory":
+            self.lower_limits(error)
+        elif len(self.deaths) >= self.config.engine_restarts:
+            raise EngineFailed(
+                f"the vLLM engine died {len(self.deaths) + 1} times in a row "
+                f"(engine_restarts={self.config.engine_restarts}); last: {cause}"
+            )
+        self.deaths.append("hung" if hung else cause)
+        with contextlib.suppress(Exception):  # already dead: only its client's sockets and threads are left
+            self.llm.llm_engine.engine_core.shutdown(timeout=0)
+        self.llm = self.build()
+        self.loop.admit_below = 2 * self.max_num_seqs
+        return self.llm
+
+    def death_cause(self) -> str:
+        if self.output.mentions_out_of_memory():
+            return "ran out of memory"
+        codes = [p.exitcode for p in getattr(self.llm.llm_engine.engine_core.resources.engine_manager, "processes", [])]
+        return f"died (exit codes {codes}): {self.output.last_error()}"
+
+    def lower_limits(self, error: BaseException) -> None:
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        now = {"max_num_seqs": scheduler.max_num_seqs, "max_num_batched_tokens": scheduler.max_num_batched_tokens}
+        # without chunked prefill vLLM needs a whole prompt in one batch
+        floor = self.max_model_len if not scheduler.enable_chunked_prefill else min(self.max_model_len, 2048)
+        smaller = lowered(now, floor)
+        if smaller == now:
+            raise EngineFailed(
+                f"the vLLM engine ran out of memory at max_num_seqs={now['max_num_seqs']} and "
+                f"max_num_batched_tokens={now['max_num_batched_tokens']}, the lowest it goes: {self.output.last_error()}"
+            ) from error
+        self.limits = smaller
+        save_limits(self.limits_path, self.config, smaller, f"out of memory at {now}: {self.output.last_error()}")
+
+    @property
+    def requests_sent(self) -> int:
+        """How many requests reached the engine in this process (resent ones included)."""
+        return self.loop.sent
 
     def take_start_report(self) -> bool:
         """True for the first shard to use the engine: it reports how long it waited for the start."""
@@ -113,27 +204,21 @@ class VllmEngine:
                 pending.append(PendingRequest(request_key, token_ids, request))
             return pending, errors
 
-    def generate(self, shard: pa.Table, sampling: SamplingConfig, batch_size: int | None = None) -> pa.Table:
-        """The shard's outputs, one submission to the engine loop (or chunks of batch_size).
+    def generate(self, shard: pa.Table, sampling: SamplingConfig) -> pa.Table:
+        """The shard's outputs, one submission to the engine loop.
 
         A request that cannot run on its own (prompt longer than the context, a bad per-row
         override or schema) becomes an error row, like the error file of an OpenAI batch.
         """
         pending, errors = self.prepare(shard, sampling)
-        return self.generate_prepared(pending, errors, sampling, batch_size)[0]
+        return self.generate_prepared(pending, errors, sampling)[0]
 
     def generate_prepared(
-        self, pending: list[PendingRequest], errors: list[OutputRecord], sampling: SamplingConfig, batch_size: int | None
+        self, pending: list[PendingRequest], errors: list[OutputRecord], sampling: SamplingConfig
     ) -> tuple[pa.Table, float]:
         """The outputs, and the engine seconds they took."""
-        records, seconds = list(errors), 0.0
-        size = batch_size or max(len(pending), 1)
-        for start in range(0, len(pending), size):
-            chunk = pending[start : start + size]
-            chunk_records, chunk_seconds = self.run(chunk, shared_sampling=all(r.sampling is sampling for r in chunk))
-            records.extend(chunk_records)
-            seconds += chunk_seconds
-        return output_table(records), seconds
+        records, seconds = self.run(pending, shared_sampling=all(r.sampling is sampling for r in pending))
+        return output_table([*errors, *records]), seconds
 
     def run(self, pending: list[PendingRequest], shared_sampling: bool = False) -> tuple[list[OutputRecord], float]:
         """Records for these requests, and the engine seconds they took."""
@@ -144,7 +229,6 @@ class VllmEngine:
         ]
         submission = self.loop.submit(Submission(pending, params, self.lora_request(), shared_sampling))
         outcomes = submission.wait()
-        self.requests_sent += len(pending)
         records = []
         for request, outcome in zip(pending, outcomes):
             if isinstance(outcome, Exception):  # vLLM rejected this request on its own (its override, its schema)
@@ -158,6 +242,7 @@ class VllmEngine:
         return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def close(self, timeout: float | None = None) -> None:
+        self.watchdog.stop()
         self.loop.stop()  # from here on a shard's submission raises EngineRestarted
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
@@ -196,20 +281,26 @@ _engine_lock = threading.Lock()
 _engine: VllmEngine | None = None
 
 
-def get_engine(config: ModelConfig) -> VllmEngine:
-    """The process's engine for these engine args; other args replace (and free) the previous engine."""
+def get_engine(config: ModelConfig, storage: str | None = None) -> VllmEngine:
+    """The process's engine for these engine args; other args replace (and free) the previous engine.
+
+    `storage` is the result storage: an engine started for it begins from the batch limits an
+    out-of-memory left there, and leaves there the limits it had to lower.
+    """
     global _engine
     with _engine_lock:
         if _engine is not None and _engine.config.vllm_args() != config.vllm_args():
             _close_engine()
         if _engine is None:
-            _engine = VllmEngine(config)
+            _engine = VllmEngine(config, limits_file(storage) if storage else None)
         elif _engine.config != config:
             _engine.config = config  # same engine; the adapter (or other per-run settings) may differ
+        if _engine.limits_path is None and storage:
+            _engine.limits_path = limits_file(storage)
         return _engine
 
 
-def start_engine_in_background(config: ModelConfig) -> None:
+def start_engine_in_background(config: ModelConfig, storage: str | None = None) -> None:
     """Start loading the engine in a thread, so its start overlaps the work before the first shard.
 
     A load that fails is left to the shard that needs the engine to raise, in its own context.
@@ -220,7 +311,7 @@ def start_engine_in_background(config: ModelConfig) -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the first shard loads again and reports the error
-            get_engine(config)
+            get_engine(config, storage)
 
     threading.Thread(target=load, name="engine-start", daemon=True).start()
 
@@ -239,41 +330,26 @@ def _close_engine(timeout: float | None = None) -> None:
         gc.collect()
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-# After an out-of-memory, the shard's next attempt runs in batches of at most this many requests.
-_batch_limits: dict[str, int] = {}
-
-
 class SharedVllmEngine:
     """The Engine for `engine: vllm`: shards of this process run on its one VllmEngine."""
 
-    def __init__(self, config: ModelConfig, api_key: str | None = None):
-        self.config = config
+    def __init__(self, config: ModelConfig, api_key: str | None = None, storage: str | None = None):
+        self.config, self.storage = config, storage
 
     def generate(self, requests: pa.Table, sampling: SamplingConfig, key: str) -> GenerateResult:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         asked = time.perf_counter()
-        engine = get_engine(self.config)
+        engine = get_engine(self.config, self.storage)
         waited = time.perf_counter() - asked
         load_seconds = waited if engine.take_start_report() else 0.0
-        limit = _batch_limits.get(key)
         # Tokenized in the shard's thread: overlaps the engine's work on other shards.
         pending, errors = engine.prepare(requests, sampling)
         try:
-            outputs, seconds = engine.generate_prepared(pending, errors, sampling, limit)
-        except EngineDeadError:
-            close_engine()  # the retry builds a fresh one
+            outputs, seconds = engine.generate_prepared(pending, errors, sampling)
+        except Exception:
+            if engine.loop.stopped:  # the engine failed for good (or was swapped): the retry builds a fresh one
+                with _engine_lock:
+                    if _engine is engine:
+                        _close_engine()
             raise
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            smaller = max(1, (limit or requests.num_rows) // 2)
-            _batch_limits[key] = smaller
-            raise ShardOutOfMemory(f"out of memory; the retry runs batches of {smaller} requests: {error}") from error
-        return GenerateResult(outputs, seconds, limit or requests.num_rows, engine.max_num_seqs, load_seconds)
+        # the batch limit this shard finished with (lower than it started with after an out-of-memory)
+        return GenerateResult(outputs, seconds, requests.num_rows, engine.max_num_seqs, load_seconds)

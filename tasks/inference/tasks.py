@@ -79,7 +79,7 @@ def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
     key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
     if storage.exists(path):  # an earlier attempt's answers stay; only its transient errors are asked again
         journal.append(storage.read_parquet(path))
-    engine = open_engine(job.model, secret_value(job.model.api_key_secret))
+    engine = open_engine(job.model, secret_value(job.model.api_key_secret), job.storage)
     with engine_slot(job.model, job.sharding.gpu_limit):
         requests = storage.read_parquet(shard.path)
         result, fresh = generate_in_parts(engine, requests, job.sampling, key, journal, job.sharding.part_size)

@@ -14,7 +14,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.batch_inference import batch_inference
 from tasks.config import SamplingConfig, ShardingConfig, StructuredOutput
-from tasks.engines import vllm as engine_module
 
 pytestmark = pytest.mark.slow
 
@@ -42,37 +41,6 @@ def test_a_configuration_mistake_fails_at_once_without_retries(prefect_harness, 
     with duckdb.connect(store.duckdb_path, read_only=True) as con:  # the run says it failed, with nothing answered
         assert con.execute("SELECT status, outputs FROM runs").fetchall() == [("failed", 0)]
         assert con.execute("SELECT count(*) FROM outputs").fetchone() == (0,)
-
-
-def test_out_of_memory_is_retried_with_smaller_batches_and_the_run_records_them(
-    prefect_harness, tiny_model, tmp_path, monkeypatch, sample_spec, store
-):
-    import torch
-
-    engine = engine_module.get_engine(tiny_model)
-    real_run = engine.run
-
-    def run_with_memory_cap(pending, **kwargs):  # the real engine, with an allocator that fails above 10 requests
-        if len(pending) > 10:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(pending, **kwargs)
-
-    monkeypatch.setattr(engine, "run", run_with_memory_cap)
-    state = batch_inference(
-        dataset=sample_spec(40),
-        model=tiny_model,
-        sampling=SamplingConfig(max_tokens=4, seed=11),
-        sharding=ShardingConfig(shard_size=16, retries=3, retry_delay_seconds=[0]),
-        store=store,
-        return_state=True,
-    )
-    summary = state.result()
-    assert summary.outputs == summary.unique_requests and summary.errors == 0
-    shard_runs = [run for run in task_runs(state) if run.name.startswith("generate-shard")]
-    assert sorted(run.run_count for run in shard_runs)[-1] == 2  # a full shard needed one retry
-    with duckdb.connect(store.duckdb_path, read_only=True) as con:
-        sizes = con.execute("SELECT requests, batch_size FROM run_shards ORDER BY requests").fetchall()
-    assert all(batch <= 10 for _, batch in sizes) and (16, 8) in sizes
 
 
 def saved_request_keys(store) -> set[str]:

@@ -6,8 +6,7 @@ import pyarrow as pa
 import pytest
 
 from tasks.config import LoraAdapter, SamplingConfig, SpecError, StructuredOutput
-from tasks.engines.base import ShardOutOfMemory
-from tasks.engines.vllm import SharedVllmEngine, get_engine
+from tasks.engines.vllm import get_engine
 from tasks.keys import content_hash
 from tasks.prepare.render import request_content
 
@@ -121,33 +120,6 @@ def test_a_lora_adapter_changes_outputs_on_the_same_engine(tiny_model, tiny_lora
     adapted = adapted_engine.generate(shard(["Write a haiku."]), sampling).to_pylist()
     assert adapted[0]["text"] != base[0]["text"]
     get_engine(tiny_model)  # back to no adapter
-
-
-@pytest.mark.slow
-def test_out_of_memory_halves_the_batch_for_the_retry(tiny_model, monkeypatch):
-    import torch
-
-    engine = get_engine(tiny_model)
-    real_run = engine.run
-    batch_sizes: list[int] = []
-
-    def run_with_memory_cap(pending, **kwargs):  # the real engine, with an allocator that fails above 2 requests
-        batch_sizes.append(len(pending))
-        if len(pending) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(pending, **kwargs)
-
-    monkeypatch.setattr(engine, "run", run_with_memory_cap)
-    requests = shard([f"prompt {i}" for i in range(7)])
-    sampling = SamplingConfig(max_tokens=3)
-    shared = SharedVllmEngine(tiny_model)
-    with pytest.raises(ShardOutOfMemory, match="batches of 3"):
-        shared.generate(requests, sampling, key="oom-test")
-    with pytest.raises(ShardOutOfMemory, match="batches of 1"):
-        shared.generate(requests, sampling, key="oom-test")
-    result = shared.generate(requests, sampling, key="oom-test")
-    assert result.batch_size == 1 and result.outputs.num_rows == 7
-    assert batch_sizes == [7, 3] + [1] * 7  # the whole shard, a failing batch of 3, then batches of 1
 
 
 @pytest.mark.slow
