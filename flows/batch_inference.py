@@ -82,7 +82,6 @@ def batch_inference(
     )
     with clock("shard"):
         plan = write_shards(request_set, job, store, work_dir)
-    scorers_used = scorers_version(resolve_scorers(scorers))
     describe = partial(run_row, run_id=run_id, dataset=dataset, job=job, scorers=scorers_used, request_set=request_set)
     running = describe(
         counts_at_start(request_set, len(plan.shards), plan.reused_requests), started_at=started_at, status="running"
