@@ -3,10 +3,16 @@ results files and their rows (built from the store's row models), and read-only 
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
@@ -427,3 +433,104 @@ def s3_bucket(s3_server, request) -> str:
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+# ---------------------------------------------------------------- a faulty OpenAI-compatible server
+
+TOO_LONG = "question 7"  # the faulty server's 400: the request's own fault, a permanent answer
+RIGHT_KEY = "sk-right"
+
+
+class FaultyServer:
+    """An OpenAI-compatible server whose faults the test sets per prompt: 503, 429, close, or none."""
+
+    def __init__(self, faults: dict[str, str], auth_on_models: bool = True, answer_seconds: float = 0.0):
+        self.faults = dict(faults)
+        self.asked: Counter = Counter()  # POSTs per prompt
+        self.models_asked = 0
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once, and the most seen
+        self.in_flight_lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorized(self) -> bool:
+                if self.headers.get("Authorization") == f"Bearer {RIGHT_KEY}":
+                    return True
+                self.reply(401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}})
+                return False
+
+            def do_GET(self):
+                server.models_asked += 1
+                if auth_on_models and not self.authorized():
+                    return
+                card = {"id": "fake", "object": "model", "created": int(time.time()), "owned_by": "test", "root": "/m/fake"}
+                self.reply(200, {"object": "list", "data": [card]})
+
+            def do_POST(self):
+                with server.in_flight_lock:
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(answer_seconds)
+                    self.answer()
+                finally:
+                    with server.in_flight_lock:
+                        server.in_flight -= 1
+
+            def answer(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                server.asked[prompt] += 1
+                if not self.authorized():
+                    return
+                fault = server.faults.get(prompt)
+                if fault == "503":
+                    self.reply(503, {"error": {"message": "overloaded"}})
+                elif fault == "429":
+                    self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                elif fault == "close":
+                    self.close_connection = True  # no answer at all: the client sees the connection drop
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif prompt == TOO_LONG:
+                    self.reply(400, {"error": {"message": "context length exceeded"}})
+                else:
+                    answer = {"index": 0, "message": {"role": "assistant", "content": f"echo {prompt}"}, "finish_reason": "stop"}
+                    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+                    self.reply(200, {"id": "x", "object": "chat.completion", "choices": [answer], "usage": usage})
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def faulty_server():
+    """Start FaultyServer(faults, **options) on 127.0.0.1; every one started is closed after the test."""
+    servers = []
+
+    def start(faults: dict[str, str] | None = None, **options):
+        servers.append(FaultyServer(faults or {}, **options))
+        return servers[-1]
+
+    start.right_key, start.too_long = RIGHT_KEY, TOO_LONG
+    yield start
+    for server in servers:
+        server.close()

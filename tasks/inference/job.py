@@ -79,9 +79,12 @@ def read_manifest(job: InferenceJob, shard: Shard) -> ShardOutput | None:
     expected = (shard.shard_key, job.output_key(shard), job.output_path(shard))
     if (output.shard_key, output.output_key, output.path) != expected or not storage.exists(output.path):
         return None
-    if output.transient_errors:  # those requests are asked again: the shard is computed again (its journal keeps the rest)
-        return None
     return output
+
+
+def reusable(output: ShardOutput | None) -> bool:
+    """Whether a shard's manifest stands for its work: not when it has transient errors (asked again)."""
+    return output is not None and not output.transient_errors
 
 
 def output_file(shard: Shard, key: str, outputs: pa.Table) -> pa.Table:

@@ -35,6 +35,7 @@ from tasks.inference.job import (
     check_model,
     output_file,
     read_manifest,
+    reusable,
     split_groups,
     summarize_outputs,
 )
@@ -74,10 +75,11 @@ def engine_slot(model: ModelConfig, gpu_limit: str | None) -> Iterator[None]:
 def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
     """Compute a shard and write its output file, then its manifest; a shard with both returns at once.
     Parts an interrupted attempt finished come from the shard's journal, not the engine."""
-    if (done := read_manifest(job, shard)) is not None:
+    done = read_manifest(job, shard)
+    if reusable(done):
         return Completed(name="Cached", data=done)  # shown as Cached, like a hit of Prefect's own cache
     key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
-    if storage.exists(path):  # an earlier attempt's answers stay; only its transient errors are asked again
+    if done is not None:  # its answers stay; only its transient errors are asked again
         journal.append(storage.read_parquet(path))
     engine = open_engine(job.model, secret_value(job.model.api_key_secret), job.storage)
     with engine_slot(job.model, job.sharding.gpu_limit):
@@ -214,7 +216,7 @@ def generate_on_workers(
     """Dispatch the shards not yet in the cache in n_workers groups; while they run, hand each shard on
     as its manifest appears; then read every manifest back."""
     manifests = [read_manifest(job, shard) for shard in shards]
-    cached = [manifest is not None for manifest in manifests]
+    cached = [reusable(manifest) for manifest in manifests]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
     get_run_logger().info(
         "%d of %d shards already cached; dispatching %d in %d groups to %s",
@@ -224,10 +226,10 @@ def generate_on_workers(
         len(groups),
         workers.deployment,
     )
-    for manifest in manifests:
-        if manifest is not None:
+    for manifest, hit in zip(manifests, cached):
+        if hit:
             on_finished(manifest, True)
-    awaited = [shard for shard, manifest in zip(shards, manifests) if manifest is None]
+    awaited = [shard for shard, hit in zip(shards, cached) if not hit]
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [run_group.submit(i, group, job, workers) for i, group in enumerate(groups)]
     progress = Progress(len(futures), description, unit="group")
@@ -238,7 +240,7 @@ def generate_on_workers(
             for _ in range(len(futures) - len(not_done) - progress.done):
                 progress.advance()
             for shard in list(awaited):
-                if (manifest := read_manifest(job, shard)) is not None:
+                if reusable(manifest := read_manifest(job, shard)):
                     on_finished(manifest, False)
                     awaited.remove(shard)
             if not not_done:
@@ -248,6 +250,8 @@ def generate_on_workers(
     for future in futures:
         if not future.state.is_completed():
             future.result()  # raises the error of a group that failed all its attempts
+    for shard in awaited:  # finished with transient errors: handed on now that its group is done
+        on_finished(read_back(job, shard), False)
     return [read_back(job, shard) for shard in shards], cached
 
 

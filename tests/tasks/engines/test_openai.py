@@ -108,6 +108,17 @@ class FlakyProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # the model card, asked once before the run: passed through as it is
+                response = httpx.get(
+                    upstream + self.path.removeprefix("/v1"),
+                    timeout=120,
+                    headers={"Authorization": self.headers.get("Authorization", "")},
+                )
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(response.content)
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 attempt = proxy.attempts[body]

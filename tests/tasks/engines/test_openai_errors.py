@@ -6,12 +6,9 @@ for a prompt that is the request's own fault. A wrong key gets 401; a closed por
 that is down.
 """
 
-import json
 import socket
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,88 +19,6 @@ from flows.batch_inference import batch_inference
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, SpecError
 
 PROMPTS = [f"question {i}" for i in range(8)]
-TOO_LONG = "question 7"  # the server's 400: the request's own fault, a permanent answer
-RIGHT_KEY = "sk-right"
-
-
-class FaultyServer:
-    """An OpenAI-compatible server whose faults the test sets per prompt: 503, 429, close, or none."""
-
-    def __init__(self, faults: dict[str, str], auth_on_models: bool = True, answer_seconds: float = 0.0):
-        self.faults = dict(faults)
-        self.asked: Counter = Counter()  # POSTs per prompt
-        self.models_asked = 0
-        self.in_flight = self.most_in_flight = 0  # requests being answered at once, and the most seen
-        self.in_flight_lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def authorized(self) -> bool:
-                if self.headers.get("Authorization") == f"Bearer {RIGHT_KEY}":
-                    return True
-                self.reply(401, {"error": {"message": "Invalid API key", "type": "invalid_request_error"}})
-                return False
-
-            def do_GET(self):
-                server.models_asked += 1
-                if auth_on_models and not self.authorized():
-                    return
-                card = {"id": "fake", "object": "model", "created": int(time.time()), "owned_by": "test", "root": "/m/fake"}
-                self.reply(200, {"object": "list", "data": [card]})
-
-            def do_POST(self):
-                with server.in_flight_lock:
-                    server.in_flight += 1
-                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
-                try:
-                    time.sleep(answer_seconds)
-                    self.answer()
-                finally:
-                    with server.in_flight_lock:
-                        server.in_flight -= 1
-
-            def answer(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                server.asked[prompt] += 1
-                if not self.authorized():
-                    return
-                fault = server.faults.get(prompt)
-                if fault == "503":
-                    self.reply(503, {"error": {"message": "overloaded"}})
-                elif fault == "429":
-                    self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-                elif fault == "close":
-                    self.close_connection = True  # no answer at all: the client sees the connection drop
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                elif prompt == TOO_LONG:
-                    self.reply(400, {"error": {"message": "context length exceeded"}})
-                else:
-                    answer = {"index": 0, "message": {"role": "assistant", "content": f"echo {prompt}"}, "finish_reason": "stop"}
-                    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-                    self.reply(200, {"id": "x", "object": "chat.completion", "choices": [answer], "usage": usage})
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.http.shutdown()
-        self.http.server_close()
 
 
 @pytest.fixture
@@ -131,11 +46,11 @@ def run(dataset, url, secret_name, store):
     return batch_inference(dataset=dataset, model=model, sampling=SamplingConfig(max_tokens=4), sharding=sharding, store=store)
 
 
-def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dataset, secret, store, query):
+def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dataset, secret, store, query, faulty_server):
     faults = {"question 1": "503", "question 3": "429", "question 5": "close"}
-    server = FaultyServer(faults)
+    server = faulty_server(faults)
     try:
-        first = run(dataset, server.url, secret(RIGHT_KEY), store)
+        first = run(dataset, server.url, secret(faulty_server.right_key), store)
         assert first.errors == 4
         assert query(store, "SELECT custom_id, error_code FROM run_outputs WHERE error_code IS NOT NULL ORDER BY 1") == [
             ("q1", "http_503"),
@@ -147,7 +62,7 @@ def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dat
 
         server.faults.clear()  # healed
         server.asked.clear()
-        second = run(dataset, server.url, secret(RIGHT_KEY), store)
+        second = run(dataset, server.url, secret(faulty_server.right_key), store)
     finally:
         server.close()
     # exactly the transient failures are asked again; answers and the permanent error are reused
@@ -160,7 +75,7 @@ def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dat
         store, "SELECT custom_id, text, error_kind FROM run_outputs WHERE run_id = ? ORDER BY 1", [second.run_id]
     )
     assert second_outputs == [
-        (f"q{i}", None, "permanent") if f"question {i}" == TOO_LONG else (f"q{i}", f"echo question {i}", None)
+        (f"q{i}", None, "permanent") if f"question {i}" == faulty_server.too_long else (f"q{i}", f"echo question {i}", None)
         for i in range(len(PROMPTS))
     ]
     # the answers took the transient errors' places: one row per request, none transient left
@@ -170,8 +85,10 @@ def test_transient_errors_are_recorded_and_asked_again_once_the_server_heals(dat
 
 
 @pytest.mark.parametrize("auth_on_models", [True, False], ids=["refused-at-models", "refused-at-completions"])
-def test_a_wrong_key_fails_the_run_with_the_server_and_status_and_stores_nothing(dataset, secret, store, auth_on_models, query):
-    server = FaultyServer({}, auth_on_models=auth_on_models)
+def test_a_wrong_key_fails_the_run_with_the_server_and_status_and_stores_nothing(
+    dataset, secret, store, auth_on_models, query, faulty_server
+):
+    server = faulty_server({}, auth_on_models=auth_on_models)
     try:
         with pytest.raises(SpecError) as raised:
             run(dataset, server.url, secret("sk-wrong"), store)
@@ -187,24 +104,26 @@ def test_a_wrong_key_fails_the_run_with_the_server_and_status_and_stores_nothing
         assert query(store, "SELECT count(*) FROM outputs") == [(0,)]
 
 
-def test_a_server_that_is_down_fails_the_run_at_once(dataset, secret, store):
+def test_a_server_that_is_down_fails_the_run_at_once(dataset, secret, store, faulty_server):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"  # nothing listens here once the probe closes
     started = time.monotonic()
     with pytest.raises(SpecError, match="cannot connect") as raised:
-        run(dataset, url, secret(RIGHT_KEY), store)
+        run(dataset, url, secret(faulty_server.right_key), store)
     assert url in str(raised.value) and time.monotonic() - started < 60
     assert not Path(store.duckdb_path).exists()
 
 
-def test_requests_in_flight_across_the_whole_run_never_exceed_max_concurrency(tmp_path, secret, store):
-    server = FaultyServer({}, answer_seconds=0.05)
+def test_requests_in_flight_across_the_whole_run_never_exceed_max_concurrency(tmp_path, secret, store, faulty_server):
+    server = faulty_server({}, answer_seconds=0.05)
     path = tmp_path / "many.parquet"
     prompts = [f"question {i}" for i in range(100, 160)]
     pq.write_table(pa.table({"id": [f"m{i}" for i in range(len(prompts))], "prompt": prompts}), path)
     dataset = DatasetSpec(name="many", source=str(path), id_column="id", prompt_column="prompt")
-    model = ModelConfig(model="fake", engine="openai", base_url=server.url, api_key_secret=secret(RIGHT_KEY), max_concurrency=3)
+    model = ModelConfig(
+        model="fake", engine="openai", base_url=server.url, api_key_secret=secret(faulty_server.right_key), max_concurrency=3
+    )
     try:  # three shards in flight, two parts each: six generate calls at once share the server's three slots
         summary = batch_inference(
             dataset=dataset,
