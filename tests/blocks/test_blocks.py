@@ -60,7 +60,7 @@ def test_secrets_stay_out_of_logs_artifacts_parameters_and_duckdb(prefect_harnes
     api_key = faulty_server.right_key
     Secret(value=api_key).save("endpoint-key", overwrite=True)
     server = faulty_server()  # answers only requests that carry the key
-    endpoint = ModelConfig(model="served", engine="openai", base_url=server.url, api_key_secret="endpoint-key", max_retries=0)
+    endpoint = ModelConfig(model="fake", engine="openai", base_url=server.url, api_key_secret="endpoint-key", max_retries=0)
     InferenceModel(config=endpoint).save("endpoint-model", overwrite=True)
     ResultsStore(config=StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))).save(
         "secret-test-store", overwrite=True
