@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from tasks import keys, storage
 from tasks.config import SamplingConfig
-from tasks.engines.base import OUTPUT_SCHEMA, Engine, GenerateResult
+from tasks.engines.base import OUTPUT_SCHEMA, TRANSIENT, Engine, GenerateResult
 
 PARTS_IN_FLIGHT = 2
 
@@ -31,7 +31,7 @@ class ShardJournal:
         if not parts:
             return OUTPUT_SCHEMA.empty_table()
         records = first_of_each(pa.concat_tables(parts))
-        return records.filter(pc.fill_null(pc.not_equal(records["error_kind"], "transient"), True))
+        return records.filter(pc.fill_null(pc.not_equal(records["error_kind"], TRANSIENT), True))
 
     def append(self, records: pa.Table) -> None:
         name = keys.content_hash(sorted(records["request_key"].to_pylist()))
@@ -75,7 +75,8 @@ def journal_finished(finished: set[Future], journal: ShardJournal, running: set[
         journal.append(result.outputs)
     failed = [future for future in finished if future.exception() is not None]
     if failed:
-        results += journal_finished(wait(running).done, journal, set()) if running else []
+        if running:  # the parts still in the engine are kept too, before the error goes up
+            journal_finished(wait(running).done, journal, set())
         raise failed[0].exception()
     return results
 
