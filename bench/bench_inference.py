@@ -17,22 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / ".cache" / "models" / "tiny-llama"
+from bench.common import (
+    ENGINE_ARGS,
+    MODEL,
+    REPO,
+    build_tiny_model,
+    create_prefect_database,
+    prefect_env,
+    run_bare,
+    timed,
+    vbf_run,
+)
+
 SYSTEM = "You are a helpful assistant."
-ENGINE_ARGS = {"max_model_len": 1024, "gpu_memory_utilization": 0.15, "seed": 0}  # as the flow's tiny CPU default
 
 BARE = textwrap.dedent(
     """
@@ -42,7 +48,7 @@ BARE = textwrap.dedent(
     if __name__ == "__main__":
         started = time.perf_counter()
         from vllm import LLM, SamplingParams
-        data, max_tokens, engine_args, system, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+        out, data, max_tokens, engine_args, system = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
         llm = LLM(model=sys.argv[6], **engine_args)
         loaded = time.perf_counter()
         tokenizer = llm.get_tokenizer()
@@ -83,59 +89,14 @@ def write_inputs(folder: Path, requests: int, max_tokens: int) -> tuple[Path, Pa
     return parquet, spec, batch
 
 
-def timed(command: list[str], env: dict) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
-
-
-def prefect_env(folder: Path) -> dict:
-    return {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-def create_prefect_database(folder: Path) -> None:
-    """Prefect creates its database on a machine's first run: once, before the timed rounds."""
-    seconds = timed([sys.executable, "-c", "from prefect import flow; flow(lambda: None)()"], prefect_env(folder))
-    print(f"Prefect's database created in {seconds:.1f} s (a first run on a machine pays this once)", flush=True)
-
-
 def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: int, round_index: int) -> dict:
     env = prefect_env(folder)
     python = sys.executable
-    (folder / "bare.py").write_text(BARE)
-    bare_json = folder / f"bare-{round_index}.json"
-    bare_wall = timed(
-        [
-            python,
-            str(folder / "bare.py"),
-            str(parquet),
-            str(max_tokens),
-            json.dumps(ENGINE_ARGS),
-            SYSTEM,
-            str(bare_json),
-            str(MODEL),
-        ],
-        env,
+    bare = run_bare(
+        BARE, folder, f"bare-{round_index}", [str(parquet), str(max_tokens), json.dumps(ENGINE_ARGS), SYSTEM, str(MODEL)], env
     )
     run_dir = folder / f"run-{round_index}"
-    pipeline = [
-        str(Path(python).parent / "vbf"),
-        "run",
-        "--spec",
-        str(spec),
-        "--model",
-        str(MODEL),
-        "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
-        "--gpu-memory-utilization",
-        str(ENGINE_ARGS["gpu_memory_utilization"]),
-        "--max-tokens",
-        str(max_tokens),
-        "--duckdb",
-        str(run_dir / "results.duckdb"),
-        "--storage",
-        str(run_dir / "storage"),
-    ]
+    pipeline = vbf_run(["--spec", str(spec)], run_dir, max_tokens)
     first_wall = timed([*pipeline, "--summary-json", str(run_dir / "first.json")], env)
     cached_wall = timed([*pipeline, "--summary-json", str(run_dir / "cached.json")], env)
     run_batch_wall = timed(
@@ -158,13 +119,12 @@ def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: 
         ],
         env,
     )
-    bare = json.loads(bare_json.read_text())
     first = json.loads((run_dir / "first.json").read_text())
     cached = json.loads((run_dir / "cached.json").read_text())
     assert first["completion_tokens"] == bare["completion_tokens"], "pipeline and bare vLLM generated different tokens"
     assert cached["cached_shards"] == cached["shards"] and cached["engine_requests"] == 0
     return {
-        "bare_wall": bare_wall,
+        "bare_wall": bare["wall"],
         "bare_engine_start": bare["engine_start"],
         "bare_generate": bare["generate"],
         "pipeline_wall": first_wall,
@@ -185,7 +145,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    subprocess.run([sys.executable, str(REPO / "scripts/build_tiny_model.py")], check=True, stdout=subprocess.DEVNULL)
+    build_tiny_model()
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         folder = Path(tmp)

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -32,11 +30,9 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.common import ENGINE_ARGS, MODEL, build_tiny_model, prefect_env, run_bare, vbf_run
 from bench.datagen import VOCABULARY
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / ".cache" / "models" / "tiny-llama"
-ENGINE_ARGS = {"max_model_len": 1024, "gpu_memory_utilization": 0.15, "seed": 0}  # as the flow's tiny CPU default
 MAX_TOKENS = 2
 
 BARE = textwrap.dedent(
@@ -47,7 +43,7 @@ BARE = textwrap.dedent(
     if __name__ == "__main__":
         started = time.perf_counter()
         from vllm import LLM, SamplingParams
-        data, engine_args, out, model = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+        out, data, engine_args, model = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
         llm = LLM(model=model, **engine_args)
         loaded = time.perf_counter()
         conversations = [[{"role": "user", "content": p}] for p in pq.read_table(data)["prompt"].to_pylist()]
@@ -78,25 +74,7 @@ def first_output_seen(duckdb_path: Path) -> bool:
 
 def run_pipeline(folder: Path, data: Path, env: dict) -> dict:
     command = [
-        str(Path(sys.executable).parent / "vbf"),
-        "run",
-        str(data),
-        "--prompt-column",
-        "prompt",
-        "--id-column",
-        "id",
-        "--model",
-        str(MODEL),
-        "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
-        "--gpu-memory-utilization",
-        str(ENGINE_ARGS["gpu_memory_utilization"]),
-        "--max-tokens",
-        str(MAX_TOKENS),
-        "--duckdb",
-        str(folder / "results.duckdb"),
-        "--storage",
-        str(folder / "storage"),
+        *vbf_run([str(data), "--prompt-column", "prompt", "--id-column", "id"], folder, MAX_TOKENS),
         "--summary-json",
         str(folder / "summary.json"),
     ]
@@ -128,21 +106,12 @@ def run_pipeline(folder: Path, data: Path, env: dict) -> dict:
     }
 
 
-def run_bare(folder: Path, data: Path, env: dict) -> dict:
-    (folder / "bare.py").write_text(BARE)
-    started = time.perf_counter()
-    out = folder / "bare.json"
-    command = [sys.executable, str(folder / "bare.py"), str(data), json.dumps(ENGINE_ARGS), str(out), str(MODEL), str(MAX_TOKENS)]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"wall": time.perf_counter() - started, **json.loads(out.read_text())}
-
-
 def one_size(root: Path, rows: int) -> dict:
     folder = root / f"rows-{rows}"
     folder.mkdir()
     data = short_prompts(folder / "prompts.parquet", rows)
-    env = {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    bare = run_bare(folder, data, env)
+    env = prefect_env(folder)
+    bare = run_bare(BARE, folder, "bare", [str(data), json.dumps(ENGINE_ARGS), str(MODEL), str(MAX_TOKENS)], env)
     pipeline = run_pipeline(folder, data, env)
     s = pipeline["summary"]
     engine_seconds = s["stage_seconds"]["generate"]
@@ -168,7 +137,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="dataset sizes (repeatable; default 100000)")
     args = parser.parse_args()
     sizes = sorted(args.rows or [100_000])
-    subprocess.run([sys.executable, str(REPO / "scripts/build_tiny_model.py")], check=True, stdout=subprocess.DEVNULL)
+    build_tiny_model()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         results = [one_size(Path(tmp), rows) for rows in sizes]
     if len(results) > 1:

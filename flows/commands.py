@@ -65,6 +65,10 @@ def start_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect.logging.configuration import ensure_logging_setup
 
+    from tasks.engines.faults import ensure_reaper
+
+    ensure_reaper()  # a batch command killed outright leaves no temporary Prefect server (nor engine) behind
+
     ensure_logging_setup()
     if not verbose:
         for handler in logging.getLogger().handlers:

@@ -203,7 +203,8 @@ _reaper: subprocess.Popen | None = None
 
 
 def ensure_reaper() -> None:
-    """Start this process's reaper (once): it kills the engine processes when this process ends."""
+    """Start this process's reaper (once): it kills the engine processes and Prefect's temporary server
+    when this process ends."""
     global _reaper
     if _reaper is None or _reaper.poll() is not None:
         script = Path(__file__).with_name("reaper.py")

@@ -1,6 +1,7 @@
-"""The reaper: started by a process that runs vLLM (`faults.ensure_reaper`), it notes that process's
-vLLM engine processes as they come, and when the process ends — even by SIGKILL, which runs none of
-its clean-up — kills them, so no engine keeps its memory (a GPU's) after the run that started it.
+"""The reaper: started by a process that runs vLLM or a batch command (`faults.ensure_reaper`), it notes
+that process's vLLM engine processes and Prefect's temporary server as they come, and when the process
+ends — even by SIGKILL, which runs none of its clean-up — kills them, so no engine keeps its memory
+(a GPU's) and no server its port after the run that started them.
 
 It learns of the end from its stdin: a pipe whose only write end the parent holds, so it reads EOF
 the moment the parent is gone. Run as a script with `python -I`: standard library and psutil only.
@@ -14,14 +15,18 @@ from contextlib import suppress
 
 import psutil
 
+# vLLM names its processes VLLM::EngineCore, VLLM::Worker, ... (spawned as multiprocessing.spawn before
+# it renames them); Prefect's temporary server is uvicorn on this app factory, one per process that uses it.
+REAPED = ("VLLM::", "multiprocessing.spawn", "prefect.server.api.server:create_app")
 
-def engine_processes(parent: psutil.Process) -> list[psutil.Process]:
-    """The parent's descendants that vLLM spawned (it names them VLLM::EngineCore, VLLM::Worker, ...)."""
+
+def processes_to_reap(parent: psutil.Process) -> list[psutil.Process]:
+    """The parent's descendants that must not outlive it."""
     found = []
     for child in parent.children(recursive=True):
         with suppress(psutil.Error):
             command = " ".join(child.cmdline())
-            if "VLLM::" in command or "multiprocessing.spawn" in command:  # the latter before vLLM renames it
+            if any(mark in command for mark in REAPED):
                 found.append(child)
     return found
 
@@ -37,7 +42,7 @@ def main() -> None:
         if readable and not os.read(sys.stdin.fileno(), 4096):
             break  # EOF: the parent is gone
         try:
-            seen.update((process.pid, process) for process in engine_processes(parent))
+            seen.update((process.pid, process) for process in processes_to_reap(parent))
         except psutil.NoSuchProcess:
             break
     for process in seen.values():

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
@@ -63,6 +64,26 @@ def committed_while_running(store) -> int:
         return 0
 
 
+def command_line(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())
+    return ""
+
+
+def outlived(processes: list[psutil.Process], seconds: float) -> list[str]:
+    """The command lines of these processes still running after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = []
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(command_line(process)[:120])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def test_a_kill_9_mid_inference_recomputes_only_what_was_in_the_engine(
     prefect_harness, tiny_model, tmp_path, start_flow_process, sample_spec, store
 ):
@@ -75,10 +96,15 @@ def test_a_kill_9_mid_inference_recomputes_only_what_was_in_the_engine(
         while not (len(list(storage.glob("journal/*/part-*.parquet"))) >= 4 and committed_while_running(store)):
             assert run.poll() is None, "the flow ended before it could be killed"
             time.sleep(0.05)
+        started = psutil.Process(run.pid).children(recursive=True)
+        commands = [command_line(process) for process in started]
+        os.kill(run.pid, signal.SIGKILL)  # the flow's process alone, as the out-of-memory killer would
+        run.wait()
+        # its reaper ends what it started: vLLM's engine processes and Prefect's temporary server
+        assert outlived(started, seconds=15) == []
+        assert any("VLLM::EngineCore" in c for c in commands) and any("server:create_app" in c for c in commands)
     finally:
-        # the flow, its Prefect server and its vLLM engine at once; a group already gone must not
-        # hide why the loop above failed
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):  # whatever is left, so a failure here leaks nothing
             os.killpg(run.pid, signal.SIGKILL)
         run.wait()
     saved = saved_request_keys(store)
