@@ -81,6 +81,7 @@ class Job:
         self.storage, self.duckdb = folder / "storage", folder / "results.duckdb"
         self.progress = folder / "progress.json"
         self.script = folder / "run.py"
+        folder.mkdir()
         self.script.write_text(RUN)
         self.runs = 0
 
@@ -206,7 +207,6 @@ def run_to_end(job: Job, kill_engine_core_at: float | None = None, total: int = 
 
 def kill_matrix(folder: Path, spec: Path, unique: int, env: dict) -> None:
     job = Job(folder / "killed-job", spec, env)
-    job.folder.mkdir()
     rows, before = [], 0
     for name, condition in kill_points(unique):
         row = kill_run_at(job, name, condition, before)
@@ -238,8 +238,6 @@ def kill_matrix(folder: Path, spec: Path, unique: int, env: dict) -> None:
 def engine_core_kill(folder: Path, spec: Path, unique: int, env: dict) -> None:
     plain = Job(folder / "unfaulted", spec, env)
     faulted = Job(folder / "engine-core-killed", spec, env)
-    for job in (plain, faulted):
-        job.folder.mkdir()
     plain_wall, plain_summary = run_to_end(plain)
     faulted_wall, faulted_summary = run_to_end(faulted, kill_engine_core_at=0.5, total=unique)
     engine_start = plain_summary["stage_seconds"]["engine_start"]

@@ -72,9 +72,11 @@ def first_output_seen(duckdb_path: Path) -> bool:
         return False
 
 
-def run_pipeline(folder: Path, data: Path, env: dict) -> dict:
+def run_pipeline(folder: Path, data: Path, env: dict, shard_size: int) -> dict:
     command = [
         *vbf_run([str(data), "--prompt-column", "prompt", "--id-column", "id"], folder, MAX_TOKENS),
+        "--shard-size",
+        str(shard_size),
         "--summary-json",
         str(folder / "summary.json"),
     ]
@@ -106,16 +108,19 @@ def run_pipeline(folder: Path, data: Path, env: dict) -> dict:
     }
 
 
-def one_size(root: Path, rows: int) -> dict:
+def one_size(root: Path, rows: int, shard_size: int) -> dict:
     folder = root / f"rows-{rows}"
     folder.mkdir()
     data = short_prompts(folder / "prompts.parquet", rows)
     env = prefect_env(folder)
     bare = run_bare(BARE, folder, "bare", [str(data), json.dumps(ENGINE_ARGS), str(MODEL), str(MAX_TOKENS)], env)
-    pipeline = run_pipeline(folder, data, env)
+    pipeline = run_pipeline(folder, data, env, shard_size)
     s = pipeline["summary"]
     engine_seconds = s["stage_seconds"]["generate"]
-    print(f"{rows} rows ({s['unique_requests']} unique, {s['shards']} shards, {MAX_TOKENS} output tokens each)", flush=True)
+    print(
+        f"{rows} rows ({s['unique_requests']} unique, {s['shards']} shards of at most {shard_size}, {MAX_TOKENS} output tokens each)",
+        flush=True,
+    )
     print(
         f"  bare LLM.chat        {bare['wall']:8.1f} s  {rows / bare['wall']:7.1f} rows/s  (engine start {bare['engine_start']:.1f} s)"
     )
@@ -135,11 +140,12 @@ def one_size(root: Path, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, action="append", help="dataset sizes (repeatable; default 100000)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="the pipeline's shard size (vbf run --shard-size)")
     args = parser.parse_args()
     sizes = sorted(args.rows or [100_000])
     build_tiny_model()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        results = [one_size(Path(tmp), rows) for rows in sizes]
+        results = [one_size(Path(tmp), rows, args.shard_size) for rows in sizes]
     if len(results) > 1:
         ratio = results[-1]["peak_rss"] / results[0]["peak_rss"]
         print(f"peak RSS {sizes[-1]} rows / {sizes[0]} rows: {ratio:.2f}  (target <= 1.2)")

@@ -153,13 +153,16 @@ def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]
         con.execute(
             f"""
             INSERT INTO outputs BY NAME
-            SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
-                   o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
-                   $dv AS dataset_version, q.custom_id
-            FROM output_files o
-            JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
-                           AND q.duplicate_of IS NULL
-            ON CONFLICT DO NOTHING
+            SELECT * FROM (
+                SELECT {OUTPUT_ID_SQL.format(t="o")} AS output_id, o.* EXCLUDE (request_key),
+                       o.request_key, $fp AS model_fingerprint, $sh AS sampling_hash, $run AS run_id,
+                       $dv AS dataset_version, q.custom_id
+                FROM output_files o
+                JOIN requests q ON q.dataset_version = $dv AND q.request_key = o.request_key
+                               AND q.duplicate_of IS NULL
+                QUALIFY row_number() OVER (PARTITION BY output_id) = 1
+            ) new
+            WHERE output_id NOT IN (SELECT output_id FROM outputs)  -- an answer stored before stays as it is
             """,
             {
                 "dv": run.dataset_version,
@@ -194,10 +197,13 @@ def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str,
         con.execute(
             f"""
             INSERT INTO scores BY NAME
-            SELECT {OUTPUT_ID_SQL.format(t="s")} AS output_id, s.scorer, s.scorer_version,
-                   s.value, s.label, $run AS run_id
-            FROM score_files s
-            ON CONFLICT DO NOTHING
+            SELECT * FROM (
+                SELECT {OUTPUT_ID_SQL.format(t="s")} AS output_id, s.scorer, s.scorer_version,
+                       s.value, s.label, $run AS run_id
+                FROM score_files s
+                QUALIFY row_number() OVER (PARTITION BY output_id, scorer, scorer_version) = 1
+            ) new
+            ANTI JOIN scores USING (output_id, scorer, scorer_version)  -- a score stored before stays as it is
             """,
             {"fp": fingerprint, "sh": sampling, "run": run_id},
         )

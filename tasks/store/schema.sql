@@ -74,7 +74,7 @@ CREATE VIEW latest_outputs AS SELECT r.dataset_name, ro.custom_id, r.model, ro.s
 CREATE VIEW output_lineage AS SELECT o.output_id, o.custom_id, o.run_id, o.dataset_version, d.dataset_name, d."source" AS dataset_source, q.source_file, q.source_row, q.request_key, o.shard_key, o.output_key, o.sample_index, r.model, r.model_fingerprint, r.sampling_hash, r.template_hash, r.code_version, o.created_at FROM (((outputs AS o INNER JOIN requests AS q ON (((q.dataset_version = o.dataset_version) AND (q.custom_id = o.custom_id)))) INNER JOIN dataset_versions AS d ON ((d.dataset_version = o.dataset_version))) INNER JOIN runs AS r ON ((r.run_id = o.run_id)));
 
 CREATE TABLE outputs (
-    output_id VARCHAR PRIMARY KEY,
+    output_id VARCHAR NOT NULL,
     request_key VARCHAR NOT NULL,
     model_fingerprint VARCHAR NOT NULL,
     sampling_hash VARCHAR NOT NULL,
@@ -189,12 +189,11 @@ CREATE TABLE schema_migrations (
 );
 
 CREATE TABLE scores (
-    output_id VARCHAR,
-    scorer VARCHAR,
-    scorer_version VARCHAR,
+    output_id VARCHAR NOT NULL,
+    scorer VARCHAR NOT NULL,
+    scorer_version VARCHAR NOT NULL,
     "value" DOUBLE,
     "label" VARCHAR,
     run_id VARCHAR NOT NULL,
-    created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL,
-    PRIMARY KEY(output_id, scorer, scorer_version)
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL
 );
