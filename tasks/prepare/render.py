@@ -164,7 +164,9 @@ class Renderer:
             raise RowError(self.prompt_field, "prompt is null")
         if messages is not None and self.mode == "completion":
             raise RowError(self.messages_field, "chat messages need the model's chat mode (mode: chat)")
-        content = request_content(prompt, self.spec.system_prompt, self.mode, messages, self.overrides_of(row))
+        # An OpenAI /v1/completions line sends its prompt as it is, whatever the model's mode, as OpenAI and vLLM do.
+        mode = "completion" if self.openai and messages is None else self.mode
+        content = request_content(prompt, self.spec.system_prompt, mode, messages, self.overrides_of(row))
         reference = (
             as_text(row.get(self.spec.reference_column), self.spec.reference_column) if self.spec.reference_column else None
         )
