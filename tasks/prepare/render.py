@@ -77,6 +77,11 @@ def dedupe_text(content: dict) -> str:
     return text
 
 
+def approx_tokens(content: dict) -> int:
+    """The prompt's tokens as characters / 4: its overrides (a long logit_bias, a JSON schema) are not prompt."""
+    return -(-len(dedupe_text({k: v for k, v in content.items() if k != "overrides"})) // 4)
+
+
 def roles_json(roles: list[str]) -> str:
     """The roles as the allowed-roles expectation matches them: JSON quotes each, so a role holding a comma stays one role."""
     return json.dumps(roles, ensure_ascii=False, separators=(",", ":"))
@@ -181,7 +186,7 @@ class Renderer:
             "overrides": json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else None,
             "reference": reference,
             "dedupe_text": text,
-            "approx_tokens": -(-len(text) // 4),
+            "approx_tokens": approx_tokens(content),
             "roles": roles_json([m["role"] for m in content["messages"]]) if "messages" in content else None,
         }
 
