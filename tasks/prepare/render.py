@@ -72,14 +72,17 @@ def dedupe_text(content: dict) -> str:
         text = "".join(f"{escape(m['role'])}\x7f: {escape(m['content'])} \x7f;" for m in content["messages"])
     else:
         text = escape(content["prompt"])
-    if "overrides" in content:
-        text += "\x7f= " + json.dumps(content["overrides"], sort_keys=True)
-    return text
+    return text + overrides_mark(content)
 
 
-def approx_tokens(content: dict) -> int:
-    """The prompt's tokens as characters / 4: its overrides (a long logit_bias, a JSON schema) are not prompt."""
-    return -(-len(dedupe_text({k: v for k, v in content.items() if k != "overrides"})) // 4)
+def overrides_mark(content: dict) -> str:
+    """The overrides' part of the dedupe text (empty when there are none)."""
+    return "\x7f= " + json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else ""
+
+
+def approx_tokens(text: str, content: dict) -> int:
+    """The prompt's tokens as characters / 4 of its dedupe text: its overrides (a long logit_bias, a JSON schema) are not prompt."""
+    return -(-(len(text) - len(overrides_mark(content))) // 4)
 
 
 def roles_json(roles: list[str]) -> str:
@@ -186,7 +189,7 @@ class Renderer:
             "overrides": json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else None,
             "reference": reference,
             "dedupe_text": text,
-            "approx_tokens": approx_tokens(content),
+            "approx_tokens": approx_tokens(text, content),
             "roles": roles_json([m["role"] for m in content["messages"]]) if "messages" in content else None,
         }
 

@@ -83,6 +83,8 @@ def test_user_and_metadata_are_not_part_of_the_request_identity_but_overrides_ar
     keys = {r["custom_id"]: r["request_key"] for r in requests}
     assert keys["plain"] == keys["tagged"]
     assert len({keys["plain"], keys["seeded"], keys["biased"]}) == 3
+    # The prompt budget counts the prompt, not its overrides.
+    assert len({r["approx_tokens"] for r in requests}) == 1
 
 
 def test_content_part_arrays_are_joined_as_vllm_joins_them(tmp_path):
