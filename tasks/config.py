@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
@@ -274,20 +274,30 @@ class ModelConfig(BaseModel):
         return {"model": self.model, **args, **self.engine_kwargs}
 
 
+def unset(value: object) -> bool:
+    """Fields added after runs were stored are left out of a dump while unset, so existing sampling keys stay the same."""
+    return value is None
+
+
 class StructuredOutput(BaseModel):
-    """Constrain every answer: exactly one of a JSON schema, a regex or a list of choices."""
+    """Constrain every answer: exactly one of a JSON schema, any JSON object, a regex or a list of choices."""
 
     model_config = ConfigDict(extra="forbid")
 
     json_schema: dict[str, Any] | None = None
+    json_object: Literal[True] | None = Field(None, exclude_if=unset, description="Any JSON object (OpenAI's json_object).")
     regex: str | None = None
     choice: list[str] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutput:
-        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) != 1:
-            raise ValueError("set exactly one of json_schema, regex or choice")
+        if sum(x is not None for x in (self.json_schema, self.json_object, self.regex, self.choice)) != 1:
+            raise ValueError("set exactly one of json_schema, json_object, regex or choice")
         return self
+
+
+# OpenAI's range for a token's logit bias.
+LogitBias = dict[int, Annotated[float, Field(ge=-100, le=100)]]
 
 
 class SamplingConfig(BaseModel):
@@ -307,6 +317,7 @@ class SamplingConfig(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(1.0, gt=0)
     logprobs: int | None = Field(None, ge=0, description="Ask for logprobs: outputs then carry mean_logprob.")
+    logit_bias: LogitBias | None = Field(None, exclude_if=unset, description="Token id → bias added to its logit.")
     structured: StructuredOutput | None = None
 
 
@@ -327,6 +338,8 @@ class SamplingOverrides(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = Field(None, gt=0)
     logprobs: int | None = Field(None, ge=0)
+    logit_bias: LogitBias | None = None
+    structured: StructuredOutput | None = None
 
     @model_validator(mode="before")
     @classmethod

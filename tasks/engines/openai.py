@@ -95,10 +95,14 @@ def request_body(model: str, prompt: str | None, messages: str | None, sampling:
             body.update(logprobs=True, top_logprobs=sampling.logprobs)
         else:
             body["logprobs"] = sampling.logprobs
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
     if sampling.structured is not None:
         s = sampling.structured
         if s.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": s.json_schema}}
+        elif s.json_object:
+            body["response_format"] = {"type": "json_object"}
         else:  # vLLM's extension for regex and choice
             body["structured_outputs"] = {"regex": s.regex} if s.regex is not None else {"choice": s.choice}
     return body

@@ -53,7 +53,7 @@ def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
     structured = None
     if sampling.structured is not None:
         s = sampling.structured
-        structured = StructuredOutputsParams(json=s.json_schema, regex=s.regex, choice=s.choice)
+        structured = StructuredOutputsParams(json=s.json_schema, json_object=s.json_object, regex=s.regex, choice=s.choice)
     # SamplingConfig's field names are vLLM's own
     return SamplingParams(
         **sampling.model_dump(exclude={"max_tokens", "stop", "structured"}),

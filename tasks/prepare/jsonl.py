@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from tasks.config import DatasetSpec, SpecError
+from tasks.prepare.openai_batch import openai_row
 from tasks.prepare.sources import (
     OPENAI_FIELDS,
-    OPENAI_URLS,
     SourceBatch,
     bounded_lines,
     expectation_columns,
@@ -18,36 +18,6 @@ from tasks.prepare.sources import (
     needed_columns,
     rejected,
 )
-
-
-def openai_row(record: dict, file: str, line: int) -> tuple[dict | None, dict | None]:
-    """An OpenAI batch line as (row, None) or (None, rejected row)."""
-    custom_id = record.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id.strip():
-        return None, rejected(file, line, "custom_id", f"line {line + 1}: custom_id missing or not text")
-    url = record.get("url")
-    if url not in OPENAI_URLS:
-        return None, rejected(
-            file,
-            line,
-            "url",
-            f"line {line + 1}: url {url!r} is not supported (only {', '.join(OPENAI_URLS)})",
-            custom_id,
-        )
-    body = record.get("body")
-    if not isinstance(body, dict):
-        return None, rejected(file, line, "body", f"line {line + 1}: body missing or not an object", custom_id)
-    text_field = OPENAI_URLS[url]
-    text = body.get(text_field)
-    if text_field == "prompt" and not (text is None or isinstance(text, str)):
-        return None, rejected(file, line, "body.prompt", f"line {line + 1}: prompt must be one string", custom_id)
-    overrides = {k: v for k, v in body.items() if k not in ("model", "messages", "prompt")}
-    return {
-        "custom_id": custom_id,
-        "prompt": text if text_field == "prompt" else None,
-        "messages": json.dumps(text, ensure_ascii=False) if text_field == "messages" and text is not None else None,
-        "overrides": json.dumps(overrides, ensure_ascii=False, sort_keys=True) if overrides else None,
-    }, None
 
 
 def jsonl_value(value: object) -> object:

@@ -72,9 +72,17 @@ def dedupe_text(content: dict) -> str:
         text = "".join(f"{escape(m['role'])}\x7f: {escape(m['content'])} \x7f;" for m in content["messages"])
     else:
         text = escape(content["prompt"])
-    if "overrides" in content:
-        text += "\x7f= " + json.dumps(content["overrides"], sort_keys=True)
-    return text
+    return text + overrides_mark(content)
+
+
+def overrides_mark(content: dict) -> str:
+    """The overrides' part of the dedupe text (empty when there are none)."""
+    return "\x7f= " + json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else ""
+
+
+def approx_tokens(text: str, content: dict) -> int:
+    """The prompt's tokens as characters / 4 of its dedupe text: its overrides (a long logit_bias, a JSON schema) are not prompt."""
+    return -(-(len(text) - len(overrides_mark(content))) // 4)
 
 
 def roles_json(roles: list[str]) -> str:
@@ -164,7 +172,9 @@ class Renderer:
             raise RowError(self.prompt_field, "prompt is null")
         if messages is not None and self.mode == "completion":
             raise RowError(self.messages_field, "chat messages need the model's chat mode (mode: chat)")
-        content = request_content(prompt, self.spec.system_prompt, self.mode, messages, self.overrides_of(row))
+        # An OpenAI /v1/completions line sends its prompt as it is, whatever the model's mode, as OpenAI and vLLM do.
+        mode = "completion" if self.openai and messages is None else self.mode
+        content = request_content(prompt, self.spec.system_prompt, mode, messages, self.overrides_of(row))
         reference = (
             as_text(row.get(self.spec.reference_column), self.spec.reference_column) if self.spec.reference_column else None
         )
@@ -179,7 +189,7 @@ class Renderer:
             "overrides": json.dumps(content["overrides"], sort_keys=True) if "overrides" in content else None,
             "reference": reference,
             "dedupe_text": text,
-            "approx_tokens": -(-len(text) // 4),
+            "approx_tokens": approx_tokens(text, content),
             "roles": roles_json([m["role"] for m in content["messages"]]) if "messages" in content else None,
         }
 

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import jsonschema
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -219,3 +220,66 @@ def test_openai_batch_lines_run_with_their_own_sampling_overrides(prefect_harnes
     tokens = dict(query(store, "SELECT custom_id, completion_tokens FROM run_outputs"))
     assert tokens["short"] <= 2 < tokens["default"]  # the run's max_tokens is 8, and random weights rarely stop early
     assert query(store, "SELECT field, source_row FROM rejected_rows") == [("url", 2)]
+
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+    "required": ["answer", "sure"],
+    "additionalProperties": False,
+}
+
+
+def test_openai_batch_response_format_and_logit_bias_reach_the_engine(prefect_harness, tiny_model, tmp_path, store, query):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.model)
+    (letter,) = tokenizer.encode("s", add_special_tokens=False)
+    # Random weights would pad a JSON answer with blanks until max_tokens (vLLM 0.32 sets
+    # disable_any_whitespace only for a whole engine): the schema lines bias blank tokens away, as a user may.
+    blanks = {str(i): -100 for i in range(len(tokenizer)) if any(c.isspace() for c in tokenizer.decode([i]))}
+    story = [{"role": "user", "content": "Tell me a story"}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": ANSWER_SCHEMA}}
+    bodies = {
+        "schema-text": {"messages": [{"role": "user", "content": "Is water wet?"}]},
+        "schema-parts": {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Is fire"}, {"type": "text", "text": "cold?"}]}]
+        },
+    }
+    lines = [
+        {
+            "custom_id": custom_id,
+            "url": "/v1/chat/completions",
+            "body": {**body, "response_format": schema_format, "logit_bias": blanks, "max_completion_tokens": 48},
+        }
+        for custom_id, body in bodies.items()
+    ]
+    lines += [
+        {
+            "custom_id": "biased",
+            "url": "/v1/chat/completions",
+            "body": {"messages": story, "logit_bias": {str(letter): 100}, "seed": 7, "max_tokens": 5},
+        },
+        {"custom_id": "plain", "url": "/v1/chat/completions", "body": {"messages": story, "max_tokens": 5}},
+        {
+            "custom_id": "tagged",
+            "url": "/v1/chat/completions",
+            "body": {"messages": story, "max_tokens": 5, "user": "u-1", "metadata": {"team": "x"}},
+        },
+    ]
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = run(DatasetSpec(name="openai-lines", source=str(path)), tiny_model, store)
+
+    assert (summary.requests, summary.rejected, summary.errors) == (5, 0, 0)
+    texts = dict(query(store, "SELECT custom_id, text FROM run_outputs"))
+    for custom_id in bodies:  # every json_schema answer is JSON that its schema accepts
+        jsonschema.validate(json.loads(texts[custom_id]), ANSWER_SCHEMA)
+    # The line's logit_bias reached the engine: every token is the favoured one.
+    assert texts["biased"] == "s" * 5 != texts["plain"]
+    requests = {row[0]: row[1:] for row in query(store, "SELECT custom_id, request_key, overrides, duplicate_of FROM requests")}
+    assert json.loads(requests["biased"][1]) == {"logit_bias": {str(letter): 100.0}, "max_tokens": 5, "seed": 7}
+    assert requests["biased"][0] != requests["plain"][0]  # the overrides are part of the request's identity
+    # user and metadata are not: the tagged line is the plain one, answered once
+    assert requests["tagged"][0] == requests["plain"][0] and requests["tagged"][2] == "plain"
+    assert texts["tagged"] == texts["plain"]

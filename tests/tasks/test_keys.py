@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.config import LoraAdapter
-from tasks.keys import model_fingerprint
+from tasks.config import LoraAdapter, SamplingConfig, StructuredOutput
+from tasks.keys import model_fingerprint, sampling_hash
 
 
 def test_fingerprint_comes_from_the_files_not_the_path(tiny_model, tmp_path):
@@ -130,3 +130,15 @@ def test_a_hub_id_is_keyed_by_the_commit_its_revision_points_at(tmp_path):
     assert moved.returncode == 0 and moved.stdout != first.stdout
     missing = hub_key(tmp_path, "v2")
     assert missing.returncode != 0 and "org/tiny: revision v2 is not in the local hub cache" in missing.stderr
+
+
+def test_fields_added_to_sampling_keep_the_keys_of_runs_that_do_not_set_them():
+    # Hashes from before logit_bias and json_object existed: a stored run's cached shards stay its own.
+    assert sampling_hash(SamplingConfig()) == "97bc4936cad77207da6bb8b20da16fb5"
+    regex = SamplingConfig(max_tokens=8, structured=StructuredOutput(regex="[a-z]+"))
+    assert sampling_hash(regex) == "a526aa15b4fd82344ae268293cd2a5f2"
+    keys = {
+        sampling_hash(SamplingConfig(logit_bias={5: 1.0})),
+        sampling_hash(SamplingConfig(structured=StructuredOutput(json_object=True))),
+    }
+    assert len(keys) == 2 and "97bc4936cad77207da6bb8b20da16fb5" not in keys

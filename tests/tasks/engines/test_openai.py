@@ -37,6 +37,10 @@ def test_request_body_sends_only_what_is_set():
     assert completion["structured_outputs"] == {"choice": ["a", "b"]}
     schema = request_body("m", "x", None, SamplingConfig(structured=StructuredOutput(json_schema={"type": "object"})))
     assert schema["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    json_object = request_body(
+        "m", "x", None, SamplingConfig(structured=StructuredOutput(json_object=True), logit_bias={7: -100})
+    )
+    assert json_object["response_format"] == {"type": "json_object"} and json_object["logit_bias"] == {"7": -100.0}
 
 
 def free_port() -> int:

@@ -119,7 +119,7 @@ def test_openai_batch_input_maps_chat_and_completion_lines_and_rejects_other_url
     assert checked.spec.format == "openai_batch"
     assert [r["custom_id"] for r in requests] == ["c1", "c2"]
     assert json.loads(requests[0]["overrides"]) == {"max_tokens": 7, "temperature": 0.5}
-    assert json.loads(requests[1]["messages"]) == [{"role": "user", "content": "Once"}]  # chat mode: a user turn
+    assert (requests[1]["prompt"], requests[1]["messages"]) == ("Once", None)  # a completions line: the prompt as it is
     assert [(r["source_row"], r["custom_id"], r["field"]) for r in rejected] == [
         (2, "c3", "url"),
         (3, None, "line"),
