@@ -25,6 +25,7 @@ from tasks.config import (
     StoreConfig,
     WorkersConfig,
 )
+from tasks.engines.faults import ensure_reaper
 from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
@@ -63,6 +64,7 @@ def batch_inference(
 ) -> RunSummary:
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
     runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py)."""
+    ensure_reaper()  # killed outright, this process leaves no engine nor temporary Prefect server behind
     model, store = resolve(model, InferenceModel), resolve(store, ResultsStore)
     scorers_used = scorers_version(resolve_scorers(scorers))  # an unknown scorer fails the run before any work
     clock, started_at = StageClock(), datetime.now(timezone.utc)

@@ -224,9 +224,16 @@ class VllmEngine:
         """Records for these requests, and the engine seconds they took."""
         if not pending:
             return [], 0.0
-        params = [
-            vllm_sampling_params(r.sampling, min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))) for r in pending
-        ]
+        # One SamplingParams per distinct (sampling, max_tokens), as LLM.generate shares one: vLLM copies it
+        # per request anyway, and building one per request cost ~10 us of the loop's core each.
+        shared: dict[tuple[int, int], object] = {}
+        params = []
+        for r in pending:
+            max_tokens = min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))
+            key = (id(r.sampling), max_tokens)
+            if key not in shared:
+                shared[key] = vllm_sampling_params(r.sampling, max_tokens)
+            params.append(shared[key])
         submission = self.loop.submit(Submission(pending, params, self.lora_request(), shared_sampling))
         outcomes = submission.wait()
         records = []
