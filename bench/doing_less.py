@@ -1,7 +1,7 @@
 """Doing less, measured: the pipeline against bare `vllm.LLM.chat` over every row, on a realistic workload.
 
-The workload: chat rows that each start with one of a few ~200-token few-shot preambles (the
-system message), then a short question; 10% of the rows repeat an earlier row exactly; each row
+The workload: chat rows that each start with one of a few few-shot preambles (the system message,
+~670 tokens each with the chat template), then a short question; 10% of the rows repeat an earlier row exactly; each row
 asks for its own number of output tokens (4-64, a `max_tokens` column), so outputs vary in length.
 
 Four whole processes, one after the other, in one run:
