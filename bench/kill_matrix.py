@@ -254,7 +254,8 @@ def engine_core_kill(folder: Path, spec: Path, unique: int, env: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--skip-engine-core", action="store_true")
+    parser.add_argument("--skip-engine-core", action="store_true", help="only the 10 kills of the flow process")
+    parser.add_argument("--skip-kills", action="store_true", help="only the engine-core SIGKILL against an unfaulted run")
     args = parser.parse_args()
     build_tiny_model()
     with tempfile.TemporaryDirectory(prefix="bench-kill-") as tmp:
@@ -262,8 +263,11 @@ def main() -> None:
         _, spec, _ = write_inputs(folder, args.requests, MAX_TOKENS)
         create_prefect_database(folder)
         env = prefect_env(folder)
-        print(f"{args.requests} unique chat requests x {MAX_TOKENS} tokens, tiny model on CPU; SIGKILL of the flow process at:")
-        kill_matrix(folder, spec, args.requests, env)
+        if not args.skip_kills:
+            print(
+                f"{args.requests} unique chat requests x {MAX_TOKENS} tokens, tiny model on CPU; SIGKILL of the flow process at:"
+            )
+            kill_matrix(folder, spec, args.requests, env)
         if not args.skip_engine_core:
             print("engine core SIGKILL:")
             engine_core_kill(folder, spec, args.requests, env)
