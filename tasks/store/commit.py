@@ -162,7 +162,7 @@ def insert_outputs(con: duckdb.DuckDBPyConnection, run: RunRow, paths: list[str]
                                AND q.duplicate_of IS NULL
                 QUALIFY row_number() OVER (PARTITION BY output_id) = 1
             ) new
-            WHERE output_id NOT IN (SELECT output_id FROM outputs)  -- an answer stored before stays as it is
+            ANTI JOIN outputs USING (output_id)  -- an answer stored before stays as it is
             """,
             {
                 "dv": run.dataset_version,
