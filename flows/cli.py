@@ -55,7 +55,10 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and engine")
-    group.add_argument("--model", help="local model folder, or the served name for --engine openai (default: the tiny CPU model)")
+    group.add_argument(
+        "--model",
+        help="local model folder, a model config YAML, or the served name for --engine openai (default: the tiny CPU model)",
+    )
     group.add_argument(
         "--engine", choices=["vllm", "openai"], help="vllm: in-process (default); openai: an OpenAI-compatible server"
     )
@@ -109,6 +112,24 @@ def parser() -> argparse.ArgumentParser:
         "--scorer", action="append", help="scorer name or package.module:attribute (repeatable; default: every built-in)"
     )
     run_parser.add_argument("--summary-json", help="also write the run summary to this file")
+
+    batch_parser = command(
+        subparsers,
+        "run-batch",
+        commands.run_batch,
+        "An OpenAI batch file in, its output (and error) file out, as `vllm run-batch` — resumable, results in DuckDB too.",
+        "vbf run-batch -i requests.jsonl -o results.jsonl --error-file errors.jsonl --model /models/llama",
+        [common, store],
+    )
+    batch_parser.add_argument("-i", "--input-file", required=True, help="the OpenAI batch input file (JSONL)")
+    batch_parser.add_argument(
+        "-o", "--output-file", required=True, help="the answered lines (and, without --error-file, the errors)"
+    )
+    batch_parser.add_argument("--error-file", help="the lines that failed, with their error")
+    add_model_options(batch_parser)
+    batch_parser.add_argument("--shard-size", type=int, help="most unique requests per inference task")
+    batch_parser.add_argument("--on-stop", choices=["finish", "abort"], help="on Ctrl-C or SIGTERM (see vbf run)")
+    batch_parser.set_defaults(scorer=None)
 
     export_parser = command(
         subparsers,
@@ -210,6 +231,50 @@ def parser() -> argparse.ArgumentParser:
     sql_parser.add_argument("query", nargs="?")
     sql_parser.add_argument("--max-rows", type=int, default=50)
     sql_parser.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait while a run writes the file")
+
+    service = argparse.ArgumentParser(add_help=False)
+    service.add_argument("--folder", default="results/service", help="the Batch API's files and records (default: %(default)s)")
+    serve_parser = command(
+        subparsers,
+        "serve",
+        commands.serve,
+        "The OpenAI Batch API (/v1/files, /v1/batches): each batch a run of the pipeline.",
+        "vbf serve --port 8000 --model llama=/models/llama --model qwen=qwen.yaml\n"
+        "# then, with the openai SDK: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=...)",
+        [common, store, service],
+    )
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument(
+        "--model",
+        action="append",
+        help="NAME=PATH: a model folder or a model config YAML (repeatable; default: the tiny model as tiny-llama)",
+    )
+    serve_parser.add_argument("--max-file-bytes", type=int, help="largest upload (default: 200 MB)")
+    serve_parser.add_argument("--max-line-bytes", type=int, help="longest line of an upload (default: 1 MB)")
+
+    keys_parser = subparsers.add_parser("keys", help="The Batch API's keys: create, list, revoke; the audit trail.")
+    keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = command(
+        keys_commands, "create", commands.keys, "Create a key (shown once).", "vbf keys create alice", [common, service]
+    )
+    create.add_argument("name")
+    command(
+        keys_commands, "list", commands.keys, "List the keys (never the keys themselves).", "vbf keys list", [common, service]
+    )
+    revoke = command(
+        keys_commands, "revoke", commands.keys, "Revoke a key.", "vbf keys revoke key_0a1b2c3d4e5f", [common, service]
+    )
+    revoke.add_argument("key_id")
+    audit = command(
+        keys_commands,
+        "audit",
+        commands.keys,
+        "Who created, read, cancelled or deleted what.",
+        "vbf keys audit --limit 20",
+        [common, service],
+    )
+    audit.add_argument("--limit", type=int, default=50)
 
     cluster_parser = command(
         subparsers,

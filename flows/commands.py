@@ -25,6 +25,8 @@ from tasks.config import (
     ShardingConfig,
     SpecError,
     StoreConfig,
+    ValidationConfig,
+    read_yaml,
 )
 from tasks.errors import USER_ERRORS, RunStopped
 
@@ -91,8 +93,11 @@ def dataset_of(args: argparse.Namespace) -> DatasetSpec:
 
 
 def model_of(args: argparse.Namespace) -> ModelConfig:
-    """The embedded tiny CPU model unless --model names another; then vLLM's own defaults, and the flags."""
+    """The embedded tiny CPU model unless --model names another (a model config YAML, or a folder or
+    served name with vLLM's own defaults); then the flags."""
     base = TINY_CPU_MODEL if args.model is None else ModelConfig(model=args.model)
+    if args.model and args.model.endswith((".yaml", ".yml")):
+        base = read_yaml(ModelConfig, Path(args.model), "model config")
     flags = {
         name: getattr(args, name)
         for name in (
@@ -142,12 +147,30 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
         start_engine_in_background(model, store.storage)
 
 
+def sharding_of(args: argparse.Namespace) -> ShardingConfig:
+    chosen = {"shard_size": args.shard_size, "on_stop": args.on_stop}
+    return ShardingConfig(**{name: value for name, value in chosen.items() if value})
+
+
 def run(args: argparse.Namespace) -> None:
     dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
-    chosen = {"shard_size": args.shard_size, "on_stop": args.on_stop}
-    sharding = ShardingConfig(**{name: value for name, value in chosen.items() if value})
+    summary = run_flow(dataset, model, sampling, sharding_of(args), store, args.scorer, args.verbose)
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
+
+
+def run_flow(
+    dataset: DatasetSpec,
+    model: ModelConfig,
+    sampling: SamplingConfig,
+    sharding: ShardingConfig,
+    store: StoreConfig,
+    scorers: list[str] | None,
+    verbose: bool,
+):
+    """batch_inference, its engine loading while Prefect starts; prints the summary and returns it."""
     start_engine_unless_answered(dataset, model, sampling, store)
-    start_prefect(args.verbose)
+    start_prefect(verbose)
     from prefect.exceptions import TerminationSignal
 
     from flows.batch_inference import batch_inference
@@ -162,15 +185,123 @@ def run(args: argparse.Namespace) -> None:
             sampling=sampling,
             sharding=sharding,
             store=store,
-            scorers=args.scorer or DEFAULT_SCORERS,
+            scorers=scorers or DEFAULT_SCORERS,
         )
     except TerminationSignal as stop:  # SIGTERM, as Ctrl-C: the flow has committed what finished
         raise RunStopped(f"stopped by signal {stop.signal}") from stop
     finally:
         close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
     print(format_summary(summary))
-    if args.summary_json:
-        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------- vbf run-batch
+
+
+def batch_dataset(path: str, name: str | None = None) -> DatasetSpec:
+    """An OpenAI batch file as a dataset: every line gets an answer or an error line, however many are rejected."""
+    return DatasetSpec(
+        name=name or Path(path).stem.split(".")[0],
+        source=path,
+        format="openai_batch",
+        validation=ValidationConfig(max_rejected_share=1.0),
+    )
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    """`vllm run-batch`'s files, through the pipeline: a re-run recomputes nothing that finished."""
+    from tasks.export.batch_files import write_batch_result
+
+    store = store_of(args)
+    summary = run_flow(
+        batch_dataset(args.input_file), model_of(args), SamplingConfig(), sharding_of(args), store, None, args.verbose
+    )
+    files = write_batch_result(store, summary.run_id, args.output_file, args.error_file)
+    where = f"{args.output_file}" + (f", {files.error_lines} → {args.error_file}" if args.error_file else "")
+    print(f"{files.output_lines} answered, {files.error_lines} errors → {where}")
+
+
+# ---------------------------------------------------------------- vbf serve, vbf keys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def served_models(pairs: list[str] | None) -> dict[str, ModelConfig]:
+    """`NAME=PATH` pairs (a model folder, or a model config YAML); none: the bundled tiny model as `tiny-llama`."""
+    if not pairs:
+        return {"tiny-llama": TINY_CPU_MODEL.model_copy(update={"model": str(Path(TINY_CPU_MODEL.model).resolve())})}
+    models = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        if not name or not path:
+            raise SpecError(f"--model {pair!r}: expected NAME=PATH (a model folder or a model config YAML)")
+        config = (
+            read_yaml(ModelConfig, Path(path), "model config") if path.endswith((".yaml", ".yml")) else ModelConfig(model=path)
+        )
+        models[name] = config
+    return models
+
+
+def absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The OpenAI Batch API until Ctrl-C; batches' runs go on in their own processes."""
+    import uvicorn
+
+    from tasks.config import ServiceConfig
+    from tasks.service.app import create_app, service_db_path
+    from tasks.store.service import any_active_key, service_db
+
+    store = StoreConfig(duckdb_path=absolute(args.duckdb), storage=absolute(args.storage))
+    limits = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes}
+    config = ServiceConfig(
+        host=args.host,
+        port=args.port,
+        folder=absolute(args.folder),
+        models=served_models(args.model),
+        store=store,
+        **{name: value for name, value in limits.items() if value is not None},
+    )
+    with service_db(service_db_path(config.folder)) as con:
+        keyed = any_active_key(con)
+    if not keyed and config.host not in LOOPBACK:
+        raise SpecError(
+            f"--host {config.host}: without API keys the server listens on 127.0.0.1 only (anyone reaching it could "
+            "use it); create one with `vbf keys create NAME` first"
+        )
+    print(f"Batch API on http://{config.host}:{config.port}/v1 — models: {', '.join(config.models)}", flush=True)
+    if not keyed:
+        print("no API keys: any local client may use it (`vbf keys create NAME` to require keys)", flush=True)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+def keys(args: argparse.Namespace) -> None:
+    """Create, list or revoke the Batch API's keys; a key is shown once, and only its hash is kept."""
+    import secrets
+
+    from tasks.service.app import key_hash, service_db_path
+    from tasks.store.service import add_key, audit_trail, list_keys, revoke_key, service_db
+
+    with service_db(service_db_path(absolute(args.folder))) as con:
+        if args.keys_command == "create":
+            key_id, key = f"key_{secrets.token_hex(6)}", f"vbf-{secrets.token_urlsafe(32)}"
+            add_key(con, key_id, args.name, key_hash(key))
+            print(f"{key_id} ({args.name}): {key}\nkeep it now: it is not stored and cannot be shown again")
+        elif args.keys_command == "list":
+            for row in list_keys(con):
+                print(
+                    f"{row['key_id']}  {row['name']}  created {row['created_at']}"
+                    + (f"  revoked {row['revoked_at']}" if row["revoked_at"] else "")
+                )
+        elif args.keys_command == "revoke":
+            if not revoke_key(con, args.key_id):
+                raise SpecError(f"key {args.key_id}: no such active key")
+            print(f"{args.key_id}: revoked")
+        else:
+            for row in audit_trail(con, args.limit):
+                print(f"{row['at']:.3f}  {row['key_id']}  {row['action']}  {row['object_id']}")
 
 
 # ---------------------------------------------------------------- the other subcommands

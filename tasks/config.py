@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from tasks.redact import redact, redact_options
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class SpecError(ValueError):
@@ -161,17 +163,22 @@ class DatasetSpec(BaseModel):
     def from_yaml(cls, path: str | Path) -> DatasetSpec:
         """Read a spec file; a relative `source` is taken relative to the spec file's folder."""
         path = Path(path)
-        if not path.is_file():
-            raise SpecError(f"dataset spec {path}: file not found")
-        try:
-            spec = cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as error:
-            raise SpecError(f"dataset spec {path}: not valid YAML ({error})") from error
-        except ValidationError as error:
-            raise SpecError(f"dataset spec {path}: {describe_errors(error)}") from error
+        spec = read_yaml(cls, path, "dataset spec")
         if "://" not in spec.source and not Path(spec.source).is_absolute():
             spec.source = str(path.parent / spec.source)
         return spec
+
+
+def read_yaml(model: type[ConfigT], path: Path, what: str) -> ConfigT:
+    """A configuration from a YAML file; a mistake names the file and the field."""
+    if not path.is_file():
+        raise SpecError(f"{what} {path}: file not found")
+    try:
+        return model.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise SpecError(f"{what} {path}: not valid YAML ({error})") from error
+    except ValidationError as error:
+        raise SpecError(f"{what} {path}: {describe_errors(error)}") from error
 
 
 class LoraAdapter(BaseModel):
@@ -421,6 +428,33 @@ class WorkersConfig(BaseModel):
     )
     group_retries: int = Field(2, ge=0, description="New flow runs for a group that failed; its finished shards stay cached.")
     poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")
+
+
+class ServiceConfig(BaseModel):
+    """`vbf serve`: the OpenAI Batch API over the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    folder: str = Field(
+        "results/service", description="Local folder for uploaded and produced files, each batch's run, and the API's records."
+    )
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Served name → model; empty: the bundled tiny model as `tiny-llama`."
+    )
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest upload (OpenAI's limit for batch files: 200 MB).")
+    max_line_bytes: int = Field(1 * 2**20, ge=1, description="Longest line of an upload.")
+    max_lines: int = Field(1_000_000, ge=1, description="Most lines in a batch file.")
+    running_batches: int = Field(1, ge=1, description="Batches run at once (each in its own process, one engine each).")
+    run_attempts: int = Field(
+        3, ge=1, description="Runs of a batch whose process dies before it ends (each goes on from the last)."
+    )
+    poll_seconds: float = Field(1.0, gt=0, description="How often batches are checked (started, stopped, ended).")
+    counts_seconds: float = Field(
+        3.0, gt=0, description="How often a running batch's request counts are read from the results file."
+    )
 
 
 class SampleSelection(BaseModel):

@@ -118,14 +118,9 @@ def chat_example(row: dict) -> ChatExample:
 def batch_line(samples: list[dict]) -> BatchOutputLine:
     """All samples of one request (sample_index 0..n-1) as one line, like an OpenAI response with n choices."""
     first = samples[0]
-    line_id = f"batch_req_{content_hash([first['run_id'], first['custom_id']])}"
     if first["error_code"] is not None:
-        return BatchOutputLine(
-            id=line_id,
-            custom_id=first["custom_id"],
-            response=None,
-            error=BatchError(code=first["error_code"], message=first["error"] or first["error_code"]),
-        )
+        return error_line(first["run_id"], first["custom_id"], first["error_code"], first["error"] or first["error_code"])
+    line_id = f"batch_req_{content_hash([first['run_id'], first['custom_id']])}"
     chat = first["messages"] is not None
     choices = [
         ChatChoice(
@@ -153,6 +148,12 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
         error=None,
         response=BatchResponse(status_code=200, request_id=f"req_{first['output_id']}", body=body),
     )
+
+
+def error_line(run_id: str, custom_id: str, code: str, message: str) -> BatchOutputLine:
+    """A line of the error file: a request that has no answer, and why."""
+    line_id = f"batch_req_{content_hash([run_id, custom_id])}"
+    return BatchOutputLine(id=line_id, custom_id=custom_id, response=None, error=BatchError(code=code, message=message))
 
 
 def group_samples(rows: Iterable[dict]) -> Iterator[list[dict]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal
 
 import pyarrow.parquet as pq
@@ -11,7 +10,8 @@ from pydantic import BaseModel
 
 from tasks import storage
 from tasks.config import StoreConfig
-from tasks.export.formats import batch_line, chat_example, group_samples, to_json_line
+from tasks.export.batch_files import selection_rows, write_batch_files
+from tasks.export.formats import chat_example, to_json_line
 from tasks.store.exports import write_export_selection
 
 Format = Literal["parquet", "chat_jsonl", "openai_batch"]
@@ -31,12 +31,6 @@ def select_export_rows(store: StoreConfig, run_id: str | None, where: str | None
     return write_export_selection(
         store.duckdb_path, store.lock_timeout_seconds, run_id, where, store.condition_timeout_seconds, selection
     )
-
-
-def selection_rows(selection: str) -> Iterator[dict]:
-    """Rows in bounded batches: an export of millions of outputs never sits in memory at once."""
-    for batch in pq.ParquetFile(selection).iter_batches(batch_size=10_000):
-        yield from batch.to_pylist()
 
 
 @task(name="write-parquet-export")
@@ -62,14 +56,8 @@ def write_chat_jsonl(selection: str, path: str) -> ExportFile:
 @task(name="write-openai-batch-files")
 def write_openai_batch_files(selection: str, output_path: str, error_path: str) -> list[ExportFile]:
     """Every input row (duplicates too, as in an OpenAI batch) to the output file or the error file."""
-    counts = {"output": 0, "error": 0}
-    with storage.atomic_writer(output_path, "w") as output, storage.atomic_writer(error_path, "w") as errors:
-        for samples in group_samples(selection_rows(selection)):
-            line = batch_line(samples)
-            kind = "output" if line.error is None else "error"
-            (output if kind == "output" else errors).write(to_json_line(line))
-            counts[kind] += 1
+    counts = write_batch_files(selection, output_path, error_path)
     return [
-        ExportFile(format="openai_batch_output", path=output_path, lines=counts["output"]),
-        ExportFile(format="openai_batch_errors", path=error_path, lines=counts["error"]),
+        ExportFile(format="openai_batch_output", path=output_path, lines=counts.output_lines),
+        ExportFile(format="openai_batch_errors", path=error_path, lines=counts.error_lines),
     ]

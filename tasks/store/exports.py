@@ -58,3 +58,28 @@ def write_export_selection(
             candidates = stack.enter_context(staged(con, SELECTION_SQL, {"run": run_id}))
         condition = CONDITION_SQL.format(where=where or "true")
         return write_where(candidates, condition, f"export filter {where!r}", timeout_seconds, path)
+
+
+# The lines of a run that have no output row: rejected at preparation (with their reason), or never
+# answered because the run stopped early (cancelled, expired) — each is a line of the error file.
+BATCH_GAPS_SQL = """
+    SELECT coalesce(x.custom_id, 'line-' || (x.source_row + 1)) AS custom_id, 'invalid_request' AS code, x.reason AS message
+    FROM rejected_rows x JOIN runs r ON r.dataset_version = x.dataset_version
+    WHERE r.run_id = $run
+    UNION ALL
+    SELECT q.custom_id, NULL AS code, NULL AS message
+    FROM requests q JOIN runs r ON r.dataset_version = q.dataset_version
+    WHERE r.run_id = $run AND q.custom_id NOT IN (SELECT custom_id FROM run_outputs WHERE run_id = $run)
+    ORDER BY custom_id
+"""
+
+
+def write_batch_selection(duckdb_path: str, lock_timeout_seconds: float, run_id: str, selection: str, gaps: str) -> None:
+    """A batch run's outputs (`selection`, as an export's) and its lines without one (`gaps`), as local Parquet files."""
+    with reading(duckdb_path, lock_timeout_seconds) as con:
+        if not run_exists(con, run_id):
+            raise SpecError(f"run {run_id}: not in this results file")
+        con.sql(
+            SELECTION_SQL + " ORDER BY r.dataset_name, r.model, ro.custom_id, ro.sample_index", params={"run": run_id}
+        ).write_parquet(selection)
+        con.sql(BATCH_GAPS_SQL, params={"run": run_id}).write_parquet(gaps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 
 import duckdb
@@ -106,3 +107,26 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     """A user's query (`vbf sql`), on the connection given (read-only there)."""
     relation = con.sql(sql)  # None for a statement that returns nothing (SET, PRAGMA ...)
     return relation.to_arrow_table() if relation is not None else pa.table({})
+
+
+def newest_run_progress(duckdb_path: str, dataset_name: str, lock_timeout_seconds: float) -> dict | None:
+    """The newest run of a dataset — its id, its status, and its input lines answered (`completed`) or
+    failed so far, with their tokens — or None before it starts (or before the file exists)."""
+    if not Path(duckdb_path).is_file():
+        return None
+    with closing(open_for_read(duckdb_path, lock_timeout_seconds)) as con:
+        rows = fetch_dicts(
+            con,
+            """
+            WITH run AS (SELECT run_id, status FROM runs WHERE dataset_name = ? ORDER BY started_at DESC LIMIT 1)
+            SELECT run.run_id, run.status,
+                   count(DISTINCT ro.custom_id) FILTER (WHERE ro.error_code IS NULL) AS completed,
+                   count(DISTINCT ro.custom_id) FILTER (WHERE ro.error_code IS NOT NULL) AS failed,
+                   coalesce(sum(ro.prompt_tokens) FILTER (WHERE ro.sample_index = 0), 0)::BIGINT AS prompt_tokens,
+                   coalesce(sum(ro.completion_tokens), 0)::BIGINT AS completion_tokens
+            FROM run LEFT JOIN run_outputs ro ON ro.run_id = run.run_id
+            GROUP BY ALL
+            """,
+            [dataset_name],
+        )
+    return rows[0] if rows else None

@@ -194,3 +194,50 @@ def test_the_console_drops_a_user_errors_traceback_and_keeps_a_bugs():
         logger.error("Something broke", exc_info=True)
     assert stream.getvalue().splitlines()[:2] == ["Error emitting event", "Something broke"]
     assert "KeyError: 'a bug'" in stream.getvalue() and "x.parquet" not in stream.getvalue()
+
+
+@pytest.mark.slow
+def test_vbf_run_batch_writes_one_line_per_input_line_and_a_rerun_computes_nothing(tmp_path, tiny_model_dir, query):
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": f"Question {i % 5}?"}], "max_tokens": 4},
+        }
+        for i in range(12)
+    ]
+    lines.append(
+        {"custom_id": "p1", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "Once", "max_tokens": 3}}
+    )
+    lines.append(
+        {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [], "tools": []}}
+    )
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["-i", str(tmp_path / "requests.jsonl"), "--model", str(tiny_model_dir), *TINY_ENGINE, *store_flags(tmp_path)]
+
+    first = vbf(tmp_path, "run-batch", *args, "-o", str(tmp_path / "out.jsonl"), "--error-file", str(tmp_path / "errors.jsonl"))
+    output = {row["custom_id"]: row for row in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    (error,) = map(json.loads, (tmp_path / "errors.jsonl").read_text().splitlines())
+    assert sorted(output) == sorted(line["custom_id"] for line in lines[:13]) and error["custom_id"] == "bad"
+    assert error["error"]["code"] == "invalid_request" and "tools" in error["error"]["message"]
+    assert output["p1"]["response"]["body"]["object"] == "text_completion"
+    assert (
+        output["c0"]["response"]["body"]["choices"][0]["message"]["content"]
+        == output["c5"]["response"]["body"]["choices"][0]["message"]["content"]
+    )
+    stored = dict(query(tmp_path / "results.duckdb", "SELECT custom_id, text FROM run_outputs WHERE custom_id IN ('c3', 'p1')"))
+    assert stored == {
+        "c3": output["c3"]["response"]["body"]["choices"][0]["message"]["content"],
+        "p1": output["p1"]["response"]["body"]["choices"][0]["text"],
+    }
+    assert ENGINE_START in first.stdout + first.stderr
+
+    # Again, with the errors in the output file as vllm run-batch writes them: nothing is computed again.
+    second = vbf(tmp_path, "run-batch", *args, "-o", str(tmp_path / "again.jsonl"))
+    again = {row["custom_id"]: row for row in map(json.loads, (tmp_path / "again.jsonl").read_text().splitlines())}
+    assert sorted(again) == sorted(line["custom_id"] for line in lines) and again["bad"]["error"]["code"] == "invalid_request"
+    assert all(again[key]["response"]["body"]["choices"] == output[key]["response"]["body"]["choices"] for key in output)
+    assert ENGINE_START not in second.stdout + second.stderr
+    outputs = query(tmp_path / "results.duckdb", "SELECT count(*) FROM outputs")
+    assert outputs == [(6,)]  # 5 distinct questions and 1 prompt, each computed once

@@ -1,0 +1,398 @@
+"""`vbf serve`, the OpenAI Batch API, driven by the official `openai` SDK against a real server process.
+
+The door: API keys (401 without one, each key blind to another's objects, revoked keys refused, an
+audit trail), uploads refused whole with OpenAI-style errors naming the line and leaving nothing
+behind (no batch there reaches an engine: one whose lines name no served model fails validation).
+Batches that run: to completed (through a SIGKILL of the server), cancelled or expired keeping what
+finished, on a second model; every line of the files is checked against OpenAI's shapes and the
+results file. Each batch's run is a real `vbf run` process on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+import openai
+import pytest
+import yaml
+from openai.types.chat import ChatCompletion
+
+ROOT = Path(__file__).resolve().parents[2]
+VBF = str(Path(sys.executable).parent / "vbf")
+ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`vbf serve` in its own process, on its own folder and results file; restartable on the same ones."""
+
+    def __init__(self, folder: Path, *flags: str):
+        self.folder, self.flags, self.port = folder, flags, free_port()
+        self.env = {**os.environ, "PREFECT_HOME": str(folder / "prefect"), "PREFECT_API_URL": ""}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        args = ["serve", "--port", str(self.port), "--folder", str(self.folder / "service"), *self.store_flags(), *self.flags]
+        with open(self.folder / "serve.log", "a") as log:
+            self.process = subprocess.Popen([VBF, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.process.poll() is None, (self.folder / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "vbf serve did not listen within 120 s"
+                time.sleep(0.3)
+
+    def store_flags(self) -> list[str]:
+        return ["--duckdb", str(self.folder / "results.duckdb"), "--storage", str(self.folder / "storage")]
+
+    def client(self, key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)
+
+    def vbf(self, *args: str) -> str:
+        done = subprocess.run(
+            [VBF, *args, "--folder", str(self.folder / "service")], cwd=ROOT, env=self.env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+
+def chat_line(custom_id: str, text: str, model: str = "tiny-llama", **body) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 6, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def upload(client: openai.OpenAI, path: Path, lines: list[dict]) -> str:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return client.files.create(file=path.open("rb"), purpose="batch").id
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, until, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert batch.status not in ENDED, f"batch ended {batch.status} before the condition: {batch}"
+        assert time.monotonic() < deadline, f"batch still {batch.status} after {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def ended_files(client: openai.OpenAI, batch) -> tuple[list[dict], list[dict]]:
+    """The output and error lines; each line is OpenAI's shape: exactly one of response and error."""
+    read = lambda file_id: [json.loads(x) for x in client.files.content(file_id).text.splitlines()] if file_id else []  # noqa: E731
+    output, errors = read(batch.output_file_id), read(batch.error_file_id)
+    for line in output:
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
+        assert line["response"]["status_code"] == 200 and line["response"]["request_id"]
+        ChatCompletion.model_validate(line["response"]["body"])  # the SDK's own model of the body
+    for line in errors:
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["response"] is None
+        assert set(line["error"]) == {"code", "message"}
+    assert batch.request_counts.completed == len(output) and batch.request_counts.failed == len(errors)
+    return output, errors
+
+
+def results(server: Server, sql: str, *params) -> list[tuple]:
+    """A query on the server's results file, closed at once: the next batch's run writes it."""
+    with duckdb.connect(str(server.folder / "results.duckdb"), read_only=True) as con:
+        return con.execute(sql, list(params)).fetchall()
+
+
+def model_yaml(folder: Path, name: str, tiny_model_dir: Path, seed: int) -> str:
+    path = folder / f"{name}.yaml"
+    model = {"model": str(tiny_model_dir), "max_model_len": 1024, "gpu_memory_utilization": 0.1, "seed": seed}
+    path.write_text(yaml.safe_dump(model))
+    return f"{name}={path}"
+
+
+# ---------------------------------------------------------------- the door: keys and uploads (no engine)
+
+BAD_UPLOADS = {
+    "not JSON": (b'{"custom_id": "a"\n', 400, "invalid_json_line", "line 1"),
+    "not UTF-8": (
+        json.dumps(chat_line("a", "Hi")).encode() + b"\n" + b'{"custom_id": "\xff\xfe"}\n',
+        400,
+        "invalid_encoding",
+        "line 2",
+    ),
+    "line too long": (json.dumps(chat_line("a", "x" * 5000)).encode() + b"\n", 400, "line_too_long", "line 1"),
+    "duplicate custom_id": (
+        b"".join(json.dumps(chat_line(i, "Hi")).encode() + b"\n" for i in ("a", "b", "a")),
+        400,
+        "duplicate_custom_id",
+        "line 3",
+    ),
+    "unknown endpoint": (
+        json.dumps({**chat_line("a", "Hi"), "url": "/v1/embeddings"}).encode() + b"\n",
+        400,
+        "invalid_url",
+        "line 1",
+    ),
+    "over the size limit": (
+        b"".join(json.dumps(chat_line(f"id{i}", "Hi there")).encode() + b"\n" for i in range(400)),
+        413,
+        "file_too_large",
+        "",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("keyed"), "--max-line-bytes", "4096", "--max-file-bytes", "20000")
+    keys = [re.search(r"(key_\w+) \(\w+\): (\S+)", server.vbf("keys", "create", name)).groups() for name in ("alice", "bob")]
+    server.start()
+    yield server, dict(zip(("alice", "bob"), keys))
+    server.stop()
+
+
+def test_without_a_valid_key_every_call_is_401(keyed):
+    server, _ = keyed
+    bare = httpx.get(f"http://127.0.0.1:{server.port}/v1/batches")  # no Authorization header at all
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as refused:
+        server.client("vbf-wrong").batches.list()
+    assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+
+
+def test_each_key_sees_only_its_own_files_and_batches_and_a_revoked_key_is_refused(keyed, tmp_path):
+    server, keys = keyed
+    alice, bob = server.client(keys["alice"][1]), server.client(keys["bob"][1])
+    file_id = upload(alice, tmp_path / "alice.jsonl", [chat_line("a1", "Hi", model="not-served")])
+    batch = alice.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = wait_for(alice, batch.id, lambda b: b.status == "failed", timeout=60)
+    assert failed.errors.data[0].code == "model_not_found" and failed.failed_at
+
+    for call in (lambda: bob.files.retrieve(file_id), lambda: bob.files.content(file_id), lambda: bob.batches.retrieve(batch.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError):  # nor can bob start a batch on alice's file
+        bob.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert [b.id for b in bob.batches.list()] == [] and [f.id for f in bob.files.list()] == []
+    assert [b.id for b in alice.batches.list()] == [batch.id] and [f.id for f in alice.files.list()] == [file_id]
+
+    audit = server.vbf("keys", "audit", "--limit", "200")
+    alice_id, bob_id = keys["alice"][0], keys["bob"][0]
+    assert f"{alice_id}  batch.created  {batch.id}" in audit and f"{bob_id}  batch.read  {batch.id}" in audit
+
+    assert alice.files.delete(file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(file_id)
+    server.vbf("keys", "revoke", alice_id)
+    with pytest.raises(openai.AuthenticationError):
+        alice.batches.list()
+    assert bob.batches.list().data == []  # the other key still works
+
+
+def test_batches_page_newest_first_with_after_and_limit(keyed, tmp_path):
+    server, keys = keyed
+    bob = server.client(keys["bob"][1])
+    file_id = upload(bob, tmp_path / "bob.jsonl", [chat_line("b1", "Hi", model="not-served")])
+    created = [
+        bob.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id for _ in range(5)
+    ]
+    first = bob.batches.list(limit=2)
+    assert [b.id for b in first.data] == created[::-1][:2] and first.has_more
+    rest = bob.batches.list(limit=10, after=first.data[-1].id)
+    assert [b.id for b in rest.data] == created[::-1][2:] and not rest.has_more
+    assert [b.id for b in bob.batches.list(limit=2)] == created[::-1]  # iterating, the SDK pages on by itself
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_a_bad_upload_is_refused_whole_naming_its_line_and_leaves_nothing(keyed, case):
+    server, keys = keyed
+    content, status, code, where = BAD_UPLOADS[case]
+    before = (
+        sorted(p.name for p in (server.folder / "service" / "files").glob("*"))
+        if (server.folder / "service" / "files").exists()
+        else []
+    )
+    bob = server.client(keys["bob"][1])
+    with pytest.raises(openai.APIStatusError) as refused:
+        bob.files.create(file=("requests.jsonl", content), purpose="batch")
+    assert refused.value.status_code == status and refused.value.body["code"] == code
+    assert where in refused.value.body["message"]
+    after = (
+        sorted(p.name for p in (server.folder / "service" / "files").glob("*"))
+        if (server.folder / "service" / "files").exists()
+        else []
+    )
+    assert after == before  # no file, no partial file
+    assert all(f.filename != "requests.jsonl" for f in bob.files.list())
+
+
+def test_a_file_whose_lines_do_not_match_the_batch_fails_validation_with_errors(keyed, tmp_path):
+    server, keys = keyed
+    bob = server.client(keys["bob"][1])
+    completion = {"custom_id": "c1", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny-llama", "prompt": "Hi"}}
+    file_id = upload(bob, tmp_path / "mixed.jsonl", [chat_line("a", "Hi"), completion])
+    batch = bob.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    failed = wait_for(bob, batch.id, lambda b: b.status == "failed", timeout=60)
+    (error,) = failed.errors.data
+    assert (error.code, error.line, error.param) == ("mismatched_endpoint", 2, "url")
+    assert failed.output_file_id is None and failed.request_counts.completed == 0
+
+
+def test_an_open_server_refuses_to_listen_beyond_loopback(tmp_path):
+    refused = subprocess.run(
+        [VBF, "serve", "--host", "0.0.0.0", "--folder", str(tmp_path / "service")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "without API keys the server listens on 127.0.0.1 only" in refused.stderr
+
+
+# ---------------------------------------------------------------- batches that run (real vLLM runs)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """An open server (no keys, loopback) serving two models: the tiny model, and the same weights with another seed."""
+    folder = tmp_path_factory.mktemp("serve")
+    models = [
+        "--model",
+        model_yaml(folder, "tiny-llama", tiny_model_dir, 0),
+        "--model",
+        model_yaml(folder, "tiny-seed7", tiny_model_dir, 7),
+    ]
+    server = Server(folder, *models).start()
+    yield server
+    server.stop()
+
+
+FIRST_LINES = [chat_line(f"q{i}", f"Tell me about topic {i % 7}") for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def completed_batch(server):
+    """40 lines (7 distinct requests) plus a line for an unknown model and one with an unsupported field,
+    run to completed — with the server SIGKILLed while the batch's run is going, and started again."""
+    client = server.client()
+    lines = [*FIRST_LINES, chat_line("unknown-model", "Hi", model="gpt-9"), chat_line("with-tools", "Hi", tools=[])]
+    file_id = upload(client, server.folder / "first.jsonl", lines)
+    created = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "first"}
+    )
+    assert created.status == "validating" and created.request_counts.total == 42
+    run_log = server.folder / "service" / "batches" / created.id / "run.log"
+    wait_for(client, created.id, lambda b: run_log.exists())  # its run has started
+    time.sleep(3)
+    server.kill()  # the run goes on in its own process; the restarted server watches it again
+    server.start()
+    done = wait_for(client, created.id, lambda b: b.status in ENDED)
+    return server, done
+
+
+@pytest.mark.slow
+def test_a_batch_completes_through_a_server_sigkill_with_one_line_per_input_line(completed_batch):
+    server, batch = completed_batch
+    client = server.client()
+    assert batch.status == "completed" and batch.model == "tiny-llama" and batch.metadata == {"job": "first"}
+    assert batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
+    output, errors = ended_files(client, batch)
+    assert sorted(line["custom_id"] for line in output) == sorted(line["custom_id"] for line in FIRST_LINES)
+    assert {line["custom_id"]: line["error"]["code"] for line in errors} == {
+        "unknown-model": "model_not_found",
+        "with-tools": "invalid_request",
+    }
+    assert "tools" in next(line for line in errors if line["custom_id"] == "with-tools")["error"]["message"]
+
+    # Each answer is the one in the results file, the duplicates answered from their canonical request,
+    # and no request was answered twice across the server's restart.
+    stored = dict(
+        results(server, "SELECT custom_id, text FROM run_outputs JOIN runs USING (run_id) WHERE dataset_name = ?", batch.id)
+    )
+    for line in output:
+        body = line["response"]["body"]
+        assert body["model"] == "tiny-llama" and body["choices"][0]["message"]["content"] == stored[line["custom_id"]]
+    assert results(server, "SELECT count(*), count(DISTINCT request_key) FROM outputs") == [(7, 7)]
+    usage = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
+    assert batch.usage.output_tokens == usage > 0 and batch.usage.total_tokens == batch.usage.input_tokens + usage
+
+
+@pytest.mark.slow
+def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(completed_batch):
+    server, _ = completed_batch
+    client = server.client()
+    long_lines = [chat_line(f"long{i}", f"Write a long story number {i}", max_tokens=200) for i in range(3000)]
+    file_id = upload(client, server.folder / "cancel.jsonl", [*FIRST_LINES, *long_lines])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    # The 40 lines answered by the first batch count as completed once the run has started.
+    wait_for(client, batch.id, lambda b: b.request_counts.completed >= 40)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    done = wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=300)
+    assert done.status == "cancelled" and done.cancelling_at <= done.cancelled_at
+    output, errors = ended_files(client, done)
+    answered = {line["custom_id"] for line in output}
+    assert {line["custom_id"] for line in FIRST_LINES} <= answered and len(answered) < 3040
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+    assert answered | {line["custom_id"] for line in errors} == {f"q{i}" for i in range(40)} | {f"long{i}" for i in range(3000)}
+    assert len(output) + len(errors) == 3040
+    assert results(server, "SELECT status FROM runs WHERE dataset_name = ?", done.id) == [
+        ("cancelled",)
+    ]  # the run was stopped, not left running
+
+
+@pytest.mark.slow
+def test_a_batch_past_its_window_expires_with_the_unanswered_lines_as_batch_expired(completed_batch):
+    server, _ = completed_batch
+    client = server.client()
+    # Far more work than the window holds: 3M tokens, over 3 minutes of the tiny model on this machine.
+    long_lines = [chat_line(f"slow{i}", f"Write a long poem number {i}", max_tokens=250) for i in range(12000)]
+    file_id = upload(client, server.folder / "expire.jsonl", [*FIRST_LINES, *long_lines])
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="60s")
+    assert batch.expires_at == batch.created_at + 60
+    done = wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=400)
+    assert done.status == "expired" and done.expired_at >= done.expires_at
+    output, errors = ended_files(client, done)
+    assert {line["custom_id"] for line in FIRST_LINES} <= {line["custom_id"] for line in output}
+    assert errors and {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert len(output) + len(errors) == 12040
+
+
+@pytest.mark.slow
+def test_a_batch_for_the_second_model_runs_that_model(completed_batch):
+    server, first = completed_batch
+    client = server.client()
+    file_id = upload(
+        client,
+        server.folder / "second.jsonl",
+        [chat_line(f"s{i}", f"Tell me about topic {i}", model="tiny-seed7") for i in range(7)],
+    )
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_for(client, batch.id, lambda b: b.status in ENDED)
+    assert done.status == "completed" and done.model == "tiny-seed7"
+    output, errors = ended_files(client, done)
+    assert len(output) == 7 and not errors and {line["response"]["body"]["model"] for line in output} == {"tiny-seed7"}
+    fingerprints = results(
+        server, "SELECT dataset_name, model_fingerprint FROM runs WHERE dataset_name IN (?, ?)", first.id, done.id
+    )
+    assert len({fingerprint for _, fingerprint in fingerprints}) == 2  # another model: its own answers, never the first's
