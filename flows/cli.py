@@ -250,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         help="NAME=PATH: a model folder or a model config YAML (repeatable; default: the tiny model as tiny-llama)",
     )
+    serve_parser.add_argument("--running-batches", type=int, help="batches run at once, each in its own process (default: 1)")
     serve_parser.add_argument("--max-file-bytes", type=int, help="largest upload (default: 200 MB)")
     serve_parser.add_argument("--max-line-bytes", type=int, help="longest line of an upload (default: 1 MB)")
 

@@ -255,7 +255,7 @@ def serve(args: argparse.Namespace) -> None:
     from tasks.store.service import any_active_key, service_db
 
     store = StoreConfig(duckdb_path=absolute(args.duckdb), storage=absolute(args.storage))
-    limits = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes}
+    limits = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes, "running_batches": args.running_batches}
     config = ServiceConfig(
         host=args.host,
         port=args.port,

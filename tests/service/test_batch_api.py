@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from openai.types.chat import ChatCompletion
@@ -271,6 +272,7 @@ def test_an_open_server_refuses_to_listen_beyond_loopback(tmp_path):
 
 
 # ---------------------------------------------------------------- batches that run (real vLLM runs)
+# Two batches run at once (each its own `vbf run` process and engine): the slow tests pair them up.
 
 
 @pytest.fixture(scope="module")
@@ -283,37 +285,54 @@ def server(tmp_path_factory, tiny_model_dir):
         "--model",
         model_yaml(folder, "tiny-seed7", tiny_model_dir, 7),
     ]
-    server = Server(folder, *models).start()
+    server = Server(folder, *models, "--running-batches", "2").start()
     yield server
     server.stop()
 
 
 FIRST_LINES = [chat_line(f"q{i}", f"Tell me about topic {i % 7}") for i in range(40)]
+SECOND_LINES = [chat_line(f"s{i}", f"Tell me about topic {i}", model="tiny-seed7") for i in range(7)]
+
+
+def run_processes(batch_id: str) -> list[psutil.Process]:
+    """The batch's `vbf run` process (its command names the batch's folder)."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(batch_id in part for part in p.info["cmdline"] or [])]
 
 
 @pytest.fixture(scope="module")
-def completed_batch(server):
-    """40 lines (7 distinct requests) plus a line for an unknown model and one with an unsupported field,
-    run to completed — with the server SIGKILLed while the batch's run is going, and started again."""
+def first_batches(server):
+    """Two batches running at once, then the server SIGKILLed and started again:
+    - the first (40 lines, 7 distinct requests, plus a line for an unknown model and one with an
+      unsupported field, on tiny-llama) keeps running, and the new server watches it again;
+    - the second (7 lines on tiny-seed7) has its run SIGKILLed with the server (its whole process
+      group: engine too), and the new server starts it again."""
     client = server.client()
     lines = [*FIRST_LINES, chat_line("unknown-model", "Hi", model="gpt-9"), chat_line("with-tools", "Hi", tools=[])]
-    file_id = upload(client, server.folder / "first.jsonl", lines)
-    created = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "first"}
+    first = client.batches.create(
+        input_file_id=upload(client, server.folder / "first.jsonl", lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"job": "first"},
     )
-    assert created.status == "validating" and created.request_counts.total == 42
-    run_log = server.folder / "service" / "batches" / created.id / "run.log"
-    wait_for(client, created.id, lambda b: run_log.exists())  # its run has started
+    assert first.status == "validating" and first.request_counts.total == 42
+    second = client.batches.create(
+        input_file_id=upload(client, server.folder / "second.jsonl", SECOND_LINES),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    for batch in (first, second):
+        wait_for(client, batch.id, lambda b, batch=batch: run_processes(batch.id))  # its run has started
     time.sleep(3)
-    server.kill()  # the run goes on in its own process; the restarted server watches it again
+    server.kill()
+    for process in run_processes(second.id):
+        os.killpg(process.pid, signal.SIGKILL)
     server.start()
-    done = wait_for(client, created.id, lambda b: b.status in ENDED)
-    return server, done
+    return tuple(wait_for(client, batch.id, lambda b: b.status in ENDED) for batch in (first, second))
 
 
 @pytest.mark.slow
-def test_a_batch_completes_through_a_server_sigkill_with_one_line_per_input_line(completed_batch):
-    server, batch = completed_batch
+def test_a_batch_completes_through_a_server_sigkill_with_one_line_per_input_line(server, first_batches):
+    batch, _ = first_batches
     client = server.client()
     assert batch.status == "completed" and batch.model == "tiny-llama" and batch.metadata == {"job": "first"}
     assert batch.in_progress_at <= batch.finalizing_at <= batch.completed_at
@@ -325,30 +344,61 @@ def test_a_batch_completes_through_a_server_sigkill_with_one_line_per_input_line
     }
     assert "tools" in next(line for line in errors if line["custom_id"] == "with-tools")["error"]["message"]
 
-    # Each answer is the one in the results file, the duplicates answered from their canonical request,
-    # and no request was answered twice across the server's restart.
+    # Each answer is the one in the results file, the duplicates answered from their canonical request.
     stored = dict(
         results(server, "SELECT custom_id, text FROM run_outputs JOIN runs USING (run_id) WHERE dataset_name = ?", batch.id)
     )
     for line in output:
         body = line["response"]["body"]
         assert body["model"] == "tiny-llama" and body["choices"][0]["message"]["content"] == stored[line["custom_id"]]
-    assert results(server, "SELECT count(*), count(DISTINCT request_key) FROM outputs") == [(7, 7)]
+    assert results(server, "SELECT count(*) FROM runs WHERE dataset_name = ?", batch.id) == [(1,)]  # one run, watched again
     usage = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output)
     assert batch.usage.output_tokens == usage > 0 and batch.usage.total_tokens == batch.usage.input_tokens + usage
 
 
 @pytest.mark.slow
-def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(completed_batch):
-    server, _ = completed_batch
+def test_a_batch_whose_run_died_with_the_server_is_run_again_on_its_own_model(server, first_batches):
+    first, batch = first_batches
     client = server.client()
-    long_lines = [chat_line(f"long{i}", f"Write a long story number {i}", max_tokens=200) for i in range(3000)]
-    file_id = upload(client, server.folder / "cancel.jsonl", [*FIRST_LINES, *long_lines])
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "completed" and batch.model == "tiny-seed7"
+    output, errors = ended_files(client, batch)
+    assert len(output) == 7 and not errors and {line["response"]["body"]["model"] for line in output} == {"tiny-seed7"}
+    runs = results(
+        server, "SELECT dataset_name, model_fingerprint, status FROM runs WHERE dataset_name IN (?, ?)", first.id, batch.id
+    )
+    assert len({fingerprint for _, fingerprint, _ in runs}) == 2  # another model: its own answers, never the first's
+    assert "completed" in {status for name, _, status in runs if name == batch.id}
+    # Nothing answered twice, across both batches and the killed run: one output per distinct request and model.
+    assert results(server, "SELECT count(*), count(DISTINCT (request_key, model_fingerprint)) FROM outputs") == [(14, 14)]
+
+
+@pytest.fixture(scope="module")
+def stopped_batches(server, first_batches):
+    """Two long batches at once, each starting with the 40 lines the first batch answered: one is
+    cancelled once those count as completed, the other runs past its 60 s window."""
+    client = server.client()
+    cancel_lines = [chat_line(f"long{i}", f"Write a long story number {i}", max_tokens=200) for i in range(3000)]
+    # Far more work than the window holds: 3M tokens, over 3 minutes of the tiny model on this machine.
+    expire_lines = [chat_line(f"slow{i}", f"Write a long poem number {i}", max_tokens=250) for i in range(12000)]
+    to_cancel, to_expire = (
+        client.batches.create(
+            input_file_id=upload(client, server.folder / f"{name}.jsonl", [*FIRST_LINES, *lines]),
+            endpoint="/v1/chat/completions",
+            completion_window=window,
+        )
+        for name, lines, window in (("cancel", cancel_lines, "24h"), ("expire", expire_lines, "60s"))
+    )
+    assert to_expire.expires_at == to_expire.created_at + 60
     # The 40 lines answered by the first batch count as completed once the run has started.
-    wait_for(client, batch.id, lambda b: b.request_counts.completed >= 40)
-    assert client.batches.cancel(batch.id).status == "cancelling"
-    done = wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=300)
+    wait_for(client, to_cancel.id, lambda b: b.request_counts.completed >= 40)
+    assert client.batches.cancel(to_cancel.id).status == "cancelling"
+    return tuple(wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=400) for batch in (to_cancel, to_expire))
+
+
+@pytest.mark.slow
+def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(server, stopped_batches):
+    done, _ = stopped_batches
+    client = server.client()
     assert done.status == "cancelled" and done.cancelling_at <= done.cancelled_at
     output, errors = ended_files(client, done)
     answered = {line["custom_id"] for line in output}
@@ -358,41 +408,16 @@ def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(completed_batc
     assert len(output) + len(errors) == 3040
     assert results(server, "SELECT status FROM runs WHERE dataset_name = ?", done.id) == [
         ("cancelled",)
-    ]  # the run was stopped, not left running
+    ]  # stopped, not left running
 
 
 @pytest.mark.slow
-def test_a_batch_past_its_window_expires_with_the_unanswered_lines_as_batch_expired(completed_batch):
-    server, _ = completed_batch
+def test_a_batch_past_its_window_expires_with_the_unanswered_lines_as_batch_expired(server, stopped_batches):
+    _, done = stopped_batches
     client = server.client()
-    # Far more work than the window holds: 3M tokens, over 3 minutes of the tiny model on this machine.
-    long_lines = [chat_line(f"slow{i}", f"Write a long poem number {i}", max_tokens=250) for i in range(12000)]
-    file_id = upload(client, server.folder / "expire.jsonl", [*FIRST_LINES, *long_lines])
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="60s")
-    assert batch.expires_at == batch.created_at + 60
-    done = wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=400)
     assert done.status == "expired" and done.expired_at >= done.expires_at
     output, errors = ended_files(client, done)
     assert {line["custom_id"] for line in FIRST_LINES} <= {line["custom_id"] for line in output}
     assert errors and {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert len(output) + len(errors) == 12040
-
-
-@pytest.mark.slow
-def test_a_batch_for_the_second_model_runs_that_model(completed_batch):
-    server, first = completed_batch
-    client = server.client()
-    file_id = upload(
-        client,
-        server.folder / "second.jsonl",
-        [chat_line(f"s{i}", f"Tell me about topic {i}", model="tiny-seed7") for i in range(7)],
-    )
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
-    done = wait_for(client, batch.id, lambda b: b.status in ENDED)
-    assert done.status == "completed" and done.model == "tiny-seed7"
-    output, errors = ended_files(client, done)
-    assert len(output) == 7 and not errors and {line["response"]["body"]["model"] for line in output} == {"tiny-seed7"}
-    fingerprints = results(
-        server, "SELECT dataset_name, model_fingerprint FROM runs WHERE dataset_name IN (?, ?)", first.id, done.id
-    )
-    assert len({fingerprint for _, fingerprint in fingerprints}) == 2  # another model: its own answers, never the first's
+    assert results(server, "SELECT status FROM runs WHERE dataset_name = ?", done.id) == [("cancelled",)]
