@@ -32,14 +32,21 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+_created: set[str] = set()  # files this process has already created the tables in
+
+
 @contextmanager
 def service_db(path: str | Path) -> Iterator[sqlite3.Connection]:
     """The service's records, one transaction: committed on leaving, rolled back on an error."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path = str(path)
+    if path not in _created:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
+            con.execute("PRAGMA journal_mode=WAL")  # kept by the file: readers and a writer at once
+            con.executescript(SCHEMA)
+        _created.add(path)
     with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
-        con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process; fsync at checkpoints
-        con.executescript(SCHEMA)
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
