@@ -14,13 +14,11 @@ Each round runs run_batch first, then the service; with --rounds N medians are r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +27,17 @@ from pathlib import Path
 import yaml
 
 from bench.bench_inference import write_inputs
-from bench.common import ENGINE_ARGS, MODEL, VBF, build_tiny_model, create_prefect_database, prefect_env, timed
+from bench.common import (
+    ENGINE_ARGS,
+    MODEL,
+    VBF,
+    build_tiny_model,
+    chat_batch_arguments,
+    create_prefect_database,
+    prefect_env,
+    timed,
+    vllm_run_batch,
+)
 
 SMALL_BATCH = 50
 
@@ -103,28 +111,7 @@ def one_round(folder: Path, batch: Path, small: Path, round_index: int) -> dict:
     import openai
 
     env = prefect_env(folder)
-    run_batch_wall = timed(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.run_batch",
-            "-i",
-            str(batch),
-            "-o",
-            str(folder / f"run-batch-out-{round_index}.jsonl"),
-            "--model",
-            str(MODEL),
-            "--served-model-name",
-            "tiny-llama",
-            "--max-model-len",
-            str(ENGINE_ARGS["max_model_len"]),
-            "--gpu-memory-utilization",
-            str(ENGINE_ARGS["gpu_memory_utilization"]),
-            "--seed",
-            "0",
-        ],
-        env,
-    )
+    run_batch_wall = timed(vllm_run_batch(batch, folder / f"run-batch-out-{round_index}.jsonl", "tiny-llama"), env)
     service_dir = folder / f"service-{round_index}"
     service_dir.mkdir()
     server, port = start_server(service_dir, env)
@@ -155,11 +142,7 @@ def one_round(folder: Path, batch: Path, small: Path, round_index: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=1)
-    args = parser.parse_args()
+    args = chat_batch_arguments(__doc__)
     build_tiny_model()
     with tempfile.TemporaryDirectory(prefix="bench-batch-api-") as tmp:
         folder = Path(tmp)

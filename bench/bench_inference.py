@@ -15,10 +15,8 @@ re-run, run_batch; with --rounds N the sequence repeats and medians are reported
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -31,11 +29,13 @@ from bench.common import (
     MODEL,
     REPO,
     build_tiny_model,
+    chat_batch_arguments,
     create_prefect_database,
     prefect_env,
     run_bare,
     timed,
     vbf_run,
+    vllm_run_batch,
 )
 
 SYSTEM = "You are a helpful assistant."
@@ -91,7 +91,6 @@ def write_inputs(folder: Path, requests: int, max_tokens: int) -> tuple[Path, Pa
 
 def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: int, round_index: int) -> dict:
     env = prefect_env(folder)
-    python = sys.executable
     bare = run_bare(
         BARE, folder, f"bare-{round_index}", [str(parquet), str(max_tokens), json.dumps(ENGINE_ARGS), SYSTEM, str(MODEL)], env
     )
@@ -99,26 +98,7 @@ def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: 
     pipeline = vbf_run(["--spec", str(spec)], run_dir, max_tokens)
     first_wall = timed([*pipeline, "--summary-json", str(run_dir / "first.json")], env)
     cached_wall = timed([*pipeline, "--summary-json", str(run_dir / "cached.json")], env)
-    run_batch_wall = timed(
-        [
-            python,
-            "-m",
-            "vllm.entrypoints.openai.run_batch",
-            "-i",
-            str(batch),
-            "-o",
-            str(folder / f"out-{round_index}.jsonl"),
-            "--model",
-            str(MODEL),
-            "--max-model-len",
-            str(ENGINE_ARGS["max_model_len"]),
-            "--gpu-memory-utilization",
-            str(ENGINE_ARGS["gpu_memory_utilization"]),
-            "--seed",
-            "0",
-        ],
-        env,
-    )
+    run_batch_wall = timed(vllm_run_batch(batch, folder / f"out-{round_index}.jsonl"), env)
     first = json.loads((run_dir / "first.json").read_text())
     cached = json.loads((run_dir / "cached.json").read_text())
     assert first["completion_tokens"] == bare["completion_tokens"], "pipeline and bare vLLM generated different tokens"
@@ -140,11 +120,7 @@ def one_round(folder: Path, parquet: Path, spec: Path, batch: Path, max_tokens: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=1)
-    args = parser.parse_args()
+    args = chat_batch_arguments(__doc__)
     build_tiny_model()
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:

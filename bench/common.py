@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".cache" / "models" / "tiny-llama"
 ENGINE_ARGS = {"max_model_len": 1024, "gpu_memory_utilization": 0.15, "seed": 0}  # as the flow's tiny CPU default
+ENGINE_FLAGS = [  # the same, as flags of `vbf run` and of vLLM's run_batch
+    "--max-model-len",
+    str(ENGINE_ARGS["max_model_len"]),
+    "--gpu-memory-utilization",
+    str(ENGINE_ARGS["gpu_memory_utilization"]),
+]
 VBF = str(Path(sys.executable).parent / "vbf")
 
 
@@ -43,10 +50,7 @@ def vbf_run(dataset: list[str], run_dir: Path, max_tokens: int) -> list[str]:
         *dataset,
         "--model",
         str(MODEL),
-        "--max-model-len",
-        str(ENGINE_ARGS["max_model_len"]),
-        "--gpu-memory-utilization",
-        str(ENGINE_ARGS["gpu_memory_utilization"]),
+        *ENGINE_FLAGS,
         "--max-tokens",
         str(max_tokens),
         "--duckdb",
@@ -63,3 +67,31 @@ def run_bare(script: str, folder: Path, name: str, arguments: list[str], env: di
     out = folder / f"{name}.json"
     wall = timed([sys.executable, str(path), str(out), *arguments], env)
     return {"wall": wall, **json.loads(out.read_text())}
+
+
+def chat_batch_arguments(doc: str) -> argparse.Namespace:
+    """--requests, --max-tokens, --rounds: the arguments of the benchmarks on one chat batch."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1)
+    return parser.parse_args()
+
+
+def vllm_run_batch(batch: Path, output: Path, served_name: str | None = None) -> list[str]:
+    """vLLM's own batch runner on an OpenAI batch file, with the benchmarks' engine arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.run_batch",
+        "-i",
+        str(batch),
+        "-o",
+        str(output),
+        "--model",
+        str(MODEL),
+        *(["--served-model-name", served_name] if served_name else []),
+        *ENGINE_FLAGS,
+        "--seed",
+        str(ENGINE_ARGS["seed"]),
+    ]

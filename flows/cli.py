@@ -250,6 +250,12 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         help="NAME=PATH: a model folder or a model config YAML (repeatable; default: the tiny model as tiny-llama)",
     )
+    serve_parser.add_argument(
+        "--deployment",
+        default="auto",
+        help="run each batch as a flow run of this deployment on a Prefect server's gpu pool; '' for processes of the "
+        "server's own (default auto: batch-inference/batch-api when a Prefect server is configured)",
+    )
     serve_parser.add_argument("--running-batches", type=int, help="batches run at once, each in its own process (default: 1)")
     serve_parser.add_argument("--max-file-bytes", type=int, help="largest upload (default: 200 MB)")
     serve_parser.add_argument("--max-line-bytes", type=int, help="longest line of an upload (default: 1 MB)")

@@ -25,7 +25,7 @@ from tasks.config import (
     ShardingConfig,
     SpecError,
     StoreConfig,
-    ValidationConfig,
+    openai_batch_dataset,
     read_yaml,
 )
 from tasks.errors import USER_ERRORS, RunStopped
@@ -198,23 +198,19 @@ def run_flow(
 # ---------------------------------------------------------------- vbf run-batch
 
 
-def batch_dataset(path: str, name: str | None = None) -> DatasetSpec:
-    """An OpenAI batch file as a dataset: every line gets an answer or an error line, however many are rejected."""
-    return DatasetSpec(
-        name=name or Path(path).stem.split(".")[0],
-        source=path,
-        format="openai_batch",
-        validation=ValidationConfig(max_rejected_share=1.0),
-    )
-
-
 def run_batch(args: argparse.Namespace) -> None:
     """`vllm run-batch`'s files, through the pipeline: a re-run recomputes nothing that finished."""
     from tasks.export.batch_files import write_batch_result
 
     store = store_of(args)
     summary = run_flow(
-        batch_dataset(args.input_file), model_of(args), SamplingConfig(), sharding_of(args), store, None, args.verbose
+        openai_batch_dataset(args.input_file, Path(args.input_file).stem.split(".")[0]),
+        model_of(args),
+        sampling_of(args),
+        sharding_of(args),
+        store,
+        None,
+        args.verbose,
     )
     files = write_batch_result(store, summary.run_id, args.output_file, args.error_file)
     where = f"{args.output_file}" + (f", {files.error_lines} → {args.error_file}" if args.error_file else "")
@@ -224,6 +220,14 @@ def run_batch(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- vbf serve, vbf keys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+BATCH_API_DEPLOYMENT = "batch-inference/batch-api"
+
+
+def prefect_server_configured() -> bool:
+    """Whether Prefect talks to a server (PREFECT_API_URL, in the environment or the profile), not a temporary one."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def served_models(pairs: list[str] | None) -> dict[str, ModelConfig]:
@@ -255,13 +259,19 @@ def serve(args: argparse.Namespace) -> None:
     from tasks.store.service import any_active_key, service_db
 
     store = StoreConfig(duckdb_path=absolute(args.duckdb), storage=absolute(args.storage))
-    limits = {"max_file_bytes": args.max_file_bytes, "max_line_bytes": args.max_line_bytes, "running_batches": args.running_batches}
+    deployment = args.deployment if args.deployment != "auto" else (BATCH_API_DEPLOYMENT if prefect_server_configured() else None)
+    limits = {
+        "max_file_bytes": args.max_file_bytes,
+        "max_line_bytes": args.max_line_bytes,
+        "running_batches": args.running_batches,
+    }
     config = ServiceConfig(
         host=args.host,
         port=args.port,
         folder=absolute(args.folder),
         models=served_models(args.model),
         store=store,
+        deployment=deployment or None,
         **{name: value for name, value in limits.items() if value is not None},
     )
     with service_db(service_db_path(config.folder)) as con:
@@ -271,7 +281,11 @@ def serve(args: argparse.Namespace) -> None:
             f"--host {config.host}: without API keys the server listens on 127.0.0.1 only (anyone reaching it could "
             "use it); create one with `vbf keys create NAME` first"
         )
-    print(f"Batch API on http://{config.host}:{config.port}/v1 — models: {', '.join(config.models)}", flush=True)
+    where = f"flow runs of {config.deployment}" if config.deployment else "processes of this server"
+    print(
+        f"Batch API on http://{config.host}:{config.port}/v1 — models: {', '.join(config.models)}; batches run as {where}",
+        flush=True,
+    )
     if not keyed:
         print("no API keys: any local client may use it (`vbf keys create NAME` to require keys)", flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")

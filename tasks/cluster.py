@@ -139,6 +139,9 @@ class LocalCluster:
         self.wait_for_server()
         for pool in ("gpu", "cpu"):
             self.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+        # The Batch API's priorities (metadata.priority): workers take high before default before low.
+        self.cli("work-queue", "create", "high", "--pool", "gpu", "--priority", "1")
+        self.cli("work-queue", "create", "low", "--pool", "gpu", "--priority", "3")
         self.cli("global-concurrency-limit", "create", "gpu", "--limit", str(self.gpu_slots))
         self.cli("block", "register", "-m", "blocks")
         self.run_python(

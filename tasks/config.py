@@ -430,6 +430,11 @@ class WorkersConfig(BaseModel):
     poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")
 
 
+def openai_batch_dataset(path: str, name: str) -> DatasetSpec:
+    """An OpenAI batch file as a dataset: every line gets an answer or an error line, however many are rejected."""
+    return DatasetSpec(name=name, source=path, format="openai_batch", validation=ValidationConfig(max_rejected_share=1.0))
+
+
 class ServiceConfig(BaseModel):
     """`vbf serve`: the OpenAI Batch API over the pipeline."""
 
@@ -450,6 +455,11 @@ class ServiceConfig(BaseModel):
     running_batches: int = Field(1, ge=1, description="Batches run at once (each in its own process, one engine each).")
     run_attempts: int = Field(
         3, ge=1, description="Runs of a batch whose process dies before it ends (each goes on from the last)."
+    )
+    deployment: str | None = Field(
+        None,
+        description="Run each batch as a flow run of this deployment ('flow/deployment', on a Prefect server's gpu pool); "
+        "unset: as a process of the server's own.",
     )
     poll_seconds: float = Field(1.0, gt=0, description="How often batches are checked (started, stopped, ended).")
     counts_seconds: float = Field(

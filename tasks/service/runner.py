@@ -1,10 +1,11 @@
 """The Batch API's runner: each batch becomes a run of the batch-inference flow, in a process of its own.
 
 One thread moves every batch through OpenAI's states: validating → in_progress → finalizing →
-completed (or failed, expired, cancelling → cancelled). A batch's run is `vbf run` on its file in a
-new session, so the server can be stopped, killed or restarted while it runs: the restarted server
-finds the process still running and watches it again, or starts the run again, and the run goes on
-from what was committed (nothing is answered twice). Polls never wait for a run: counts are copied
+completed (or failed, expired, cancelling → cancelled). A batch's run is a process of the server's
+own or a flow run of a deployment (launchers.py): either way it outlives the server, so the server
+can be stopped, killed or restarted while it runs: the restarted server finds the run still going
+and watches it again, or starts it again, and the run goes on from what was committed (nothing is
+answered twice). Polls never wait for a run: counts are copied
 into the batch object here, from the results file, between the run's commits.
 """
 
@@ -12,18 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from tasks import storage
-from tasks.config import ServiceConfig
+from tasks.config import ServiceConfig, openai_batch_dataset
 from tasks.export.batch_files import write_batch_result
+from tasks.service.launchers import DeploymentRuns, LocalRuns
 from tasks.service.objects import file_object, moved, now, usage
 from tasks.service.uploads import batch_lines, check_batch_file
 from tasks.store.queries import newest_run_progress
@@ -39,15 +36,12 @@ UNANSWERED = {
     "failed": ("batch_failed", "the batch's run failed before this request was answered"),
     "completed": ("batch_not_answered", "the run ended without an answer to this request"),
 }
-STOP_GRACE_SECONDS = 120  # a stopped run commits what finished; past this it is killed
-# Runs yield the CPU to the server: a poll answers at once even while the run's engine has every core.
-RUN_NICENESS = 5
 
 
 class BatchRunner:
     def __init__(self, config: ServiceConfig, db_path: str):
         self.config, self.models, self.db_path = config, config.models, db_path
-        self.children: dict[str, subprocess.Popen] = {}  # runs this server started (others it adopted after a restart)
+        self.runs = DeploymentRuns(config.store, config.deployment) if config.deployment else LocalRuns(config.store)
         self.counted_at: dict[str, float] = {}  # when each running batch's counts were last read
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="batch-runner", daemon=True)
@@ -77,7 +71,8 @@ class BatchRunner:
             if batch["status"] == "validating":
                 self.validate(batch, run)
             elif batch["status"] == "in_progress":
-                running += self.advance(batch, run, free_slot=running < self.config.running_batches)
+                free_slot = self.runs.queues_itself or running < self.config.running_batches
+                running += self.advance(batch, run, free_slot)
             elif batch["status"] == "cancelling":
                 self.stop_run(batch["id"], run)
                 self.finalize(batch, run, "cancelled")
@@ -150,7 +145,9 @@ class BatchRunner:
             usage=usage(files.prompt_tokens, files.completion_tokens),
         )
         if ending == "failed":
-            message = f"the batch's run ended early {run['attempts']} times in a row; its log: {folder / 'run.log'}"
+            message = (
+                f"the batch's run ended early {run['attempts']} times in a row (last: {self.runs.where(run)}; log in {folder})"
+            )
             ended["errors"] = {
                 "object": "list",
                 "data": [{"code": "run_failed", "message": message, "param": None, "line": None}],
@@ -158,57 +155,22 @@ class BatchRunner:
         self.save(ended)
         log.info("batch %s %s: %d answered, %d errors", batch["id"], ending, files.output_lines, files.error_lines)
 
-    # ------------------------------------------------------------ the run's process
+    # ------------------------------------------------------------ the run
 
     def launch(self, batch: dict, run: dict) -> None:
-        folder = Path(run["folder"])
-        spec, model = folder / "dataset.yaml", folder / "model.yaml"
-        spec.write_text(
-            yaml.safe_dump(
-                {"name": batch["id"], "source": run["input"], "format": "openai_batch", "validation": {"max_rejected_share": 1.0}}
-            )
-        )
-        model.write_text(yaml.safe_dump(self.models[run["model"]].model_dump(mode="json", exclude_defaults=True)))
-        store = self.config.store
-        command = [sys.executable, "-m", "flows.cli", "run", "--spec", str(spec), "--model", str(model)]
-        command += ["--duckdb", store.duckdb_path, "--storage", store.storage, "--on-stop", "abort"]
-        with open(folder / "run.log", "ab") as log_file:
-            child = subprocess.Popen(
-                command,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=lambda: os.nice(RUN_NICENESS),
-            )
-        self.children[batch["id"]] = child
-        self.save(batch, {**run, "pid": child.pid, "attempts": run["attempts"] + 1})
-        log.info("batch %s: run %d started (pid %d, model %s)", batch["id"], run["attempts"] + 1, child.pid, run["model"])
+        dataset = openai_batch_dataset(run["input"], name=batch["id"])
+        priority = (batch["metadata"] or {}).get("priority", "normal")
+        started = self.runs.start(batch["id"], Path(run["folder"]), dataset, self.models[run["model"]], priority)
+        run = {**run, **started, "attempts": run["attempts"] + 1}
+        self.save(batch, run)
+        log.info("batch %s: run %d started (%s, model %s)", batch["id"], run["attempts"], self.runs.where(run), run["model"])
 
     def alive(self, batch_id: str, run: dict) -> bool:
-        """Whether the batch's run is still going: this server's child, or one a server before it started."""
-        child = self.children.get(batch_id)
-        if child is not None:
-            return child.poll() is None
-        pid = run.get("pid")
-        if not pid or not storage.process_alive(pid):
-            return False
-        try:  # the pid may since be another process's
-            return batch_id in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return False
+        """Whether the batch's run is still going: one this server started, or one a server before it started."""
+        return self.runs.alive(batch_id, run)
 
     def stop_run(self, batch_id: str, run: dict) -> None:
-        """SIGTERM to the run (its engine aborts what is in flight; what finished is committed), then wait."""
-        if not self.alive(batch_id, run):
-            return
-        pid = run["pid"]
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while self.alive(batch_id, run) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if self.alive(batch_id, run):
-            os.killpg(pid, signal.SIGKILL)
+        self.runs.stop(batch_id, run)
 
     # ------------------------------------------------------------ files and counts
 

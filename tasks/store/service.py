@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from tasks.store.sql import transaction
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
@@ -47,13 +49,8 @@ def service_db(path: str | Path) -> Iterator[sqlite3.Connection]:
         _created.add(path)
     with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
         con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process; fsync at checkpoints
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(con, "BEGIN IMMEDIATE"):  # IMMEDIATE: the write lock now, not at the first write
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
 
 
 # ---------------------------------------------------------------- keys

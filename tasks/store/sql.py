@@ -14,9 +14,9 @@ class StoreError(RuntimeError):
 
 
 @contextmanager
-def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+def transaction(con: duckdb.DuckDBPyConnection, begin: str = "BEGIN") -> Iterator[duckdb.DuckDBPyConnection]:
     """All or nothing: a failure anywhere in the block rolls every statement of it back."""
-    con.execute("BEGIN")
+    con.execute(begin)
     try:
         yield con
     except BaseException:

@@ -4,7 +4,8 @@ One test, because the system takes minutes to start on a small machine: it deplo
 batch-inference on two worker groups through `prefect deployment run` with its storage on an
 S3-compatible server (the groups share no folder) and kills one group's process mid-run, runs the
 same input with dispatch="local", compares the two DuckDB files, lets a short interval schedule
-start a run, and checks that stopping leaves nothing running.
+start a run, sends a Batch API batch through `vbf serve` to the pool's high-priority queue, and
+checks that stopping leaves nothing running.
 """
 
 import json
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import storage
-from tasks.cluster import REPO, LocalCluster, deployable_names, processes_with_home
+from tasks.cluster import REPO, LocalCluster, deployable_names, free_port, processes_with_home
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,73 @@ def run_deployment(cluster: LocalCluster, parameters: dict):
     )
     assert started.returncode == 0, started.stdout[-4000:] + started.stderr[-4000:]
     return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+
+
+def run_a_batch_api_batch_on_the_pool(cluster: LocalCluster, tmp_path: Path) -> None:
+    """`vbf serve` beside the cluster's server: a high-priority batch, sent with the official SDK, is a
+    flow run of batch-inference/batch-api named after it on the gpu pool's `high` queue, run by a worker."""
+    import openai
+
+    port = free_port()
+    store = ["--duckdb", str(tmp_path / "api.duckdb"), "--storage", str(tmp_path / "api-storage")]
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "vbf"),
+                "serve",
+                "--port",
+                str(port),
+                "--folder",
+                str(tmp_path / "service"),
+                *store,
+            ],
+            cwd=REPO,
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=3)
+        lines = [
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": f"Hello number {i}"}], "max_tokens": 4},
+            }
+            for i in range(6)
+        ]
+        (tmp_path / "batch.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                file = client.files.create(file=(tmp_path / "batch.jsonl").open("rb"), purpose="batch")
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        batch = client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"priority": "high"}
+        )
+        while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+            assert time.monotonic() < deadline + 900, f"batch still {batch.status}"
+            time.sleep(2)
+        assert batch.status == "completed", (batch, (tmp_path / "serve.log").read_text()[-3000:])
+        output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(line["custom_id"] for line in output) == [f"c{i}" for i in range(6)]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with cluster.client() as prefect:
+        (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[batch.id])))
+        assert flow_run.state.is_completed() and flow_run.work_queue_name == "high"
+        assert prefect.read_deployment(flow_run.deployment_id).name == "batch-api"
+        queues = {queue.name: queue.priority for queue in prefect.read_work_queues(work_pool_name="gpu")}
+        assert queues["high"] < queues["default"] < queues["low"]
+    assert query(tmp_path / "api.duckdb", "SELECT run_id, status FROM runs") == [(str(flow_run.id), "completed")]
 
 
 def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_schedules(
@@ -195,6 +263,8 @@ def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_sched
             duckdb_path, "SELECT shards, cached_shards, engine_requests, reused_requests FROM runs ORDER BY started_at"
         )[1]
         assert rerun[0] == rerun[1] and rerun[2] == 0 and rerun[3] == summary[5]
+
+        run_a_batch_api_batch_on_the_pool(cluster, tmp_path)
     finally:
         stopping = time.monotonic()
         cluster.stop()
