@@ -174,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     )
     compare_parser.add_argument("--scorer", action="append", help="scorer (repeatable; default: every built-in)")
     compare_parser.add_argument("--judge", action="store_true", help="also score with an LLM judge on the same model")
+    compare_parser.add_argument(
+        "--significance-level", type=float, default=0.05, help="the level the report calls a difference significant at"
+    )
 
     review = subparsers.add_parser(
         "review", help="Human review in Label Studio: push samples, pull verdicts, export a curated dataset."

@@ -362,7 +362,15 @@ def compare(args: argparse.Namespace) -> None:
     scorers: list = list(args.scorer or DEFAULT_SCORERS)
     if args.judge:
         scorers.append(ScorerSpec(name="judge", options={"model": model.model_dump()}))
-    result = compare_runs(variants=variants, dataset=dataset, model=model, sampling=sampling, store=store, scorers=scorers)
+    result = compare_runs(
+        variants=variants,
+        dataset=dataset,
+        model=model,
+        sampling=sampling,
+        store=store,
+        scorers=scorers,
+        significance_level=args.significance_level,
+    )
     print(f"chart: {result.chart_path}")
 
 

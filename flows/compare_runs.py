@@ -2,8 +2,10 @@
 
 Each variant is a full `batch_inference` run (cached like any other). The comparison is recorded in
 the `comparisons` table; the views `comparison_scores` (per-scorer means with 95% CIs) and
-`comparison_win_rates` (pairwise wins per scorer, e.g. the judge's) hold the result, and a markdown
-artifact shows it with a chart. From the command line: `vbf compare`.
+`comparison_win_rates` (wins by each scorer's direction, with Wilson intervals) hold the result, the
+table `comparison_differences` the paired differences of means with their bootstrap intervals and
+sign-test p-values, and a markdown artifact reports them with charts, significant or not at
+`significance_level`. From the command line: `vbf compare`.
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ from pydantic import BaseModel
 from flows.batch_inference import batch_inference
 from tasks.config import SAMPLE_DATASET, TINY_CPU_MODEL, DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
 from tasks.report.tasks import publish_comparison
-from tasks.scoring.compare import Comparison, Variant, check_variants, variant_dataset
+from tasks.scoring.compare import (
+    BootstrapConfig,
+    Comparison,
+    Variant,
+    check_significance_level,
+    check_variants,
+    variant_dataset,
+)
 from tasks.scoring.registry import DEFAULT_SCORERS
 from tasks.scoring.scorers import ScorerSpec
-from tasks.store.tasks import write_comparison
+from tasks.scoring.tasks import compute_differences
+from tasks.store.tasks import read_comparison, write_comparison, write_differences
 
 
 class ComparisonResult(BaseModel):
     comparison: Comparison
-    chart_path: str
+    chart_path: str  # the means chart; the differences chart sits beside it (`-differences.png`)
 
 
 @flow(name="compare-runs", log_prints=True)
@@ -37,8 +47,11 @@ def compare_runs(
     sharding: ShardingConfig = ShardingConfig(),
     store: StoreConfig = StoreConfig(),
     scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
+    significance_level: float = 0.05,
+    bootstrap: BootstrapConfig = BootstrapConfig(),
 ) -> ComparisonResult:
     check_variants(variants)
+    check_significance_level(significance_level)
     runs = {
         variant.name: batch_inference(
             dataset=variant_dataset(dataset, variant),
@@ -51,8 +64,17 @@ def compare_runs(
         for variant in variants
     }
     comparison_id = str(flow_run.id or f"local-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
-    scores, win_rates = write_comparison(comparison_id, runs, store)
-    comparison = Comparison(comparison_id=comparison_id, runs=runs, scores=scores, win_rates=win_rates)
+    write_comparison(comparison_id, runs, store)
+    write_differences(compute_differences(comparison_id, list(runs), bootstrap, store), store)
+    scores, win_rates, differences = read_comparison(comparison_id, store)
+    comparison = Comparison(
+        comparison_id=comparison_id,
+        runs=runs,
+        scores=scores,
+        win_rates=win_rates,
+        differences=differences,
+        significance_level=significance_level,
+    )
     chart_path = publish_comparison(comparison, store.storage)
     print(f"comparison {comparison_id}: SELECT * FROM comparison_scores WHERE comparison_id = '{comparison_id}'")
     return ComparisonResult(comparison=comparison, chart_path=chart_path)

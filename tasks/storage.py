@@ -149,6 +149,12 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(fs_path, filesystem=fs, columns=columns)
 
 
+def read_schema(path: str) -> pa.Schema:
+    """A Parquet file's schema, from its footer (no rows read)."""
+    fs, fs_path = filesystem(path)
+    return pq.read_schema(fs_path, filesystem=fs)
+
+
 def parquet_dataset(paths: list[str]) -> ds.Dataset:
     """The Parquet files (of one storage) as one dataset, read lazily: columns matched by name, a column
     some files lack is null there. What DuckDB reads them through (it opens no s3:// URL itself)."""

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks import storage
 from tasks.prepare.requests import RequestSet
-from tasks.report.charts import comparison_chart, histogram_png
+from tasks.report.charts import comparison_chart, differences_chart, histogram_png
 from tasks.report.markdown import comparison_markdown, format_report
 from tasks.report.summary import RunSummary, summary_rows
 from tasks.scoring.compare import Comparison
@@ -56,16 +56,19 @@ def publish_report(summary: RunSummary, score_files: list[str]) -> None:
 
 @task(name="publish-comparison")
 def publish_comparison(comparison: Comparison, storage_root: str) -> str:
-    """The markdown artifact with its chart; the chart is also kept as a PNG file, whose path is returned."""
-    chart = comparison_chart(comparison.scores)
-    path = storage.join(storage_root, "comparisons", f"{comparison.comparison_id}.png")
-    storage.write_bytes(chart, path)
+    """The A/B report artifact with its charts; the charts are also kept as PNG files (the means chart's path is returned)."""
+    charts = [("mean scores", comparison_chart(comparison.scores))]
+    if comparison.differences:
+        charts.append(("paired differences", differences_chart(comparison.differences, comparison.significance_level)))
+    folder = storage.join(storage_root, "comparisons")
+    for (_, chart), suffix in zip(charts, ["", "-differences"]):
+        storage.write_bytes(chart, storage.join(folder, f"{comparison.comparison_id}{suffix}.png"))
     create_markdown_artifact(
         key="ab-comparison",
-        markdown=comparison_markdown(comparison, chart),
+        markdown=comparison_markdown(comparison, charts),
         description=f"A/B comparison {comparison.comparison_id}",
     )
-    return path
+    return storage.join(folder, f"{comparison.comparison_id}.png")
 
 
 @task(name="publish-push-summary")

@@ -83,4 +83,4 @@ def judge_scorer(
             results.append((value, None) if value is not None else (None, UNPARSEABLE))
         return results
 
-    return Scorer(name, version, score)
+    return Scorer(name, version, score, "higher")

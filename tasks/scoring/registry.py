@@ -37,28 +37,35 @@ from tasks.scoring.scorers import (
     with_reference,
 )
 
+# Each built-in's direction is its third argument to Scorer: which value a comparison counts as a win.
 SCORERS: dict[str, Callable[..., Scorer]] = {
-    "completion_tokens": lambda: Scorer("completion_tokens", "1", per_row(lambda row: (float(row["completion_tokens"]), None))),
-    "completion_chars": lambda: Scorer("completion_chars", "1", per_row(lambda row: (float(len(row["text"])), None))),
-    "finish_reason": lambda: Scorer(
-        "finish_reason", "1", per_row(lambda row: flag(row["finish_reason"] == "length", row["finish_reason"]))
+    # lengths: longer is not better or worse in itself
+    "completion_tokens": lambda: Scorer(
+        "completion_tokens", "1", per_row(lambda row: (float(row["completion_tokens"]), None)), "none"
     ),
-    "empty_output": lambda: Scorer("empty_output", "1", per_row(lambda row: flag(not row["text"].strip()))),
-    "refusal": lambda: Scorer("refusal", "1", per_row(refusal)),
-    "valid_json": lambda: Scorer("valid_json", "1", per_row(valid_json)),
-    "json_schema": json_schema_scorer,
-    "regex": regex_scorer,
+    "completion_chars": lambda: Scorer("completion_chars", "1", per_row(lambda row: (float(len(row["text"])), None)), "none"),
+    # flags of a failure: 1 is worse
+    "finish_reason": lambda: Scorer(
+        "finish_reason", "1", per_row(lambda row: flag(row["finish_reason"] == "length", row["finish_reason"])), "lower"
+    ),
+    "empty_output": lambda: Scorer("empty_output", "1", per_row(lambda row: flag(not row["text"].strip())), "lower"),
+    "refusal": lambda: Scorer("refusal", "1", per_row(refusal), "lower"),
+    # checks passed and likeness to the reference: 1 (or more) is better
+    "valid_json": lambda: Scorer("valid_json", "1", per_row(valid_json), "higher"),
+    "json_schema": json_schema_scorer,  # higher
+    "regex": regex_scorer,  # higher, or its `direction` option
     "exact_match": lambda: Scorer(
-        "exact_match", "1", per_row(with_reference(lambda text, ref: flag(normalize(text) == normalize(ref))))
+        "exact_match", "1", per_row(with_reference(lambda text, ref: flag(normalize(text) == normalize(ref)))), "higher"
     ),
     "contains": lambda: Scorer(
-        "contains", "1", per_row(with_reference(lambda text, ref: flag(normalize(ref) in normalize(text))))
+        "contains", "1", per_row(with_reference(lambda text, ref: flag(normalize(ref) in normalize(text)))), "higher"
     ),
-    "chrf": lambda: Scorer("chrf", "1+sacrebleu2", per_row(with_reference(chrf))),
-    "distinct_n": distinct_n_scorer,
-    "mean_logprob": lambda: Scorer("mean_logprob", "1", per_row(mean_logprob)),
-    "perplexity": lambda: Scorer("perplexity", "1", per_row(perplexity)),
-    "judge": judge_scorer,
+    "chrf": lambda: Scorer("chrf", "1+sacrebleu2", per_row(with_reference(chrf)), "higher"),
+    "distinct_n": distinct_n_scorer,  # higher: less repetition
+    # the model's own likelihood of its answer: a likelier answer is better, a lower perplexity
+    "mean_logprob": lambda: Scorer("mean_logprob", "1", per_row(mean_logprob), "higher"),
+    "perplexity": lambda: Scorer("perplexity", "1", per_row(perplexity), "lower"),
+    "judge": judge_scorer,  # higher
 }
 # Everything that needs no options; scorers without their input (no reference, no logprobs) write no rows.
 DEFAULT_SCORERS = [name for name in SCORERS if name not in ("json_schema", "regex", "judge")]
@@ -141,6 +148,7 @@ def score_rows(rows: list[dict], scorers: list[Scorer]) -> pa.Table:
             "scorer_version": scorer.version,
             "value": result[0],
             "label": result[1],
+            "direction": scorer.direction,
         }
         for scorer in scorers
         for row, result in zip(ok, scorer.score(ok))
@@ -151,3 +159,10 @@ def score_rows(rows: list[dict], scorers: list[Scorer]) -> pa.Table:
 
 def score_outputs(outputs: pa.Table, scorers: list[Scorer]) -> pa.Table:
     return score_rows(outputs.to_pylist(), scorers)
+
+
+def with_directions(scores: pa.Table, scorers: list[Scorer]) -> pa.Table:
+    """A score table from before directions were recorded, with each scorer's direction (its values unchanged)."""
+    directions = {scorer.name: scorer.direction for scorer in scorers}
+    column = pa.array([directions.get(name, "none") for name in scores["scorer"].to_pylist()], pa.string())
+    return scores.append_column("direction", column).select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)

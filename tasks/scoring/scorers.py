@@ -3,7 +3,8 @@
 A scorer maps a list of rows (the output's columns plus the request's `prompt`, `messages` and
 `reference`) to one `(value, label)` per row, or None where there is nothing to score (no
 reference, no logprobs). Its version goes into every score row: a changed scorer writes new rows
-beside the old ones.
+beside the old ones. Its direction goes there too: whether a higher value is better (`higher`),
+a lower one (`lower`), or neither (`none`, e.g. a length): comparisons count wins by it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jsonschema
 import pyarrow as pa
@@ -30,10 +31,14 @@ SCORE_SCHEMA = pa.schema(
         ("scorer_version", pa.string()),
         ("value", pa.float64()),
         ("label", pa.string()),
+        ("direction", pa.string()),
     ]
 )
 
 Score = tuple[float | None, str | None] | None  # None: no score row for this output
+# Which value is better: a win in a comparison is a better value by it; `none` has no winner (a length).
+Direction = Literal["higher", "lower", "none"]
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class Scorer:
     name: str
     version: str  # bump when the function changes: old scores stay, new ones sit beside them
     score: Callable[[list[dict]], list[Score]]
+    direction: Direction = "none"  # a user scorer that says nothing has no winner in a comparison
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"scorer {self.name}: direction {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -127,15 +137,19 @@ def json_schema_scorer(schema: dict) -> Scorer:
         return flag(problem is None, None if problem is None else f"{problem.json_path}: {problem.message}"[:300])
 
     jsonschema.Draft202012Validator.check_schema(schema)
-    return Scorer("json_schema", versioned("1", {"schema": schema}), per_row(score))
+    return Scorer("json_schema", versioned("1", {"schema": schema}), per_row(score), "higher")
 
 
-def regex_scorer(pattern: str, ignore_case: bool = False) -> Scorer:
+def regex_scorer(pattern: str, ignore_case: bool = False, direction: Direction = "higher") -> Scorer:
+    """1 when the pattern matches: by default the shape an answer should have (`direction: lower`
+    for a pattern it should not have). Another direction is another version: stored rows keep theirs."""
     compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    options = {"pattern": pattern, "ignore_case": ignore_case} | ({} if direction == "higher" else {"direction": direction})
     return Scorer(
         "regex",
-        versioned("1", {"pattern": pattern, "ignore_case": ignore_case}),
+        versioned("1", options),
         per_row(lambda row: flag(compiled.search(row["text"]) is not None)),
+        direction,
     )
 
 
@@ -161,7 +175,7 @@ def distinct_n_scorer(n: int = 2) -> Scorer:
         grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
         return (len(set(grams)) / len(grams), None) if grams else None
 
-    return Scorer(f"distinct_{n}", "1", per_row(score))
+    return Scorer(f"distinct_{n}", "1", per_row(score), "higher")
 
 
 def mean_logprob(row: dict) -> Score:

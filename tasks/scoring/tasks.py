@@ -1,4 +1,5 @@
-"""Scoring's Prefect tasks: score a run's output shards, or a stored run's outputs again (rescore)."""
+"""Scoring's Prefect tasks: score a run's output shards, or a stored run's outputs again (rescore);
+test the differences between the variants of a comparison."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from tasks import keys, storage
 from tasks.config import StoreConfig
 from tasks.inference.job import ShardOutput
 from tasks.prepare.requests import RequestSet
-from tasks.scoring.registry import resolve_scorers, score_outputs, scorers_version
+from tasks.scoring.compare import BootstrapConfig, difference_record
+from tasks.scoring.registry import resolve_scorers, score_outputs, scorers_version, with_directions
 from tasks.scoring.scorers import ScorerSpec
 from tasks.store.connection import reading
-from tasks.store.queries import run_outputs_to_score
+from tasks.store.queries import paired_values, run_outputs_to_score
+from tasks.store.rows import ComparisonDifferenceRow
 
 
 def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Table:
@@ -58,6 +61,8 @@ def write_scores(
         path = score_path(output, request_set.dataset_version, scorers_version(scorers), storage_root)
         if output.transient_errors or not storage.exists(path):
             storage.write_parquet(score_outputs(outputs_with_requests(output.path, request_set.request_files), scorers), path)
+        elif "direction" not in storage.read_schema(path).names:  # scored before directions were recorded
+            storage.write_parquet(with_directions(storage.read_parquet(path), scorers), path)
         paths.append(path)
     return paths
 
@@ -81,3 +86,13 @@ def write_run_scores(outputs_path: str, specs: list[str | ScorerSpec], storage_r
     path = storage.join(storage_root, "scores", f"rescore-{keys.content_hash([outputs_path, version])}.parquet")
     storage.write_parquet(score_outputs(outputs, scorers), path)
     return version, path, outputs.num_rows
+
+
+@task(name="compute-differences")
+def compute_differences(
+    comparison_id: str, variants: list[str], bootstrap: BootstrapConfig, store: StoreConfig
+) -> list[ComparisonDifferenceRow]:
+    """Per scorer and pair of variants: the paired difference of means, its bootstrap interval and sign test."""
+    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
+        groups = paired_values(con, comparison_id, variants)
+        return [ComparisonDifferenceRow(**difference_record(comparison_id, group, bootstrap)) for group in groups]

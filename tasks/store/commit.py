@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import duckdb
 
 from tasks import storage
-from tasks.store.rows import ComparisonRow, DatasetVersionRow, RunRow, RunShardRow
+from tasks.store.rows import ComparisonDifferenceRow, ComparisonRow, DatasetVersionRow, RunRow, RunShardRow
 from tasks.store.sql import StoreError, fetch_value, insert_rows, transaction
 
 
@@ -194,12 +194,14 @@ def insert_scores(con: duckdb.DuckDBPyConnection, run_id: str, fingerprint: str,
     if not paths:
         return
     with parquet_files(con, "score_files", paths):
+        # a score file without directions (none of these files has the column) scores without a winner
+        direction = "s.direction" if "direction" in con.table("score_files").columns else "NULL"
         con.execute(
             f"""
             INSERT INTO scores BY NAME
             SELECT * FROM (
                 SELECT {OUTPUT_ID_SQL.format(t="s")} AS output_id, s.scorer, s.scorer_version,
-                       s.value, s.label, $run AS run_id
+                       s.value, s.label, $run AS run_id, coalesce({direction}, 'none') AS direction
                 FROM score_files s
                 QUALIFY row_number() OVER (PARTITION BY output_id, scorer, scorer_version) = 1
             ) new
@@ -228,3 +230,9 @@ def record_comparison(con: duckdb.DuckDBPyConnection, comparison_id: str, runs: 
         insert_rows(
             con, "comparisons", [ComparisonRow(comparison_id=comparison_id, variant=v, run_id=r) for v, r in runs.items()]
         )
+
+
+def record_differences(con: duckdb.DuckDBPyConnection, rows: list[ComparisonDifferenceRow]) -> None:
+    """A comparison's paired differences; recorded again (a re-run of the flow's task), they stay as they were."""
+    with transaction(con):
+        insert_rows(con, "comparison_differences", rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -88,15 +89,40 @@ def run_outputs_to_score(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[d
     return run, table
 
 
-def comparison_results(con: duckdb.DuckDBPyConnection, comparison_id: str) -> tuple[list[dict], list[dict]]:
-    """(rows of comparison_scores, rows of comparison_win_rates) of one comparison."""
+def comparison_results(con: duckdb.DuckDBPyConnection, comparison_id: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(rows of comparison_scores, of comparison_win_rates, of comparison_differences) of one comparison."""
     scores = fetch_dicts(
         con, "SELECT * FROM comparison_scores WHERE comparison_id = ? ORDER BY scorer, scorer_version, variant", [comparison_id]
     )
     win_rates = fetch_dicts(
         con, "SELECT * FROM comparison_win_rates WHERE comparison_id = ? ORDER BY scorer, variant_a, variant_b", [comparison_id]
     )
-    return scores, win_rates
+    differences = fetch_dicts(
+        con,
+        "SELECT * EXCLUDE (created_at) FROM comparison_differences WHERE comparison_id = ? "
+        "ORDER BY scorer, scorer_version, variant_a, variant_b",
+        [comparison_id],
+    )
+    return scores, win_rates, differences
+
+
+def paired_values(con: duckdb.DuckDBPyConnection, comparison_id: str, variants: list[str]) -> Iterator[dict]:
+    """Per scorer and pair of variants (a before b in `variants`' order): the two lists of values, paired
+    by request and sample. One group at a time, so a large comparison is never all in memory."""
+    relation = con.sql(
+        """
+        SELECT variant_a, variant_b, scorer, scorer_version, any_value(direction) AS direction,
+               list(value_a ORDER BY custom_id, sample_index) AS values_a,
+               list(value_b ORDER BY custom_id, sample_index) AS values_b
+        FROM comparison_pairs
+        WHERE comparison_id = $id AND list_position($variants, variant_a) < list_position($variants, variant_b)
+        GROUP BY variant_a, variant_b, scorer, scorer_version
+        ORDER BY scorer, scorer_version, list_position($variants, variant_a), list_position($variants, variant_b)
+        """,
+        params={"id": comparison_id, "variants": variants},
+    )
+    for batch in relation.to_arrow_reader(1):
+        yield from batch.to_pylist()
 
 
 def run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:

@@ -127,3 +127,25 @@ class AnnotationRow(BaseModel):
     cancelled: bool
     created_at: str | None  # ISO time as Label Studio gives it
     updated_at: str | None
+
+
+class ComparisonDifferenceRow(BaseModel):
+    """A paired difference of means (b − a) of two variants for one scorer, with its bootstrap interval and sign test."""
+
+    comparison_id: str
+    variant_a: str
+    variant_b: str
+    scorer: str
+    scorer_version: str
+    direction: str
+    pairs: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    diff_ci95_low: float
+    diff_ci95_high: float
+    b_higher: int
+    a_higher: int
+    p_value: float
+    resamples: int
+    seed: int

@@ -19,10 +19,11 @@ from tasks.store.commit import (
     finish_run,
     mark_run,
     record_comparison,
+    record_differences,
 )
-from tasks.store.connection import writing
+from tasks.store.connection import reading, writing
 from tasks.store.queries import comparison_results
-from tasks.store.rows import DatasetVersionRow, RunRow, RunShardRow
+from tasks.store.rows import ComparisonDifferenceRow, DatasetVersionRow, RunRow, RunShardRow
 
 
 @task(name="commit-run-start")
@@ -80,8 +81,20 @@ def commit_run_scores(run: dict, score_paths: list[str], store: StoreConfig) -> 
 
 
 @task(name="write-comparison")
-def write_comparison(comparison_id: str, runs: dict[str, str], store: StoreConfig) -> tuple[list[dict], list[dict]]:
-    """Record which run is which variant, then read the comparison views back."""
+def write_comparison(comparison_id: str, runs: dict[str, str], store: StoreConfig) -> None:
+    """Record which run is which variant: the comparison views then show it."""
     with writing(store.duckdb_path, store.lock_timeout_seconds) as con:
         record_comparison(con, comparison_id, runs)
+
+
+@task(name="write-differences")
+def write_differences(rows: list[ComparisonDifferenceRow], store: StoreConfig) -> None:
+    with writing(store.duckdb_path, store.lock_timeout_seconds) as con:
+        record_differences(con, rows)
+
+
+@task(name="read-comparison")
+def read_comparison(comparison_id: str, store: StoreConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """The comparison's rows of comparison_scores, comparison_win_rates and comparison_differences."""
+    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
         return comparison_results(con, comparison_id)

@@ -6,7 +6,7 @@ from prefect.client.orchestration import get_client
 
 from flows.compare_runs import compare_runs
 from tasks.config import LoraAdapter, SamplingConfig, ShardingConfig
-from tasks.scoring.compare import Variant
+from tasks.scoring.compare import BootstrapConfig, Variant, paired_difference, sign_test_p_value, wilson_interval
 from tasks.scoring.judge import UNPARSEABLE
 from tasks.scoring.registry import DEFAULT_SCORERS
 from tasks.scoring.scorers import ScorerSpec
@@ -20,7 +20,7 @@ async def read_artifact(key: str):
 
 
 @pytest.mark.slow
-def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
+def test_sampling_and_lora_variants_are_compared_with_intervals_tests_by_direction_and_a_report(
     prefect_harness, tiny_model, tiny_lora_dir, reference_slice, store
 ):
     judge = ScorerSpec(name="judge", options={"model": tiny_model.model_dump(), "sampling": {"max_tokens": 8}})
@@ -39,6 +39,8 @@ def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
         sharding=ShardingConfig(shard_size=16),
         store=store,
         scorers=[*DEFAULT_SCORERS, judge],
+        significance_level=0.1,
+        bootstrap=BootstrapConfig(resamples=300, seed=5),
     )
 
     comparison = result.comparison
@@ -76,14 +78,86 @@ def test_sampling_and_lora_variants_are_compared_with_cis_win_rates_and_a_chart(
         )
         total, unparseable, out_of_range = judged[0]
         assert total == 3 * answered and unparseable > 0 and out_of_range == 0
-        # win rates pair the variants on every request both scored
+        # win rates pair the variants on every request both scored; a length has no winner
         wins = {(r["variant_a"], r["variant_b"]): r for r in comparison.win_rates if r["scorer"] == "completion_tokens"}
         assert set(wins) == {(a, b) for a in comparison.runs for b in comparison.runs if a != b}
-        a, b = wins[("greedy", "sampled")], wins[("sampled", "greedy")]
-        assert a["pairs"] == answered and (a["wins"], a["losses"], a["ties"]) == (b["losses"], b["wins"], b["ties"])
-        assert a["win_rate"] + b["win_rate"] == pytest.approx(1.0)
+        assert {(r["direction"], r["pairs"], r["wins"], r["win_rate"]) for r in wins.values()} == {("none", answered, None, None)}
+        values = score_values(con, comparison.comparison_id)
+        check_win_rates_against_score_rows(comparison.win_rates, values)
+        check_differences_against_score_rows(comparison.differences, values, list(comparison.runs))
 
     with open(result.chart_path, "rb") as chart:
         assert chart.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(result.chart_path.removesuffix(".png") + "-differences.png", "rb") as chart:
+        assert chart.read(8) == b"\x89PNG\r\n\x1a\n"
     (artifact, *_) = asyncio.run(read_artifact("ab-comparison"))
-    assert "data:image/png;base64," in artifact.data and "| completion_tokens@1 | greedy |" in artifact.data
+    report = artifact.data
+    assert "data:image/png;base64," in report and "| completion_tokens@1 | – (no winner) | greedy |" in report
+    assert "## Findings" in report and "p < α = 0.1" in report and "| p (sign test) | p < 0.1 | after Holm |" in report
+    # every difference is in the report with its p-value
+    for row in comparison.differences:
+        assert f"| {row['variant_a']} | {row['variant_b']} | {row['pairs']} |" in report
+        assert f"| {row['p_value']:.3g} |" in report
+
+
+def score_values(con, comparison_id: str) -> dict:
+    """(variant, scorer, scorer_version) → {(custom_id, sample_index): value}, from the score rows themselves."""
+    found = con.execute(
+        """
+        SELECT c.variant, s.scorer, s.scorer_version, s.direction, ro.custom_id, ro.sample_index, s.value
+        FROM comparisons c
+        JOIN run_outputs ro ON ro.run_id = c.run_id AND ro.duplicate_of IS NULL
+        JOIN scores s ON s.output_id = ro.output_id
+        WHERE c.comparison_id = ? AND s.value IS NOT NULL
+        """,
+        [comparison_id],
+    ).fetchall()
+    values: dict = {}
+    for variant, scorer, version, direction, custom_id, sample, value in found:
+        values.setdefault((variant, scorer, version), {"direction": direction, "values": {}})["values"][(custom_id, sample)] = (
+            value
+        )
+    return values
+
+
+def paired(values: dict, a: str, b: str, scorer: str, version: str) -> tuple[str, list[float], list[float]]:
+    first, second = values[(a, scorer, version)], values[(b, scorer, version)]
+    keys = sorted(set(first["values"]) & set(second["values"]))
+    return first["direction"], [first["values"][k] for k in keys], [second["values"][k] for k in keys]
+
+
+def check_win_rates_against_score_rows(win_rates: list[dict], values: dict) -> None:
+    """Wins counted by each scorer's direction, ties half, Wilson interval: as the score rows say."""
+    directed = [row for row in win_rates if row["direction"] != "none"]
+    assert {row["scorer"] for row in directed} >= {"finish_reason", "empty_output", "refusal", "valid_json"}
+    for row in directed:
+        direction, a, b = paired(values, row["variant_a"], row["variant_b"], row["scorer"], row["scorer_version"])
+        better = [(x > y) if direction == "higher" else (x < y) for x, y in zip(a, b)]
+        worse = [(x < y) if direction == "higher" else (x > y) for x, y in zip(a, b)]
+        ties = sum(x == y for x, y in zip(a, b))
+        assert (row["pairs"], row["wins"], row["losses"], row["ties"]) == (len(a), sum(better), sum(worse), ties), row
+        assert row["win_rate"] == pytest.approx((sum(better) + ties / 2) / len(a))
+        assert (row["win_rate_ci95_low"], row["win_rate_ci95_high"]) == pytest.approx(
+            wilson_interval(sum(better) + ties / 2, len(a))
+        )
+
+
+def check_differences_against_score_rows(differences: list[dict], values: dict, variants: list[str]) -> None:
+    """One row per scorer and pair of variants (in the order given); means, counts, sign test and the
+    bootstrap interval (the same pairs and seed) recomputed from the score rows."""
+    expected_pairs = {(a, b) for i, a in enumerate(variants) for b in variants[i + 1 :]}
+    assert {(row["variant_a"], row["variant_b"]) for row in differences} == expected_pairs
+    assert {row["scorer"] for row in differences} >= {"completion_tokens", "finish_reason", "refusal", "distinct_2"}
+    for row in differences:
+        direction, a, b = paired(values, row["variant_a"], row["variant_b"], row["scorer"], row["scorer_version"])
+        recomputed = paired_difference(a, b, BootstrapConfig(resamples=row["resamples"], seed=row["seed"]))
+        assert row["direction"] == direction and (row["resamples"], row["seed"]) == (300, 5)
+        assert (row["pairs"], row["b_higher"], row["a_higher"]) == (recomputed.pairs, recomputed.b_higher, recomputed.a_higher)
+        assert (row["mean_a"], row["mean_b"], row["mean_diff"]) == pytest.approx(
+            (sum(a) / len(a), sum(b) / len(b), sum(b) / len(b) - sum(a) / len(a))
+        )
+        assert row["p_value"] == pytest.approx(sign_test_p_value(recomputed.b_higher, recomputed.a_higher))
+        assert (row["diff_ci95_low"], row["diff_ci95_high"]) == pytest.approx(
+            (recomputed.diff_ci95_low, recomputed.diff_ci95_high)
+        )
+        assert row["diff_ci95_low"] <= row["mean_diff"] + 1e-12 and row["mean_diff"] <= row["diff_ci95_high"] + 1e-12

@@ -167,14 +167,52 @@ def test_user_scorer_registered_by_entry_point(install_scorers):
 
         @scorer_factory
         def starts_with(prefix):
-            return Scorer("starts_with", "1+" + prefix, per_row(lambda row: (float(row["text"].startswith(prefix)), None)))
+            return Scorer(
+                "starts_with", "1+" + prefix, per_row(lambda row: (float(row["text"].startswith(prefix)), None)), "higher"
+            )
         """,
         {"shouting": "my_scorers:shouting", "starts_with": "my_scorers:starts_with"},
     )
+    # a user scorer declares its direction, or has none (no winner in a comparison)
+    assert resolve_scorer("shouting").direction == "none"
+    assert resolve_scorer({"name": "starts_with", "options": {"prefix": "He"}}).direction == "higher"
     assert score("shouting", row("HEY")) == (1.0, None)
     assert score("my_scorers:shouting", row("HEY")) == (1.0, None)  # its import path names it too
     assert score({"name": "starts_with", "options": {"prefix": "He"}}, row("Hello")) == (1.0, None)
     table = score_rows([row("HEY")], resolve_scorers(["shouting"]))
-    assert table.to_pylist()[0]["scorer_version"] == "2"
+    assert (table.to_pylist()[0]["scorer_version"], table.to_pylist()[0]["direction"]) == ("2", "none")
     with pytest.raises(SpecError, match="scorer shouting: takes no options"):
         resolve_scorer({"name": "shouting", "options": {"x": 1}})
+
+
+def test_every_built_in_declares_its_direction_and_score_rows_carry_it():
+    directions = {scorer.name: scorer.direction for scorer in resolve_scorers(DEFAULT_SCORERS)}
+    assert directions == {
+        "completion_tokens": "none",
+        "completion_chars": "none",
+        "finish_reason": "lower",
+        "empty_output": "lower",
+        "refusal": "lower",
+        "valid_json": "higher",
+        "exact_match": "higher",
+        "contains": "higher",
+        "chrf": "higher",
+        "distinct_2": "higher",
+        "mean_logprob": "higher",
+        "perplexity": "lower",
+    }
+    assert resolve_scorer({"name": "json_schema", "options": {"schema": {"type": "object"}}}).direction == "higher"
+    table = score_rows([row("a b a b")], resolve_scorers(["refusal", "valid_json", "completion_tokens"]))
+    assert dict(zip(table["scorer"].to_pylist(), table["direction"].to_pylist())) == {
+        "refusal": "lower",
+        "valid_json": "higher",
+        "completion_tokens": "none",
+    }
+
+
+def test_a_regex_says_which_way_it_counts_and_another_direction_is_another_version():
+    wanted = resolve_scorer({"name": "regex", "options": {"pattern": "^\\d+$"}})
+    unwanted = resolve_scorer({"name": "regex", "options": {"pattern": "^\\d+$", "direction": "lower"}})
+    assert (wanted.direction, unwanted.direction) == ("higher", "lower") and wanted.version != unwanted.version
+    with pytest.raises(SpecError, match="direction 'sideways' is not one of higher, lower, none"):
+        resolve_scorer({"name": "regex", "options": {"pattern": "x", "direction": "sideways"}})
