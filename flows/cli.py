@@ -259,6 +259,11 @@ def parser() -> argparse.ArgumentParser:
         help="run each batch as a flow run of this deployment on a Prefect server's gpu pool; '' for processes of the "
         "server's own (default auto: batch-inference/batch-api when a Prefect server is configured)",
     )
+    serve_parser.add_argument(
+        "--api-key-secret",
+        action="append",
+        help="name of a Prefect Secret block holding an API key (repeatable), besides `vbf keys`",
+    )
     serve_parser.add_argument("--running-batches", type=int, help="batches run at once, each in its own process (default: 1)")
     serve_parser.add_argument("--max-file-bytes", type=int, help="largest upload (default: 200 MB)")
     serve_parser.add_argument("--max-line-bytes", type=int, help="longest line of an upload (default: 1 MB)")

@@ -275,6 +275,8 @@ def serve(args: argparse.Namespace) -> None:
         **{name: value for name, value in limits.items() if value is not None},
     )
     with service_db(service_db_path(config.folder)) as con:
+        for name in args.api_key_secret or []:
+            add_secret_key(con, name)
         keyed = any_active_key(con)
     if not keyed and config.host not in LOOPBACK:
         raise SpecError(
@@ -289,6 +291,16 @@ def serve(args: argparse.Namespace) -> None:
     if not keyed:
         print("no API keys: any local client may use it (`vbf keys create NAME` to require keys)", flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+def add_secret_key(con, secret_name: str) -> None:
+    """A key whose value lives in a Prefect Secret block: its hash is stored (again) under `secret:NAME`."""
+    from blocks import secret_value
+    from tasks.service.app import key_hash
+    from tasks.store.service import replace_key
+
+    start_prefect(verbose=False)
+    replace_key(con, f"secret:{secret_name}", secret_name, key_hash(secret_value(secret_name)))
 
 
 def keys(args: argparse.Namespace) -> None:

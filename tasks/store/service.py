@@ -60,6 +60,12 @@ def add_key(con: sqlite3.Connection, key_id: str, name: str, key_hash: str) -> N
     con.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", [key_id, name, key_hash, int(time.time())])
 
 
+def replace_key(con: sqlite3.Connection, key_id: str, name: str, key_hash: str) -> None:
+    """Add a key, or give an existing id its new hash (a Secret block's value that was rotated)."""
+    con.execute("DELETE FROM api_keys WHERE key_id = ?", [key_id])
+    add_key(con, key_id, name, key_hash)
+
+
 def list_keys(con: sqlite3.Connection) -> list[dict]:
     cursor = con.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys ORDER BY created_at, key_id")
     return [dict(zip(("key_id", "name", "created_at", "revoked_at"), row)) for row in cursor]

@@ -260,6 +260,19 @@ def test_a_file_whose_lines_do_not_match_the_batch_fails_validation_with_errors(
     assert failed.output_file_id is None and failed.request_counts.completed == 0
 
 
+def test_a_key_held_in_a_prefect_secret_block_opens_the_server(tmp_path):
+    server = Server(tmp_path, "--api-key-secret", "batch-api-key")
+    save = "from prefect.blocks.system import Secret; Secret(value='vbf-from-a-secret').save('batch-api-key')"
+    subprocess.run([sys.executable, "-c", save], cwd=ROOT, env=server.env, check=True, capture_output=True, timeout=300)
+    server.start()
+    try:
+        assert server.client("vbf-from-a-secret").batches.list().data == []
+        with pytest.raises(openai.AuthenticationError):
+            server.client("vbf-something-else").batches.list()
+    finally:
+        server.stop()
+
+
 def test_an_open_server_refuses_to_listen_beyond_loopback(tmp_path):
     refused = subprocess.run(
         [VBF, "serve", "--host", "0.0.0.0", "--folder", str(tmp_path / "service")],
