@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from blocks import resolve
 from blocks.model import InferenceModel
 from blocks.store import ResultsStore
+from flows.estimate_run import estimate_run
 from tasks import storage
 from tasks.config import (
     SAMPLE_DATASET,
@@ -26,6 +27,7 @@ from tasks.config import (
     WorkersConfig,
 )
 from tasks.engines.faults import ensure_reaper
+from tasks.inference.estimate import RunEstimate
 from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
@@ -61,9 +63,13 @@ def batch_inference(
     dispatch: Dispatch = "local",
     n_workers: int = 2,
     workers: WorkersConfig = WorkersConfig(),
-) -> RunSummary:
+    dry_run: bool = False,
+) -> RunSummary | RunEstimate:
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
-    runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py)."""
+    runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py).
+    dry_run: only price the job (flows/estimate_run.py), from earlier runs' rate; nothing runs."""
+    if dry_run:
+        return estimate_run(dataset=dataset, model=model, sampling=sampling, store=store)
     ensure_reaper()  # killed outright, this process leaves no engine nor temporary Prefect server behind
     model, store = resolve(model, InferenceModel), resolve(store, ResultsStore)
     scorers_used = scorers_version(resolve_scorers(scorers))  # an unknown scorer fails the run before any work

@@ -111,7 +111,16 @@ def parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--scorer", action="append", help="scorer name or package.module:attribute (repeatable; default: every built-in)"
     )
-    run_parser.add_argument("--summary-json", help="also write the run summary to this file")
+    run_parser.add_argument("--summary-json", help="also write the run summary (or the dry run's estimate) to this file")
+    dry = run_parser.add_argument_group("dry run")
+    dry.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="price the job: counts, exact prompt tokens, output tokens, engine time, cost; runs nothing",
+    )
+    dry.add_argument("--sample", type=int, default=0, help="with --dry-run: measure the rate and output length on N requests")
+    dry.add_argument("--price-per-gpu-hour", type=float, help="with --dry-run: the cost of engine time")
+    dry.add_argument("--price-per-million-tokens", type=float, help="with --dry-run: the cost of prompt + output tokens")
 
     batch_parser = command(
         subparsers,

@@ -147,6 +147,23 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
         start_engine_in_background(model, store.storage)
 
 
+def dry_run(dataset: DatasetSpec, model: ModelConfig, sampling: SamplingConfig, store: StoreConfig, args: argparse.Namespace):
+    """Price the job and print it; no engine starts unless --sample asks for one."""
+    start_prefect(args.verbose)
+    from flows.estimate_run import estimate_run
+    from tasks.config import PricingConfig
+    from tasks.engines.vllm import close_engine
+    from tasks.inference.estimate import format_estimate
+
+    pricing = PricingConfig(per_gpu_hour=args.price_per_gpu_hour, per_million_tokens=args.price_per_million_tokens)
+    try:
+        estimate = estimate_run(dataset=dataset, model=model, sampling=sampling, store=store, pricing=pricing, sample=args.sample)
+    finally:
+        close_engine(timeout=0)
+    print(format_estimate(estimate))
+    return estimate
+
+
 def sharding_of(args: argparse.Namespace) -> ShardingConfig:
     chosen = {"shard_size": args.shard_size, "on_stop": args.on_stop}
     return ShardingConfig(**{name: value for name, value in chosen.items() if value})
@@ -154,6 +171,11 @@ def sharding_of(args: argparse.Namespace) -> ShardingConfig:
 
 def run(args: argparse.Namespace) -> None:
     dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
+    if args.dry_run:
+        estimate = dry_run(dataset, model, sampling, store, args)
+        if args.summary_json:
+            Path(args.summary_json).write_text(estimate.model_dump_json(indent=2))
+        return
     summary = run_flow(dataset, model, sampling, sharding_of(args), store, args.scorer, args.verbose)
     if args.summary_json:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))

@@ -430,6 +430,15 @@ class WorkersConfig(BaseModel):
     poll_seconds: float = Field(2.0, gt=0, description="How often the run checks its groups.")
 
 
+class PricingConfig(BaseModel):
+    """A dry run's rate: per GPU-hour of engine time, or per million tokens (prompt + output)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_gpu_hour: float | None = Field(None, ge=0)
+    per_million_tokens: float | None = Field(None, ge=0)
+
+
 def openai_batch_dataset(path: str, name: str) -> DatasetSpec:
     """An OpenAI batch file as a dataset: every line gets an answer or an error line, however many are rejected."""
     return DatasetSpec(name=name, source=path, format="openai_batch", validation=ValidationConfig(max_rejected_share=1.0))

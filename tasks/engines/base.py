@@ -91,6 +91,15 @@ def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingCon
         raise ValueError(f"overrides are not JSON: {error}") from error
 
 
+def prompt_token_ids(tokenizer, prompt: str | None, messages: str | None) -> list[int]:
+    """A request's prompt as the engine sends it: chat messages through the model's chat template, or the prompt as is."""
+    if messages is not None:
+        return list(
+            tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+    return list(tokenizer.encode(prompt))
+
+
 def request_columns(requests: pa.Table) -> zip:
     """(request_key, prompt, messages, overrides) per request; overrides may be absent from a table."""
     overrides = requests["overrides"].to_pylist() if "overrides" in requests.column_names else [None] * requests.num_rows

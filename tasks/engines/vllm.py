@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import logging
 import threading
 import time
@@ -15,7 +14,15 @@ import zlib
 import pyarrow as pa
 
 from tasks.config import ModelConfig, SamplingConfig
-from tasks.engines.base import EngineFailed, GenerateResult, OutputRecord, output_table, request_columns, request_sampling
+from tasks.engines.base import (
+    EngineFailed,
+    GenerateResult,
+    OutputRecord,
+    output_table,
+    prompt_token_ids,
+    request_columns,
+    request_sampling,
+)
 from tasks.engines.faults import (
     EngineHung,
     EngineOutput,
@@ -166,12 +173,7 @@ class VllmEngine:
         return not reported
 
     def prompt_token_ids(self, prompt: str | None, messages: str | None) -> list[int]:
-        if messages is not None:
-            conversation = json.loads(messages)
-            return list(
-                self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
-            )
-        return list(self.tokenizer.encode(prompt))
+        return prompt_token_ids(self.tokenizer, prompt, messages)
 
     def lora_request(self):
         adapter = self.config.lora_adapter

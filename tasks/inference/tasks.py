@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -26,8 +28,10 @@ from tqdm import tqdm
 
 from blocks import secret_value
 from tasks import keys, storage
-from tasks.config import ModelConfig, WorkersConfig
+from tasks.config import ModelConfig, StoreConfig, WorkersConfig
 from tasks.engines import open_engine
+from tasks.engines.base import prompt_token_ids
+from tasks.inference.estimate import PendingTokens, Throughput, count_pending
 from tasks.inference.job import (
     PERMANENT_ERRORS,
     InferenceJob,
@@ -40,7 +44,9 @@ from tasks.inference.job import (
     summarize_outputs,
 )
 from tasks.inference.journal import ShardJournal, generate_in_parts
+from tasks.prepare.requests import RequestSet, pending_requests
 from tasks.prepare.shard import Shard
+from tasks.store.queries import answered_keys, generation_rate
 
 Dispatch = Literal["local", "workers"]
 
@@ -275,3 +281,57 @@ def generate_shards_of_run(
     if dispatch == "workers":
         return generate_on_workers(shards, job, n_workers, workers, description, on_finished)
     return generate_here(shards, job, description, on_finished)
+
+
+# ---------------------------------------------------------------- a dry run's measurements
+
+
+def tokenizer_of(model: ModelConfig):
+    """The model's own tokenizer (and chat template), as vLLM loads it; None for a served model we cannot read."""
+    if model.engine != "vllm":
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.model, revision=model.revision)
+
+
+def approx_token_count(prompt: str | None, messages: str | None) -> int:
+    return -(-len(prompt if messages is None else messages) // 4)  # characters / 4, as the shard budget counts
+
+
+@task(name="count-pending-tokens")
+def count_pending_tokens(request_set: RequestSet, job: InferenceJob, store: StoreConfig) -> tuple[PendingTokens, bool]:
+    """The requests a run would send (not answered yet for this model and sampling), their exact prompt
+    tokens and their most output tokens; and whether the count is exact (the model's tokenizer is here)."""
+    answered = answered_keys(store.duckdb_path, job.model_fingerprint, job.sampling_hash, store.lock_timeout_seconds)
+    tokenizer = tokenizer_of(job.model)
+    count = (
+        approx_token_count if tokenizer is None else lambda prompt, messages: len(prompt_token_ids(tokenizer, prompt, messages))
+    )
+    return count_pending(pending_requests(request_set, answered), job.sampling, count), tokenizer is not None
+
+
+@task(name="measure-sample", cache_policy=NO_CACHE)
+def measure_sample(request_set: RequestSet, job: InferenceJob, store: StoreConfig, size: int) -> Throughput | None:
+    """Generate for the first `size` pending requests (nothing is stored): output tokens per request and per engine second."""
+    answered = answered_keys(store.duckdb_path, job.model_fingerprint, job.sampling_hash, store.lock_timeout_seconds)
+    tables, rows = [], 0
+    for table in pending_requests(request_set, answered):
+        tables.append(table.slice(0, size - rows))
+        rows += tables[-1].num_rows
+        if rows >= size:
+            break
+    if not rows:
+        return None
+    engine = open_engine(job.model, secret_value(job.model.api_key_secret), job.storage)
+    result = engine.generate(pa.concat_tables(tables), job.sampling, key="dry-run-sample")
+    tokens = pc.sum(result.outputs["completion_tokens"]).as_py() or 0
+    return Throughput(
+        tokens_per_second=tokens / result.seconds, output_tokens_per_sample=tokens / result.outputs.num_rows, source="sample"
+    )
+
+
+@task(name="read-generation-rate")
+def read_generation_rate(job: InferenceJob, store: StoreConfig) -> Throughput | None:
+    rate = generation_rate(store.duckdb_path, job.model_fingerprint, store.lock_timeout_seconds)
+    return Throughput(tokens_per_second=rate, source="earlier runs") if rate else None

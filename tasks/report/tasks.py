@@ -6,6 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks import storage
+from tasks.inference.estimate import RunEstimate, format_estimate
 from tasks.prepare.requests import RequestSet
 from tasks.report.charts import comparison_chart, differences_chart, histogram_png
 from tasks.report.markdown import comparison_markdown, format_report
@@ -98,4 +99,13 @@ def publish_curated_summary(manifest: dict, folder: str) -> None:
         markdown=f"**{manifest['name']}** version `{manifest['curated_version']}`: {counts['examples']} examples "
         f"({counts['accepted']} accepted, {counts['corrected']} corrected) from runs "
         f"{', '.join(manifest['source_runs']) or '—'} → `{folder}`",
+    )
+
+
+@task(name="publish-estimate")
+def publish_estimate(estimate: RunEstimate) -> None:
+    create_markdown_artifact(
+        key="batch-inference-estimate",
+        markdown=f"```\n{format_estimate(estimate)}\n```",
+        description=f"Dry run of {estimate.dataset_name} on {estimate.model}",
     )

@@ -156,3 +156,16 @@ def newest_run_progress(duckdb_path: str, dataset_name: str, lock_timeout_second
             [dataset_name],
         )
     return rows[0] if rows else None
+
+
+def generation_rate(duckdb_path: str, model_fingerprint: str, lock_timeout_seconds: float = 60.0) -> float | None:
+    """Output tokens per engine second of the earlier runs of this model (its fingerprint) that generated any."""
+    if not Path(duckdb_path).is_file():
+        return None
+    with closing(open_for_read(duckdb_path, lock_timeout_seconds)) as con:
+        tokens, seconds = con.execute(
+            """SELECT sum(generated_tokens), sum(TRY_CAST(json_extract_string(stage_seconds, '$.generate') AS DOUBLE))
+               FROM runs WHERE model_fingerprint = ? AND generated_tokens > 0""",
+            [model_fingerprint],
+        ).fetchall()[0]
+    return tokens / seconds if tokens and seconds else None
