@@ -67,10 +67,10 @@ def duration(seconds: float | None) -> str:
 
 
 def clock(timestamp: float | None) -> str:
-    """A Unix time as `2025-01-31 14:05:09 UTC`; `—` for none."""
+    """A Unix time in UTC as `2025-01-31 14:05:09`; `—` for none."""
     if not timestamp:
         return "—"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 def rate_text(rate: float | None) -> str:
@@ -85,15 +85,17 @@ def percent_text(percent: float | None) -> str:
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+body { font-family: system-ui, sans-serif; font-size: 13px; margin: 1rem; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5rem; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.45rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.bar { width: 8rem; height: 0.6rem; background: #eee; display: inline-block; }
+.bar { width: 4rem; height: 0.6rem; background: #eee; display: inline-block; }
 .bar span { display: block; height: 100%; background: #3a7; }
 .state-in_progress { color: #06c; } .state-completed { color: #282; } .state-failed, .state-expired { color: #b22; }
 .error { color: #b22; font-size: 0.9em; }
+td.model, td.created, td.eta, td.throughput, td.progress { white-space: nowrap; }
+td.errors, td.metadata { max-width: 14rem; overflow-wrap: anywhere; }
 .muted { color: #777; }
 """
 
@@ -124,6 +126,7 @@ def batch_row(batch: dict, at: float) -> str:
         f'<td class="id">{text(batch["id"])}</td>',
         f'<td class="state state-{text(batch["status"])}">{text(batch["status"])}</td>',
         f'<td class="model">{text(batch.get("model") or "—")}</td>',
+        f'<td class="created">{clock(batch.get("created_at"))}</td>',
         f'<td class="num completed">{counts["completed"]}</td>',
         f'<td class="num failed">{counts["failed"]}</td>',
         f'<td class="num total">{counts["total"]}</td>',
@@ -132,7 +135,6 @@ def batch_row(batch: dict, at: float) -> str:
         f'<td class="eta">{duration(eta_seconds(batch, at)) if batch["status"] == "in_progress" else "—"}</td>',
         f'<td class="errors">{errors_cell(batch)}</td>',
         f'<td class="metadata">{metadata_cell(batch)}</td>',
-        f'<td class="created">{clock(batch.get("created_at"))}</td>',
     ]
     return f'<tr class="batch" id="{text(batch["id"])}">{"".join(cells)}</tr>'
 
@@ -141,6 +143,7 @@ BATCH_HEADINGS = (
     "batch",
     "state",
     "model",
+    "created (UTC)",
     "completed",
     "failed",
     "total",
@@ -149,7 +152,6 @@ BATCH_HEADINGS = (
     "ETA",
     "errors",
     "metadata",
-    "created",
 )
 
 
@@ -167,7 +169,7 @@ def dashboard(batches: list[dict], models: dict[str, bool], owner: str, at: floa
     model_rows = "".join(model_row(name, loaded) for name, loaded in models.items())
     body = f"""
 <h1>Batches</h1>
-<p class="muted">for {text(owner)} · {clock(at)} · reloads every {REFRESH_SECONDS} s</p>
+<p class="muted">for {text(owner)} · {clock(at)} UTC · reloads every {REFRESH_SECONDS} s</p>
 <table id="batches"><thead><tr>{headings}</tr></thead><tbody>{batch_rows}</tbody></table>
 <h2>Models</h2>
 <p class="muted">loaded: a batch of this model is running now</p>
