@@ -11,20 +11,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
 from tasks import storage
 from tasks.config import ServiceConfig
+from tasks.service import page
 from tasks.service.objects import PRIORITIES, ApiError, batch_object, file_object, list_page, new_id, now
 from tasks.service.runner import BatchRunner, new_batch_run
 from tasks.service.uploads import UploadCheck, copy_checked
 from tasks.store import service as records
 
 NO_KEYS_OWNER = "local"  # the one owner of a server without keys (which binds only to loopback)
+PAGE_COOKIE = "vbf_key"  # the dashboard's key, set by its form
+PAGE_BATCHES = 500  # the newest batches the dashboard shows
 
 
 def key_hash(key: str) -> str:
@@ -73,6 +77,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """The key's id (the owner of what it creates), with the action recorded; 401 without a valid key."""
         header = request.headers.get("authorization", "")
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        return owner_of(token, action, object_id)
+
+    def owner_of(token: str, action: str, object_id: str = "") -> str:
         with records.service_db(db_path) as con:
             if not records.any_active_key(con):
                 owner = NO_KEYS_OWNER
@@ -178,6 +185,28 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if batch["status"] not in ("cancelling", "cancelled"):
             raise ApiError(409, f"batch {batch_id} is {batch['status']}: it can no longer be cancelled", "id")
         return batch
+
+    # ------------------------------------------------------------ the dashboard page
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard(request: Request, key: str | None = None) -> HTMLResponse:
+        """The caller's batches and the served models; the key comes as `?key=` or the cookie the form sets."""
+        try:
+            owner = owner_of(key or request.cookies.get(PAGE_COOKIE, ""), "page.read")
+        except ApiError as refused:
+            message = "this server needs an API key" if not (key or request.cookies.get(PAGE_COOKIE)) else refused.message
+            return HTMLResponse(page.key_form(message), status_code=401)
+        with records.service_db(db_path) as con:
+            batches = records.list_batches(con, owner, None, PAGE_BATCHES)
+            running = records.models_running(con)
+        return HTMLResponse(page.dashboard(batches, {name: name in running for name in models}, owner, time.time()))
+
+    @app.post("/")
+    def remember_key(key: str = Form(...)) -> RedirectResponse:
+        """The form's key, kept in a cookie only this server reads (not in the address, nor in history)."""
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(PAGE_COOKIE, key, httponly=True, samesite="strict")
+        return response
 
     @app.get("/v1/models")
     def list_models(request: Request) -> dict:

@@ -9,9 +9,11 @@ results file. Each batch's run is a real `vbf run` process on the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,6 +286,41 @@ def test_an_open_server_refuses_to_listen_beyond_loopback(tmp_path):
     assert refused.returncode == 1 and "without API keys the server listens on 127.0.0.1 only" in refused.stderr
 
 
+# ---------------------------------------------------------------- the dashboard page at /
+
+PAYLOAD = '<script>document.title="owned"</script><img src=x onerror=alert(1)>'
+
+
+def page(server: Server, **options) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{server.port}/", **options)
+
+
+def test_the_dashboard_needs_a_key_shows_only_that_keys_batches_and_escapes_metadata(keyed, tmp_path):
+    server, _ = keyed
+    carol, dave = (re.search(r"key_\w+ \(\w+\): (\S+)", server.vbf("keys", "create", name))[1] for name in ("carol", "dave"))
+    client = server.client(carol)
+    file_id = upload(client, tmp_path / "carol.jsonl", [chat_line("c1", "Hi", model="not-served")])
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"note": PAYLOAD}
+    )
+    wait_for(client, batch.id, lambda b: b.status == "failed", timeout=60)
+
+    for refused in (page(server), page(server, params={"key": "vbf-wrong"})):  # no key, a wrong key: the form, no batch
+        assert refused.status_code == 401 and '<input type="password" name="key"' in refused.text
+        assert batch.id not in refused.text
+    shown = page(server, params={"key": carol})
+    assert shown.status_code == 200 and f'<tr class="batch" id="{batch.id}">' in shown.text
+    assert "model_not_found" in shown.text and '<td class="state state-failed">failed</td>' in shown.text
+    assert PAYLOAD not in shown.text and "&lt;script&gt;document.title=&quot;owned&quot;&lt;/script&gt;" in shown.text
+    assert '<td class="loaded">idle</td>' in shown.text  # nothing runs
+
+    # The form keeps the key in a cookie; dave's page has none of carol's batches.
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as browser:
+        kept = browser.post("/", data={"key": dave}, follow_redirects=True)
+        assert kept.status_code == 200 and "no batches yet" in kept.text and batch.id not in kept.text
+        assert "httponly" in kept.history[0].headers["set-cookie"].lower()
+
+
 # ---------------------------------------------------------------- batches that run (real vLLM runs)
 # Two batches run at once (each its own `vbf run` process and engine): the slow tests pair them up.
 
@@ -434,3 +471,56 @@ def test_a_batch_past_its_window_expires_with_the_unanswered_lines_as_batch_expi
     assert errors and {line["error"]["code"] for line in errors} == {"batch_expired"}
     assert len(output) + len(errors) == 12040
     assert results(server, "SELECT status FROM runs WHERE dataset_name = ?", done.id) == [("cancelled",)]
+
+
+# ---------------------------------------------------------------- the dashboard in a real browser
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+
+
+def page_cell(dom: str, batch_id: str, name: str) -> str:
+    row = re.search(rf'<tr class="batch" id="{batch_id}">(.*?)</tr>', dom, re.S)
+    assert row, f"no row for {batch_id} in the page"
+    return re.search(rf'<td class="[^"]*\b{name}\b[^"]*">(.*?)</td>', row[1], re.S)[1]
+
+
+@pytest.mark.slow
+def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_does(tmp_path, tiny_model_dir):
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (`make system-packages` installs it)")
+    server = Server(tmp_path, "--model", model_yaml(tmp_path, "tiny-llama", tiny_model_dir, 0)).start()
+    client, url, screenshot = server.client(), f"http://127.0.0.1:{server.port}/", tmp_path / "dashboard.png"
+    try:
+        lines = [chat_line(f"p{i}", f"Write a page about subject {i}", max_tokens=64) for i in range(2000)]
+        batch = client.batches.create(
+            input_file_id=upload(client, tmp_path / "dashboard.jsonl", lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"note": PAYLOAD},
+        )
+        try:
+            # Its run has started: far from done (its first shard alone is 1,024 lines of 64 tokens).
+            before = wait_for(client, batch.id, lambda b: b.status == "in_progress" and run_processes(batch.id), timeout=60)
+            dom = chromium("--dump-dom", url, profile=tmp_path / "chromium").stdout
+            after = client.batches.retrieve(batch.id)
+            chromium(f"--screenshot={screenshot}", "--window-size=1280,900", url, profile=tmp_path / "chromium")
+        finally:  # the test ends fast, and the run stops before the server does (it would outlive it)
+            with contextlib.suppress(openai.ConflictError):
+                client.batches.cancel(batch.id)
+            ended = wait_for(client, batch.id, lambda b: b.status in ENDED, timeout=120)
+    finally:
+        server.stop()
+
+    assert page_cell(dom, batch.id, "state") == "in_progress" and page_cell(dom, batch.id, "model") == "tiny-llama"
+    shown = {name: int(page_cell(dom, batch.id, name)) for name in ("completed", "failed", "total")}
+    assert before.request_counts.completed <= shown["completed"] <= after.request_counts.completed
+    assert shown["total"] == after.request_counts.total == 2000 and shown["failed"] == after.request_counts.failed
+    assert re.search(r'<td>tiny-llama</td><td class="loaded">loaded</td>', dom)
+    # The browser ran the page: the payload in metadata is text in its cell, never a script or an image.
+    assert "<script" not in dom and "<img" not in dom
+    assert "&lt;script&gt;" in page_cell(dom, batch.id, "metadata")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    assert ended.status == "cancelled"
