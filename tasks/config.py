@@ -323,7 +323,14 @@ class SamplingConfig(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(1.0, gt=0)
-    logprobs: int | None = Field(None, ge=0, description="Ask for logprobs: outputs then carry mean_logprob.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        description="Ask for logprobs: outputs then carry mean_logprob and token_logprobs (each token and this many alternatives).",
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, exclude_if=unset, description="Ask for the prompt's logprobs (this many alternatives): prompt_logprobs."
+    )
     logit_bias: LogitBias | None = Field(None, exclude_if=unset, description="Token id → bias added to its logit.")
     structured: StructuredOutput | None = None
 
@@ -345,6 +352,7 @@ class SamplingOverrides(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = Field(None, gt=0)
     logprobs: int | None = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
     logit_bias: LogitBias | None = None
     structured: StructuredOutput | None = None
 

@@ -4,9 +4,10 @@ per-row sampling overrides, and the transient errors a shard is retried after.""
 from __future__ import annotations
 
 import json
+import types
 import typing
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NewType, Protocol, TypedDict
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -18,6 +19,27 @@ from tasks.config import SamplingConfig, describe_errors
 # for the record, but the next run asks again.
 PERMANENT = "permanent"
 TRANSIENT = "transient"
+
+
+# Logprobs are float32 in vLLM: stored as such, they lose nothing and take half the room.
+Float32 = NewType("Float32", float)
+
+
+class TopLogprob(TypedDict):
+    """One of the most likely tokens at a place of the answer (or prompt)."""
+
+    token: str | None  # the token's text as vLLM decodes it alone
+    token_id: int | None  # None when a server does not say (the openai engine)
+    logprob: Float32
+
+
+class TokenLogprob(TypedDict):
+    """One token of the answer (or prompt), its logprob, and the `logprobs` most likely tokens there, rank 1 first."""
+
+    token: str | None
+    token_id: int | None
+    logprob: Float32 | None  # None for a prompt's first token, which nothing precedes
+    top: list[TopLogprob]
 
 
 @dataclass
@@ -35,6 +57,9 @@ class OutputRecord:
     error_code: str | None = None  # context_length_exceeded, invalid_request, ...; None on success
     error: str | None = None
     error_kind: str | None = None  # PERMANENT or TRANSIENT; None on success
+    # Per token, only when asked (`logprobs`, `prompt_logprobs`): a list column DuckDB queries (UNNEST) and exports.
+    token_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def failed(
@@ -44,17 +69,35 @@ class OutputRecord:
 
 
 def arrow_type(hint: object) -> pa.DataType:
-    """The Arrow type of a field annotated `T` or `T | None`."""
-    (python_type,) = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
-    return {str: pa.string(), int: pa.int32(), float: pa.float64()}[python_type]
+    """The Arrow type of a field annotated `T` or `T | None`: T a str, int, float, Float32, list[T] or a TypedDict of them."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
+    if typing.get_origin(hint) is list:
+        return pa.list_(arrow_type(typing.get_args(hint)[0]))
+    if typing.is_typeddict(hint):
+        return pa.struct([(name, arrow_type(field)) for name, field in typing.get_type_hints(hint).items()])
+    return {str: pa.string(), int: pa.int32(), float: pa.float64(), Float32: pa.float32()}[hint]
 
 
 # The output files' schema, derived from the record so the two cannot drift apart.
 OUTPUT_SCHEMA = pa.schema([(name, arrow_type(hint)) for name, hint in typing.get_type_hints(OutputRecord).items()])
 
 
+# Lists per token: scorers read none of them, and Arrow's joins take none.
+PER_TOKEN_COLUMNS = ("token_logprobs", "prompt_logprobs")
+
+
 def output_table(records: list[OutputRecord]) -> pa.Table:
     return pa.Table.from_pylist([record.__dict__ for record in records], schema=OUTPUT_SCHEMA)
+
+
+def conformed(outputs: pa.Table) -> pa.Table:
+    """Output rows in OUTPUT_SCHEMA: a file written before a field existed has it null."""
+    columns = {
+        field.name: outputs[field.name] if field.name in outputs.column_names else pa.nulls(outputs.num_rows, field.type)
+        for field in OUTPUT_SCHEMA
+    }
+    return pa.table(columns).cast(OUTPUT_SCHEMA)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from tasks.engines.base import (
     GenerateResult,
     OutputRecord,
     ServerUnreachable,
+    TokenLogprob,
     output_table,
     request_columns,
     request_sampling,
@@ -95,6 +96,8 @@ def request_body(model: str, prompt: str | None, messages: str | None, sampling:
             body.update(logprobs=True, top_logprobs=sampling.logprobs)
         else:
             body["logprobs"] = sampling.logprobs
+    if sampling.prompt_logprobs is not None:  # vLLM's extension
+        body["prompt_logprobs"] = sampling.prompt_logprobs
     if sampling.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
     if sampling.structured is not None:
@@ -108,17 +111,22 @@ def request_body(model: str, prompt: str | None, messages: str | None, sampling:
     return body
 
 
-def choice_records(request_key: str, response: dict, latency: float, chat: bool, logprobs: bool) -> list[OutputRecord]:
+def choice_records(request_key: str, response: dict, latency: float, chat: bool, sampling: SamplingConfig) -> list[OutputRecord]:
     usage = response.get("usage") or {}
     choices = response["choices"]
     rows = []
     for choice in choices:
-        if chat:
-            text = (choice.get("message") or {}).get("content") or ""
-            token_logprobs = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
-        else:
-            text = choice.get("text") or ""
-            token_logprobs = [lp for lp in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if lp is not None]
+        text = (choice.get("message") or {}).get("content") or "" if chat else choice.get("text") or ""
+        tokens = None
+        if sampling.logprobs is not None and choice.get("logprobs"):
+            tokens = (
+                chat_token_logprobs(choice["logprobs"])
+                if chat
+                else completion_token_logprobs(choice["logprobs"], sampling.logprobs)
+            )
+        logprobs = [t["logprob"] for t in tokens or () if t["logprob"] is not None]
+        # vLLM answers prompt_logprobs beside the choices (chat) or in each choice (completions)
+        prompt = (response if chat else choice).get("prompt_logprobs") if sampling.prompt_logprobs is not None else None
         rows.append(
             OutputRecord(
                 request_key,
@@ -128,11 +136,63 @@ def choice_records(request_key: str, response: dict, latency: float, chat: bool,
                 prompt_tokens=usage.get("prompt_tokens"),
                 # usage counts all choices together: per choice only when there is one
                 completion_tokens=usage.get("completion_tokens") if len(choices) == 1 else None,
-                mean_logprob=sum(token_logprobs) / len(token_logprobs) if logprobs and token_logprobs else None,
+                mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
                 latency_seconds=latency,
+                token_logprobs=tokens,
+                prompt_logprobs=vllm_prompt_logprobs(prompt, sampling.prompt_logprobs) if prompt else None,
             )
         )
     return rows
+
+
+def chat_token_logprobs(logprobs: dict) -> list[TokenLogprob]:
+    """OpenAI chat's `logprobs.content`: each token with its top alternatives (no token ids)."""
+    return [
+        {
+            "token": t["token"],
+            "token_id": None,
+            "logprob": t["logprob"],
+            "top": [{"token": a["token"], "token_id": None, "logprob": a["logprob"]} for a in t.get("top_logprobs") or []],
+        }
+        for t in logprobs.get("content") or []
+    ]
+
+
+def completion_token_logprobs(logprobs: dict, top: int) -> list[TokenLogprob]:
+    """OpenAI completions' `logprobs`: parallel lists; each place's alternatives are a map that also holds the chosen token."""
+    places = logprobs.get("top_logprobs") or []
+    entries: list[TokenLogprob] = []
+    for i, (token, logprob) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [])):
+        alternatives = sorted((places[i] or {}).items(), key=lambda item: -item[1]) if i < len(places) else []
+        entries.append(
+            {
+                "token": token,
+                "token_id": None,
+                "logprob": logprob,
+                "top": [{"token": t, "token_id": None, "logprob": lp} for t, lp in alternatives[:top]],
+            }
+        )
+    return entries
+
+
+def vllm_prompt_logprobs(places: list, top: int) -> list[TokenLogprob]:
+    """vLLM's `prompt_logprobs`: per place a map token id → {logprob, rank, decoded_token}, or null (the first)."""
+    entries: list[TokenLogprob] = []
+    for place in places:
+        if place is None:
+            entries.append({"token": None, "token_id": None, "logprob": None, "top": []})
+            continue
+        chosen_id, chosen = next(iter(place.items()))  # the prompt's own token comes first
+        ranked = sorted((p["rank"], int(i), p) for i, p in place.items() if p.get("rank") is not None and p["rank"] <= top)
+        entries.append(
+            {
+                "token": chosen.get("decoded_token"),
+                "token_id": int(chosen_id),
+                "logprob": chosen["logprob"],
+                "top": [{"token": p.get("decoded_token"), "token_id": i, "logprob": p["logprob"]} for _, i, p in ranked],
+            }
+        )
+    return entries
 
 
 class RequestLoop:
@@ -214,7 +274,7 @@ class OpenAIEngine:
                     if status == 200:
                         self.requests_sent += 1
                         latency = time.perf_counter() - started
-                        return choice_records(key, response.json(), latency, chat, sampling.logprobs is not None)
+                        return choice_records(key, response.json(), latency, chat, sampling)
                     if status in REFUSED_STATUS:
                         raise refused(self.config, status, f"POST /{path}", response.text)
                     if status not in RETRY_STATUS:  # the request's own fault: its answer

@@ -18,6 +18,7 @@ from tasks.engines.base import (
     EngineFailed,
     GenerateResult,
     OutputRecord,
+    TokenLogprob,
     output_table,
     prompt_token_ids,
     request_columns,
@@ -263,11 +264,15 @@ def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
     """One record per sample of a finished vLLM RequestOutput."""
     stats = outcome.metrics
     latency = stats.last_token_ts - stats.queued_ts if stats is not None and stats.last_token_ts else None
+    asked = request.sampling
+    prompt_logprobs = None
+    if asked.prompt_logprobs is not None and outcome.prompt_logprobs is not None:
+        prompt_logprobs = token_logprobs(request.token_ids, outcome.prompt_logprobs, asked.prompt_logprobs)
     records = []
     for completion in outcome.outputs:
         tokens = len(completion.token_ids)
         mean_logprob = None
-        if request.sampling.logprobs is not None and completion.cumulative_logprob is not None and tokens:
+        if asked.logprobs is not None and completion.cumulative_logprob is not None and tokens:
             mean_logprob = completion.cumulative_logprob / tokens
         records.append(
             OutputRecord(
@@ -279,9 +284,39 @@ def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
                 completion_tokens=tokens,
                 mean_logprob=mean_logprob,
                 latency_seconds=latency,
+                token_logprobs=(
+                    token_logprobs(completion.token_ids, completion.logprobs, asked.logprobs)
+                    if asked.logprobs is not None and completion.logprobs is not None
+                    else None
+                ),
+                prompt_logprobs=prompt_logprobs,
             )
         )
     return records
+
+
+def token_logprobs(token_ids, positions, top: int) -> list[TokenLogprob]:
+    """Each token with its logprob and the `top` most likely tokens at its place, rank 1 first.
+
+    vLLM gives per place the chosen token and the top ranks (the chosen one also among them when it
+    ranks there); a prompt's first place has nothing before it: None, stored with a null logprob.
+    """
+    entries: list[TokenLogprob] = []
+    for token_id, place in zip(token_ids, positions):
+        if place is None:
+            entries.append({"token": None, "token_id": token_id, "logprob": None, "top": []})
+            continue
+        chosen = place[token_id]
+        ranked = sorted((p.rank, i, p) for i, p in place.items() if p.rank is not None and p.rank <= top)
+        entries.append(
+            {
+                "token": chosen.decoded_token,
+                "token_id": token_id,
+                "logprob": chosen.logprob,
+                "top": [{"token": p.decoded_token, "token_id": i, "logprob": p.logprob} for _, i, p in ranked],
+            }
+        )
+    return entries
 
 
 # ---------------------------------------------------------------- the process's one engine

@@ -32,12 +32,44 @@ class AssistantMessage(Strict):
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
+# JSON has no -inf: a token the sampling ruled out gets vLLM's (and OpenAI's) floor instead.
+LOGPROB_FLOOR = -9999.0
+
+
+class TopLogprob(Strict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Strict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Strict):
+    """A chat choice's `logprobs`: each token of the answer with its `top_logprobs` most likely ones."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(Strict):
+    """A completion choice's `logprobs`: parallel lists; each place's map holds the chosen token and the top ones."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
 
 class ChatChoice(Strict):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Strict):
@@ -53,7 +85,7 @@ class CompletionChoice(Strict):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Strict):
@@ -122,14 +154,21 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
         return error_line(first["run_id"], first["custom_id"], first["error_code"], first["error"] or first["error_code"])
     line_id = f"batch_req_{content_hash([first['run_id'], first['custom_id']])}"
     chat = first["messages"] is not None
+    # token_logprobs are stored only when the line (or its run) asked for logprobs: then they are returned
     choices = [
         ChatChoice(
             index=s["sample_index"],
             message=AssistantMessage(role="assistant", content=s["text"]),
             finish_reason=s["finish_reason"],
+            logprobs=chat_logprobs(s["token_logprobs"]) if s.get("token_logprobs") is not None else None,
         )
         if chat
-        else CompletionChoice(index=s["sample_index"], text=s["text"], finish_reason=s["finish_reason"])
+        else CompletionChoice(
+            index=s["sample_index"],
+            text=s["text"],
+            finish_reason=s["finish_reason"],
+            logprobs=completion_logprobs(s["token_logprobs"]) if s.get("token_logprobs") is not None else None,
+        )
         for s in samples
     ]
     completion_tokens = sum(s["completion_tokens"] for s in samples)
@@ -147,6 +186,52 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
         custom_id=first["custom_id"],
         error=None,
         response=BatchResponse(status_code=200, request_id=f"req_{first['output_id']}", body=body),
+    )
+
+
+def token_text(token: str | None) -> str:
+    return token or ""
+
+
+def utf8(token: str | None) -> list[int]:
+    return list(token_text(token).encode("utf-8", errors="replace"))
+
+
+def floored(logprob: float | None) -> float:
+    return LOGPROB_FLOOR if logprob is None else max(logprob, LOGPROB_FLOOR)
+
+
+def chat_logprobs(tokens: list[dict]) -> ChatLogprobs:
+    """Stored token logprobs as a chat choice's `logprobs` (OpenAI's shape, `bytes` the token's UTF-8)."""
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=token_text(t["token"]),
+                logprob=floored(t["logprob"]),
+                bytes=utf8(t["token"]),
+                top_logprobs=[
+                    TopLogprob(token=token_text(a["token"]), logprob=floored(a["logprob"]), bytes=utf8(a["token"]))
+                    for a in t["top"]
+                ],
+            )
+            for t in tokens
+        ]
+    )
+
+
+def completion_logprobs(tokens: list[dict]) -> CompletionLogprobs:
+    """Stored token logprobs as a completion choice's `logprobs`: as OpenAI and vLLM do, each place's map holds the
+    chosen token and the top ones (up to logprobs + 1), and text_offset is where each token starts in the text."""
+    texts = [token_text(t["token"]) for t in tokens]
+    offsets = list(itertools.accumulate((len(text) for text in texts[:-1]), initial=0)) if texts else []
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[floored(t["logprob"]) for t in tokens],
+        top_logprobs=[
+            {token_text(t["token"]): floored(t["logprob"]), **{token_text(a["token"]): floored(a["logprob"]) for a in t["top"]}}
+            for t in tokens
+        ],
+        text_offset=offsets,
     )
 
 

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from tasks import keys, storage
 from tasks.config import SamplingConfig
-from tasks.engines.base import OUTPUT_SCHEMA, TRANSIENT, Engine, GenerateResult
+from tasks.engines.base import OUTPUT_SCHEMA, TRANSIENT, Engine, GenerateResult, conformed
 
 PARTS_IN_FLIGHT = 2
 
@@ -27,7 +27,7 @@ class ShardJournal:
 
     def finished(self) -> pa.Table:
         """Every record the parts hold, each (request, sample) once; never a transient error (asked again)."""
-        parts = [storage.read_parquet(path, OUTPUT_SCHEMA.names) for path in storage.list_files(self.folder, ".parquet")]
+        parts = [conformed(storage.read_parquet(path)) for path in storage.list_files(self.folder, ".parquet")]
         if not parts:
             return OUTPUT_SCHEMA.empty_table()
         records = first_of_each(pa.concat_tables(parts))

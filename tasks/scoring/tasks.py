@@ -10,6 +10,7 @@ from prefect import task
 from blocks import secret_value
 from tasks import keys, storage
 from tasks.config import StoreConfig
+from tasks.engines.base import PER_TOKEN_COLUMNS
 from tasks.inference.job import ShardOutput
 from tasks.prepare.requests import RequestSet
 from tasks.scoring.compare import BootstrapConfig, difference_record
@@ -22,7 +23,8 @@ from tasks.store.rows import ComparisonDifferenceRow
 
 def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Table:
     """An output shard joined with what its canonical requests asked (prompt, messages, reference)."""
-    outputs = storage.read_parquet(output_path)
+    files = storage.parquet_dataset([output_path])
+    outputs = files.to_table(columns=[name for name in files.schema.names if name not in PER_TOKEN_COLUMNS])
     asked = []
     for path in request_files:
         requests = storage.read_parquet(path, ["request_key", "prompt", "messages", "reference", "duplicate_of"])

@@ -13,7 +13,7 @@ EXPORT_COLUMNS = """
     ro.run_id, r.model, r.dataset_name, ro.dataset_version, ro.custom_id, ro.duplicate_of, ro.sample_index,
     q.prompt, q.messages, q.reference, q.source_file, q.source_row, ro.text, ro.finish_reason,
     ro.prompt_tokens, ro.completion_tokens, ro.error_code, ro.error, ro.output_id, ro.produced_by_run_id,
-    o.shard_key, epoch(o.created_at)::BIGINT AS created,
+    o.shard_key, epoch(o.created_at)::BIGINT AS created, o.token_logprobs, o.prompt_logprobs,
     coalesce(s.scores, MAP {}::MAP(VARCHAR, DOUBLE)) AS scores
 """
 

@@ -117,7 +117,9 @@ CREATE TABLE outputs (
     created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL,
     mean_logprob DOUBLE,
     latency_seconds DOUBLE,
-    error_kind VARCHAR
+    error_kind VARCHAR,
+    token_logprobs STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT, top STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT)[])[],
+    prompt_logprobs STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT, top STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT)[])[]
 );
 
 CREATE TABLE rejected_rows (

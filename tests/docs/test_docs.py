@@ -40,7 +40,8 @@ def test_every_documented_query_runs_against_a_database_made_by_the_flows(prefec
     compare_runs(  # two batch_inference runs of the slice, scored with a judge too, and their comparison
         variants=[
             Variant(name="greedy"),
-            Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=3, max_tokens=8)),
+            # with top-2 token logprobs, so the recipes over outputs.token_logprobs have rows
+            Variant(name="sampled", sampling=SamplingConfig(temperature=1.0, seed=3, max_tokens=8, logprobs=2)),
         ],
         dataset=reference_slice,
         model=tiny_model,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tasks.config import SamplingConfig
-from tasks.engines.base import OUTPUT_SCHEMA, OutputRecord, output_table, request_sampling
+from tasks.engines.base import OUTPUT_SCHEMA, OutputRecord, conformed, output_table, request_sampling
 
 
 def test_row_overrides_apply_on_top_of_the_run_sampling_and_bad_ones_name_the_field():
@@ -40,4 +40,18 @@ def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
         "error_code": "invalid_request",
         "error": "bad",
         "error_kind": "permanent",
+        "token_logprobs": None,
+        "prompt_logprobs": None,
     }
+    # per token: a list of structs, each with its alternatives, logprobs in vLLM's float32
+    assert str(OUTPUT_SCHEMA.field("token_logprobs").type) == (
+        "list<item: struct<token: string, token_id: int32, logprob: float, "
+        "top: list<item: struct<token: string, token_id: int32, logprob: float>>>>"
+    )
+
+
+def test_output_files_written_before_token_logprobs_read_with_them_null():
+    old = output_table([OutputRecord("k", text="x")]).drop_columns(["token_logprobs", "prompt_logprobs"])
+    table = conformed(old)
+    assert table.schema == OUTPUT_SCHEMA
+    assert table.to_pylist()[0]["text"] == "x" and table["token_logprobs"].null_count == 1

@@ -217,3 +217,57 @@ def test_request_errors_become_error_rows_and_the_run_goes_on(vllm_server, api_k
             dataset=spec, model=openai_model(vllm_server, None), sampling=SamplingConfig(max_tokens=4), store=wrong_key
         )
     assert not Path(wrong_key.duckdb_path).exists()
+
+
+def test_a_servers_logprobs_become_token_logprobs_chat_completions_and_prompt():
+    from tasks.engines.openai import choice_records
+
+    top = [{"token": " a", "logprob": -0.5, "bytes": [32, 97]}, {"token": " b", "logprob": -1.0, "bytes": [32, 98]}]
+    chat = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"content": " a b"},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [{"token": " a", "logprob": -0.5, "top_logprobs": top}, {"token": " b", "logprob": -1.5}]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        # vLLM's extension: per prompt place, token id -> logprob, rank, text; the first place has nothing before it
+        "prompt_logprobs": [None, {"9": {"logprob": -2.0, "rank": 3, "decoded_token": "x"}, "4": {"logprob": -0.1, "rank": 1}}],
+    }
+    (record,) = choice_records("k", chat, 0.1, True, SamplingConfig(logprobs=2, prompt_logprobs=1))
+    assert [(t["token"], t["logprob"], len(t["top"])) for t in record.token_logprobs] == [(" a", -0.5, 2), (" b", -1.5, 0)]
+    assert record.mean_logprob == -1.0
+    assert record.prompt_logprobs[0]["logprob"] is None
+    assert record.prompt_logprobs[1] == {
+        "token": "x",
+        "token_id": 9,
+        "logprob": -2.0,
+        "top": [{"token": None, "token_id": 4, "logprob": -0.1}],
+    }
+
+    completion = {
+        "choices": [
+            {
+                "index": 0,
+                "text": " a!",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": [" a", "!"],
+                    "token_logprobs": [-0.5, -3.0],
+                    "top_logprobs": [{" a": -0.5, " b": -1.0}, {"!": -3.0, ".": -0.2, "?": -0.9}],
+                    "text_offset": [0, 2],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+    (record,) = choice_records("k", completion, 0.1, False, SamplingConfig(logprobs=2))
+    # each place's map holds the chosen token too: the top two by logprob are kept
+    assert [[a["token"] for a in t["top"]] for t in record.token_logprobs] == [[" a", " b"], [".", "?"]]
+    assert record.prompt_logprobs is None
+    (plain,) = choice_records("k", completion, 0.1, False, SamplingConfig())
+    assert plain.token_logprobs is None and plain.mean_logprob is None  # not asked: nothing kept

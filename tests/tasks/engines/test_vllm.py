@@ -146,3 +146,36 @@ def engine_processes() -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return pids
+
+
+@pytest.mark.slow
+def test_top_5_token_logprobs_are_stored_per_token_and_agree_with_vllm_scoring_the_same_tokens(tiny_model):
+    from tasks.engines.loop import PendingRequest
+
+    engine = get_engine(tiny_model)
+    sampling = SamplingConfig(max_tokens=10, logprobs=5)
+    outputs = engine.generate(shard(["Tell me a story.", "Name a fruit.", "Why is the sky blue?"]), sampling).to_pylist()
+    for output in outputs:
+        tokens = output["token_logprobs"]
+        assert len(tokens) == output["completion_tokens"] > 0  # one entry per generated token
+        assert all(1 <= len(t["top"]) <= 5 for t in tokens)
+        for t in tokens:  # greedy: the chosen token is the top one (or tied with it: random weights tie often)
+            assert t["logprob"] == t["top"][0]["logprob"]
+            assert t["token_id"] in {a["token_id"] for a in t["top"] if a["logprob"] == t["logprob"]}
+        assert all([a["logprob"] for a in t["top"]] == sorted((a["logprob"] for a in t["top"]), reverse=True) for t in tokens)
+        assert all(isinstance(t["token"], str) for t in tokens)  # decoded alone (a partial character may decode to "")
+        assert output["mean_logprob"] == pytest.approx(sum(t["logprob"] for t in tokens) / len(tokens), rel=1e-6)
+        assert output["prompt_logprobs"] is None  # not asked for
+
+    # vLLM scores the prompt followed by the answer's tokens: its prompt logprobs there are the answer's own.
+    request = shard(["Tell me a story."])
+    (prompt_ids,) = [engine.prompt_token_ids(None, m) for m in request["messages"].to_pylist()]
+    answer_ids = [t["token_id"] for t in outputs[0]["token_logprobs"]]
+    scored, _ = engine.run([PendingRequest("again", prompt_ids + answer_ids, SamplingConfig(max_tokens=1, prompt_logprobs=5))])
+    places = scored[0].prompt_logprobs
+    assert len(places) == len(prompt_ids) + len(answer_ids) and places[0]["logprob"] is None  # nothing before the first
+    assert [p["token_id"] for p in places] == prompt_ids + answer_ids
+    assert [p["logprob"] for p in places[len(prompt_ids) :]] == pytest.approx(
+        [t["logprob"] for t in outputs[0]["token_logprobs"]], abs=1e-3
+    )
+    assert all(len(p["top"]) == 5 for p in places[1:])
