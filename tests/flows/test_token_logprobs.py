@@ -7,9 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.batch_inference import batch_inference
-from flows.commands import batch_dataset
 from flows.export_outputs import export_outputs
-from tasks.config import SamplingConfig, ShardingConfig
+from tasks.config import SamplingConfig, ShardingConfig, openai_batch_dataset
 from tasks.export.batch_files import write_batch_result
 
 pytestmark = pytest.mark.slow
@@ -37,7 +36,7 @@ def test_batch_lines_that_ask_get_openais_logprobs_and_the_store_keeps_each_toke
         + "\n"
     )
     summary = batch_inference(
-        dataset=batch_dataset(str(tmp_path / "batch.jsonl")),
+        dataset=openai_batch_dataset(str(tmp_path / "batch.jsonl"), "batch"),
         model=tiny_model,
         sampling=SamplingConfig(),
         sharding=ShardingConfig(),
