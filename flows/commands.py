@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks import console
 from tasks.config import (
     SAMPLE_DATASET,
     TINY_CPU_MODEL,
@@ -72,6 +73,7 @@ def start_prefect(verbose: bool) -> None:
     ensure_reaper()  # a batch command killed outright leaves no temporary Prefect server (nor engine) behind
 
     ensure_logging_setup()
+    console.filter_terminal()
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(HideUserErrors())
@@ -149,6 +151,7 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
 
 def dry_run(dataset: DatasetSpec, model: ModelConfig, sampling: SamplingConfig, store: StoreConfig, args: argparse.Namespace):
     """Price the job and print it; no engine starts unless --sample asks for one."""
+    quiet_console(store, args.verbose)
     start_prefect(args.verbose)
     from flows.estimate_run import estimate_run
     from tasks.config import PricingConfig
@@ -181,6 +184,12 @@ def run(args: argparse.Namespace) -> None:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
 
 
+def quiet_console(store: StoreConfig, verbose: bool) -> None:
+    """Unless --verbose: engine and library output to a log file under the storage folder (said at the end)."""
+    if not verbose:
+        console.quiet(console.log_file_for(store.storage, store.duckdb_path))
+
+
 def run_flow(
     dataset: DatasetSpec,
     model: ModelConfig,
@@ -191,6 +200,7 @@ def run_flow(
     verbose: bool,
 ):
     """batch_inference, its engine loading while Prefect starts; prints the summary and returns it."""
+    quiet_console(store, verbose)
     start_engine_unless_answered(dataset, model, sampling, store)
     start_prefect(verbose)
     from prefect.exceptions import TerminationSignal
@@ -214,6 +224,8 @@ def run_flow(
     finally:
         close_engine(timeout=0)  # committed, or failed: nothing for the engine to drain
     print(format_summary(summary))
+    if console.log_path():
+        print(f"engine and library output: {console.log_path()} (--verbose shows it here)")
     return summary
 
 

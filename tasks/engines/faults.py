@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from tasks import keys, storage
+from tasks import console, keys, storage
 from tasks.config import ModelConfig
 
 # What an allocation failure says in the engine's output, on the GPU build and the CPU build
@@ -64,7 +64,9 @@ class EngineOutput:
                 read_end, write_end = os.pipe()
                 os.dup2(write_end, fd)
                 os.close(write_end)
-                threading.Thread(target=self.copy, args=(read_end, os.dup(original)), daemon=True).start()
+                # the terminal, or the log file of a quiet console (the engine's lines stay in `lines` either way)
+                destination = os.open(console.log_path(), os.O_WRONLY | os.O_APPEND) if console.log_path() else os.dup(original)
+                threading.Thread(target=self.copy, args=(read_end, destination), daemon=True).start()
             yield
         finally:
             sys.stdout.flush()

@@ -13,6 +13,7 @@ import zlib
 
 import pyarrow as pa
 
+from tasks import console
 from tasks.config import ModelConfig, SamplingConfig
 from tasks.engines.base import (
     EngineFailed,
@@ -91,7 +92,7 @@ class VllmEngine:
         self.start_reported = False
 
     def build(self):
-        from vllm import LLM
+        LLM = import_vllm().LLM  # noqa: N806
 
         ensure_reaper()
         with self.output.capture():  # the engine's processes start with our output piped through
@@ -344,6 +345,14 @@ def get_engine(config: ModelConfig, storage: str | None = None) -> VllmEngine:
         return _engine
 
 
+def import_vllm():
+    """vLLM, imported (once) with what it prints on import and its log lines sent where the console says."""
+    with console.output_to_log():
+        import vllm
+    console.route_library_logs()
+    return vllm
+
+
 def start_engine_in_background(config: ModelConfig, storage: str | None = None) -> None:
     """Start loading the engine in a thread, so its start overlaps the work before the first shard.
 
@@ -351,7 +360,7 @@ def start_engine_in_background(config: ModelConfig, storage: str | None = None) 
     vLLM is imported here, in the caller's thread: imported in the thread, beside whatever the
     caller goes on with, the import (seconds: torch, transformers) shares one GIL and takes longer.
     """
-    from vllm import LLM  # noqa: F401
+    import_vllm()
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the first shard loads again and reports the error

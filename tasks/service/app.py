@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from tasks.service.runner import BatchRunner, new_batch_run
 from tasks.service.uploads import UploadCheck, copy_checked
 from tasks.store import service as records
 
-NO_KEYS_OWNER = "local"  # the one owner of a server without keys (which binds only to loopback)
+NO_KEYS_OWNER = "local"
+AUDIT_SECONDS = 0.5  # a killed server loses at most this much of its audit trail  # the one owner of a server without keys (which binds only to loopback)
 PAGE_COOKIE = "vbf_key"  # the dashboard's key, set by its form
 PAGE_BATCHES = 500  # the newest batches the dashboard shows
 
@@ -40,6 +42,40 @@ def service_db_path(folder: str) -> str:
     return str(Path(folder) / "service.sqlite")
 
 
+class AuditTrail:
+    """Who did what, written every AUDIT_SECONDS in one transaction: a status poll then only reads the
+    records (a reader never waits in WAL mode) instead of taking the write lock for its audit row."""
+
+    def __init__(self, db_path: str):
+        self.db_path, self.pending, self.lock = db_path, [], threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="audit-trail", daemon=True)
+
+    def add(self, owner: str, action: str, object_id: str) -> None:
+        with self.lock:
+            self.pending.append((owner, action, object_id, time.time()))
+
+    def flush(self) -> None:
+        with self.lock:
+            rows, self.pending = self.pending, []
+        if rows:
+            with records.service_db(self.db_path) as con:
+                for owner, action, object_id, at in rows:
+                    records.record_audit(con, owner, action, object_id, at)
+
+    def loop(self) -> None:
+        while not self.stopping.wait(AUDIT_SECONDS):
+            self.flush()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.flush()
+
+
 class BatchRequest(BaseModel):
     input_file_id: str
     endpoint: str
@@ -51,11 +87,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
     db_path, models = service_db_path(config.folder), config.models
     runner = BatchRunner(config, db_path)
 
+    audit = AuditTrail(db_path)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         runner.start()
+        audit.start()
         yield
         runner.stop()
+        audit.stop()
 
     app = FastAPI(title="vllm-batch-flows Batch API", lifespan=lifespan)
 
@@ -80,7 +120,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return owner_of(token, action, object_id)
 
     def owner_of(token: str, action: str, object_id: str = "") -> str:
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             if not records.any_active_key(con):
                 owner = NO_KEYS_OWNER
             else:
@@ -91,7 +131,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                         "no API key, or an unknown or revoked one: pass a key from `vbf keys create` as Bearer",
                         code="invalid_api_key",
                     )
-            records.record_audit(con, owner, action, object_id)
+        audit.add(owner, action, object_id)
         return owner
 
     # ------------------------------------------------------------ files
@@ -116,13 +156,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/v1/files")
     def list_files(request: Request, purpose: str | None = None, limit: int = 10000) -> dict:
         owner = caller(request, "file.list")
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             return list_page(records.list_files(con, owner, purpose, limit + 1), limit)
 
     def owned_file(request: Request, file_id: str, action: str) -> tuple[str, dict, str, int]:
         """(owner, file object, path, lines) of the caller's file; 404 for anyone else's."""
         owner = caller(request, action, file_id)
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             record = records.file_record(con, owner, file_id)
         if record is None:
             raise ApiError(404, f"No such File object: {file_id}", "id")
@@ -161,7 +201,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/v1/batches/{batch_id}")
     def get_batch(request: Request, batch_id: str) -> dict:
         owner = caller(request, "batch.read", batch_id)
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             record = records.batch_record(con, batch_id, owner)
         if record is None:
             raise ApiError(404, f"No such Batch object: {batch_id}", "id")
@@ -172,7 +212,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         owner = caller(request, "batch.list")
         if not 1 <= limit <= 100:
             raise ApiError(400, "limit must be between 1 and 100", "limit")
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             return list_page(records.list_batches(con, owner, after, limit + 1), limit)
 
     @app.post("/v1/batches/{batch_id}/cancel")
@@ -196,7 +236,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except ApiError as refused:
             message = "this server needs an API key" if not (key or request.cookies.get(PAGE_COOKIE)) else refused.message
             return HTMLResponse(page.key_form(message), status_code=401)
-        with records.service_db(db_path) as con:
+        with records.service_db(db_path, write=False) as con:
             batches = records.list_batches(con, owner, None, PAGE_BATCHES)
             running = records.models_running(con)
         return HTMLResponse(page.dashboard(batches, {name: name in running for name in models}, owner, time.time()))

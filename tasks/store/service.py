@@ -38,8 +38,9 @@ _created: set[str] = set()  # files this process has already created the tables 
 
 
 @contextmanager
-def service_db(path: str | Path) -> Iterator[sqlite3.Connection]:
-    """The service's records, one transaction: committed on leaving, rolled back on an error."""
+def service_db(path: str | Path, write: bool = True) -> Iterator[sqlite3.Connection]:
+    """The service's records, one transaction: committed on leaving, rolled back on an error.
+    write=False: a reader, which in WAL mode never waits for a writer (a status poll)."""
     path = str(path)
     if path not in _created:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def service_db(path: str | Path) -> Iterator[sqlite3.Connection]:
         _created.add(path)
     with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as con:
         con.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process; fsync at checkpoints
-        with transaction(con, "BEGIN IMMEDIATE"):  # IMMEDIATE: the write lock now, not at the first write
+        with transaction(con, "BEGIN IMMEDIATE" if write else "BEGIN"):  # IMMEDIATE: the write lock now, not at the first write
             yield con
 
 
@@ -85,8 +86,8 @@ def key_of_hash(con: sqlite3.Connection, key_hash: str) -> str | None:
     return row[0] if row else None
 
 
-def record_audit(con: sqlite3.Connection, key_id: str, action: str, object_id: str) -> None:
-    con.execute("INSERT INTO audit VALUES (?, ?, ?, ?)", [time.time(), key_id, action, object_id])
+def record_audit(con: sqlite3.Connection, key_id: str, action: str, object_id: str, at: float | None = None) -> None:
+    con.execute("INSERT INTO audit VALUES (?, ?, ?, ?)", [at or time.time(), key_id, action, object_id])
 
 
 def audit_trail(con: sqlite3.Connection, limit: int) -> list[dict]:

@@ -3,6 +3,7 @@ flags, a re-run that starts no engine, one clear line for a bad input, and `vbf 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,12 @@ def vbf(tmp_path: Path, *args: str, command: tuple[str, ...] = (VBF,), check: bo
     return completed
 
 
+def engine_log(completed: subprocess.CompletedProcess) -> str:
+    """What a quiet `vbf` run sent to its log file (the path it prints at the end), and its terminal output."""
+    found = re.search(r"engine and library output: (\S+)", completed.stdout)
+    return (Path(found[1]).read_text() if found else "") + completed.stdout + completed.stderr
+
+
 def store_flags(tmp_path: Path) -> list[str]:
     return ["--duckdb", str(tmp_path / "results.duckdb"), "--storage", str(tmp_path / "storage")]
 
@@ -45,14 +52,17 @@ def test_vbf_run_answers_a_spec_and_a_rerun_through_the_alias_never_starts_the_e
     first = vbf(tmp_path, "run", *args, "--summary-json", str(tmp_path / "first.json"))
     summary = json.loads((tmp_path / "first.json").read_text())
     assert summary["engine_requests"] == summary["unique_requests"] > 0
-    log = first.stdout + first.stderr
-    assert ENGINE_START in log and f"run {summary['run_id']}" in first.stdout  # the summary is printed
+    assert ENGINE_START in engine_log(first) and f"run {summary['run_id']}" in first.stdout  # the summary is printed
     assert "vbf sql --duckdb" in first.stdout  # and what to try next
+    # A quiet console: the engine's and the libraries' lines are in the log file, not on the terminal.
+    terminal = first.stdout + first.stderr
+    assert not [line for line in terminal.splitlines() if re.search(r"INFO \d\d-\d\d|Warning|Task run '", line)], terminal
+    assert len(terminal.splitlines()) <= 40, terminal
 
     second = vbf(tmp_path, *args, "--summary-json", str(tmp_path / "second.json"), command=(sys.executable, "-m", "flows"))
     again = json.loads((tmp_path / "second.json").read_text())
     assert again["engine_requests"] == 0 and again["reused_requests"] == summary["unique_requests"]
-    assert ENGINE_START not in second.stdout + second.stderr  # the results file already answers this input: no engine
+    assert ENGINE_START not in engine_log(second)  # the results file already answers this input: no engine
 
     table = vbf(
         tmp_path,
@@ -69,7 +79,7 @@ def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_shardi
     data = tmp_path / "questions.parquet"
     pq.write_table(pa.table({"key": [f"k{i}" for i in range(7)], "question": [f"Question number {i}?" for i in range(7)]}), data)
     flags = ["--prompt-column", "question", "--id-column", "key", "--temperature", "0.7", "--seed", "3", "--n", "2"]
-    vbf(
+    verbose = vbf(
         tmp_path,
         "run",
         str(data),
@@ -82,7 +92,9 @@ def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_shardi
         str(tiny_model_dir),
         *TINY_ENGINE,
         *store_flags(tmp_path),
+        "--verbose",
     )
+    assert ENGINE_START in verbose.stdout + verbose.stderr and "engine and library output" not in verbose.stdout
 
     (run,) = query(tmp_path / "results.duckdb", "SELECT dataset_name, shards, outputs, sampling_params FROM runs")
     sampling = json.loads(run[3])
@@ -231,13 +243,13 @@ def test_vbf_run_batch_writes_one_line_per_input_line_and_a_rerun_computes_nothi
         "c3": output["c3"]["response"]["body"]["choices"][0]["message"]["content"],
         "p1": output["p1"]["response"]["body"]["choices"][0]["text"],
     }
-    assert ENGINE_START in first.stdout + first.stderr
+    assert ENGINE_START in engine_log(first)
 
     # Again, with the errors in the output file as vllm run-batch writes them: nothing is computed again.
     second = vbf(tmp_path, "run-batch", *args, "-o", str(tmp_path / "again.jsonl"))
     again = {row["custom_id"]: row for row in map(json.loads, (tmp_path / "again.jsonl").read_text().splitlines())}
     assert sorted(again) == sorted(line["custom_id"] for line in lines) and again["bad"]["error"]["code"] == "invalid_request"
     assert all(again[key]["response"]["body"]["choices"] == output[key]["response"]["body"]["choices"] for key in output)
-    assert ENGINE_START not in second.stdout + second.stderr
+    assert ENGINE_START not in engine_log(second)
     outputs = query(tmp_path / "results.duckdb", "SELECT count(*) FROM outputs")
     assert outputs == [(6,)]  # 5 distinct questions and 1 prompt, each computed once

@@ -200,9 +200,12 @@ def test_each_key_sees_only_its_own_files_and_batches_and_a_revoked_key_is_refus
     assert [b.id for b in bob.batches.list()] == [] and [f.id for f in bob.files.list()] == []
     assert [b.id for b in alice.batches.list()] == [batch.id] and [f.id for f in alice.files.list()] == [file_id]
 
-    audit = server.vbf("keys", "audit", "--limit", "200")
     alice_id, bob_id = keys["alice"][0], keys["bob"][0]
-    assert f"{alice_id}  batch.created  {batch.id}" in audit and f"{bob_id}  batch.read  {batch.id}" in audit
+    expected = [f"{alice_id}  batch.created  {batch.id}", f"{bob_id}  batch.read  {batch.id}"]
+    deadline = time.monotonic() + 10  # reads reach the audit table within AUDIT_SECONDS
+    while not all(line in (audit := server.vbf("keys", "audit", "--limit", "200")) for line in expected):
+        assert time.monotonic() < deadline, audit
+        time.sleep(0.5)
 
     assert alice.files.delete(file_id).deleted
     with pytest.raises(openai.NotFoundError):
