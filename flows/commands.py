@@ -73,10 +73,10 @@ def start_prefect(verbose: bool) -> None:
     ensure_reaper()  # a batch command killed outright leaves no temporary Prefect server (nor engine) behind
 
     ensure_logging_setup()
-    console.filter_terminal()
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(HideUserErrors())
+    console.filter_terminal()  # after: the log file keeps the tracebacks
 
 
 # ---------------------------------------------------------------- vbf run

@@ -18,6 +18,9 @@ from pathlib import Path
 
 # Loggers whose lines the terminal keeps at every level: the flow run's own, and ours.
 OWN = ("prefect.flow_runs", "tasks", "flows", "vbf")
+# Prefect's background services: an event the UI will miss is no news on the terminal (a temporary
+# server's first start, building its database, drops some; the run is not affected).
+BACKGROUND = ("prefect.events", "prefect._internal")
 
 _log_path: str | None = None  # set by quiet(): third-party output goes there instead of the terminal
 
@@ -35,11 +38,13 @@ class KeepOwnLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(OWN):
             return True
+        if record.name.startswith(BACKGROUND):
+            return False
         return record.levelno >= logging.WARNING and record.name.startswith("prefect")
 
 
 _file_handler: logging.Handler | None = None
-LIBRARIES = ("vllm", "great_expectations")  # they log through handlers of their own, not the root's
+LIBRARIES = ("vllm", "great_expectations", "py.warnings")  # handlers of their own, or warnings before Prefect's
 
 
 def quiet(log_path: str) -> None:
@@ -49,19 +54,32 @@ def quiet(log_path: str) -> None:
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     _file_handler = logging.FileHandler(log_path)
     _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(_file_handler)
-    logging.captureWarnings(True)  # warnings.warn(...) become log records: into the file, off the terminal
-    filter_terminal()
+    logging.captureWarnings(True)  # warnings.warn(...) become records of `py.warnings`: into the file, off the terminal
     route_library_logs()
 
 
 def filter_terminal() -> None:
-    """Keep only our own lines on the terminal's handlers (again after Prefect sets up its logging), when quiet."""
+    """Once Prefect has set up its logging (it leaves a root logger that has handlers alone): every
+    record into the log file too, and only our own lines on the terminal's handlers. When quiet."""
     if _file_handler is None:
         return
-    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
-        if handler is not _file_handler and not any(isinstance(f, KeepOwnLines) for f in handler.filters):
+    root = logging.getLogger()
+    for handler in root.handlers + logging.getLogger("prefect").handlers:
+        if not any(isinstance(f, KeepOwnLines) for f in handler.filters):
             handler.addFilter(KeepOwnLines())
+            to_terminal(handler)
+    if _file_handler not in root.handlers:
+        root.addHandler(_file_handler)
+
+
+def to_terminal(handler: logging.Handler) -> None:
+    """A console handler writes to the terminal itself, not to fd 2: while the engine starts, fds 1
+    and 2 are a pipe (EngineOutput) whose lines a quiet console sends to the log file."""
+    if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+        terminal = open(os.dup(handler.stream.fileno()), "w", buffering=1)  # noqa: SIM115 - lives as long as the handler
+        handler.setStream(terminal)
+        if hasattr(handler, "console"):  # Prefect's handler prints through a rich Console
+            handler.console.file = terminal
 
 
 def route_library_logs() -> None:

@@ -97,6 +97,7 @@ class VllmEngine:
         ensure_reaper()
         with self.output.capture():  # the engine's processes start with our output piped through
             llm = LLM(**{**engine_arguments(self.config), **self.limits})
+        console.route_library_logs()  # vLLM configures its logging as the engine starts
         self.processes = engine_processes(llm)
         scheduler = llm.llm_engine.vllm_config.scheduler_config
         logger.info(
