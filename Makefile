@@ -10,8 +10,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 install: $(VENV)/.installed system-packages
 
-# Debian packages the tests use: strace (a test checks each published file is fsynced before its rename).
-SYSTEM_PACKAGES := strace
+# Debian packages the tests use: strace (a test checks each published file is fsynced before its rename),
+# prometheus (a real server scrapes a running flow's metrics).
+SYSTEM_PACKAGES := strace prometheus
 system-packages:
 	@for tool in $(SYSTEM_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi

@@ -76,6 +76,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
 
 
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("monitoring")
+    group.add_argument(
+        "--metrics-port", type=int, help="serve the run's Prometheus metrics on this port while it goes (see docs/monitoring.md)"
+    )
+    group.add_argument("--metrics-host", help="the address to serve them on (default: 127.0.0.1; 0.0.0.0 for another machine)")
+
+
 def parser() -> argparse.ArgumentParser:
     from flows import commands
     from tasks.config import ShardingConfig, StoreConfig
@@ -112,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
         "--scorer", action="append", help="scorer name or package.module:attribute (repeatable; default: every built-in)"
     )
     run_parser.add_argument("--summary-json", help="also write the run summary to this file")
+    add_metrics_options(run_parser)
 
     batch_parser = command(
         subparsers,
@@ -129,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_options(batch_parser)
     batch_parser.add_argument("--shard-size", type=int, help="most unique requests per inference task")
     batch_parser.add_argument("--on-stop", choices=["finish", "abort"], help="on Ctrl-C or SIGTERM (see vbf run)")
+    add_metrics_options(batch_parser)
     batch_parser.set_defaults(scorer=None)
 
     export_parser = command(
