@@ -321,17 +321,20 @@ VLLM_GAUGES = {
 
 
 def engine_status() -> EngineStatus:
-    """The state, and vLLM's gauges summed over its engine cores (read from vLLM's metrics, which it keeps
-    for its stats loggers anyway: nothing is asked of the engine). Called at a metrics scrape."""
+    """The state, and vLLM's gauges summed over its engine cores. vLLM keeps them in prometheus_client's
+    registry for its stats loggers; only these three are collected (`LLM.get_metrics()` collects every
+    histogram too: ~10 ms of the GIL, taken from the engine loop at every scrape). Nothing is asked of the engine."""
     engine, state = _engine, _status.state
     if engine is None or state != "ready":
         return EngineStatus(state)
+    from prometheus_client import REGISTRY
+
     values: dict[str, float] = {}
-    with contextlib.suppress(Exception):  # an engine being replaced has no metrics to give
-        for metric in engine.llm.get_metrics():
-            if metric.name in VLLM_GAUGES:
-                field = VLLM_GAUGES[metric.name]
-                values[field] = values.get(field, 0.0) + metric.value
+    for metric in REGISTRY.restricted_registry(VLLM_GAUGES).collect():
+        for sample in metric.samples:
+            if sample.name in VLLM_GAUGES:
+                field = VLLM_GAUGES[sample.name]
+                values[field] = values.get(field, 0.0) + sample.value
     return EngineStatus(state, **values)
 
 
