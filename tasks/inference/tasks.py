@@ -8,7 +8,6 @@ and the storage is shared: whoever can write there would run code in every proce
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import sys
@@ -46,7 +45,7 @@ from tasks.inference.job import (
 )
 from tasks.inference.journal import ShardJournal, generate_in_parts
 from tasks.prepare.shard import Shard
-from tasks.report.progress import RunProgress, format_line, live_counts
+from tasks.report.progress import ProgressSnapshot, RunProgress, format_line, live_counts
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,12 @@ class Progress:
     """A run's progress by the request, shown while it goes: a bar with tokens/s and ETA on a terminal,
     a plain line every `line_seconds` when stderr is no terminal (piped, a log file), and the flow
     run's progress artifact at most every `artifact_seconds` (each update is a call to Prefect's API).
-    A thread of its own reads the run's counts every `tick_seconds`."""
+
+    A thread of its own draws the terminal every `tick_seconds`; it touches neither Prefect nor
+    logging. The artifact is updated from the flow's thread (`refresh_artifact`, called as it waits for
+    shards): Prefect's first call from another thread builds its event worker, which takes logging's
+    lock, while vLLM, loading its engine in a shard's thread, holds that lock and flushes Prefect's
+    log handler — a deadlock."""
 
     def __init__(
         self,
@@ -144,33 +148,41 @@ class Progress:
         self.bar = tqdm(total=run.total, desc="requests", unit="req", disable=not self.terminal, dynamic_ncols=True)
         self.shown_line = self.shown_artifact = -math.inf
         self.stopped = threading.Event()
-        # the flow run's context goes with the thread: the artifact's updates need its Prefect client and settings
-        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self.tick,), name="progress", daemon=True)
+        self.thread = threading.Thread(target=self.tick, name="progress", daemon=True)
         self.thread.start()
 
     def tick(self) -> None:
         while not self.stopped.wait(self.tick_seconds):
             self.show(self.run.snapshot(), final=False)
 
-    def show(self, snapshot, final: bool) -> None:
+    def show(self, snapshot: ProgressSnapshot, final: bool) -> None:
         now = time.monotonic()
         if self.terminal:
             self.bar.n = snapshot.finished
             self.bar.set_postfix_str(format_line(snapshot).split(" · ", 1)[1])  # the bar shows the count itself
         elif final or now - self.shown_line >= self.line_seconds:
-            print(format_line(snapshot), file=sys.stderr, flush=True)
+            sys.stderr.write(format_line(snapshot) + "\n")  # not print: a flow's print is a Prefect log record
+            sys.stderr.flush()
             self.shown_line = now
-        if final or now - self.shown_artifact >= self.artifact_seconds:
-            self.shown_artifact = now
-            try:
-                update_progress_artifact(self.artifact, 100.0 * snapshot.finished / snapshot.total if snapshot.total else 100.0)
-            except Exception as error:  # the UI's progress is not worth failing a run for
-                logger.warning("could not update the progress artifact: %s", error)
+
+    def refresh_artifact(self, snapshot: ProgressSnapshot | None = None) -> None:
+        """Move the artifact, at most every artifact_seconds unless given the final snapshot (the flow's thread only)."""
+        now = time.monotonic()
+        if snapshot is None and now - self.shown_artifact < self.artifact_seconds:
+            return
+        self.shown_artifact = now
+        snapshot = snapshot or self.run.snapshot()
+        try:
+            update_progress_artifact(self.artifact, 100.0 * snapshot.finished / snapshot.total if snapshot.total else 100.0)
+        except Exception as error:  # the UI's progress is not worth failing a run for
+            logger.warning("could not update the progress artifact: %s", error)
 
     def close(self) -> None:
         self.stopped.set()
         self.thread.join()
-        self.show(self.run.end(), final=True)
+        final = self.run.end()
+        self.show(final, final=True)
+        self.refresh_artifact(final)
         self.bar.close()
 
 
@@ -204,7 +216,9 @@ def generate_here(
                 running[generate.submit(shard, job)] = shard
             if not running:
                 break
-            done = next(as_completed(list(running)))
+            while not (finished_now := wait(list(running), timeout=display.artifact_seconds).done):
+                display.refresh_artifact()
+            done = next(iter(finished_now))
             done.wait()  # sets its final state here: the server may not have it yet
             del running[done]
             if not done.state.is_completed():
@@ -292,6 +306,7 @@ def generate_on_workers(
         not_done = set(futures)
         while not_done or awaited:
             _, not_done = wait(list(not_done), timeout=workers.poll_seconds)
+            display.refresh_artifact()
             for shard in list(awaited):
                 if reusable(manifest := read_manifest(job, shard)):
                     on_finished(manifest, False)
