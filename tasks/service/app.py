@@ -23,7 +23,7 @@ from tasks import storage
 from tasks.config import ServiceConfig
 from tasks.service import page
 from tasks.service.objects import PRIORITIES, ApiError, batch_object, file_object, list_page, new_id, now
-from tasks.service.runner import BatchRunner, new_batch_run
+from tasks.service.runner import RunnerProcess, new_batch_run
 from tasks.service.uploads import UploadCheck, copy_checked
 from tasks.store import service as records
 
@@ -85,7 +85,7 @@ class BatchRequest(BaseModel):
 
 def create_app(config: ServiceConfig) -> FastAPI:
     db_path, models = service_db_path(config.folder), config.models
-    runner = BatchRunner(config, db_path)
+    runner = RunnerProcess(config, db_path)
 
     audit = AuditTrail(db_path)
 

@@ -1,6 +1,6 @@
 """The Batch API's runner: each batch becomes a run of the batch-inference flow, in a process of its own.
 
-One thread moves every batch through OpenAI's states: validating → in_progress → finalizing →
+One process beside the API (RunnerProcess) moves every batch through OpenAI's states: validating → in_progress → finalizing →
 completed (or failed, expired, cancelling → cancelled). A batch's run is a process of the server's
 own or a flow run of a deployment (launchers.py): either way it outlives the server, so the server
 can be stopped, killed or restarted while it runs: the restarted server finds the run still going
@@ -11,8 +11,11 @@ into the batch object here, from the results file, between the run's commits.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from tasks.store.queries import newest_run_progress
 from tasks.store.service import add_file, batches_in, service_db, update_batch
 
 log = logging.getLogger("vbf.serve")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 ACTIVE = ("validating", "in_progress", "cancelling", "finalizing")
 # The code and message of the lines a run did not answer, by how the batch ended.
@@ -38,21 +42,43 @@ UNANSWERED = {
 }
 
 
+class RunnerProcess:
+    """The runner in a process of its own beside the API: its work (counts read from DuckDB, output
+    files written from 20k rows) never holds the API's GIL, so a poll answers in milliseconds. It
+    dies with the server, even a SIGKILLed one, so a restarted server never has two runners."""
+
+    def __init__(self, config: ServiceConfig, db_path: str):
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(target=run_batches, args=(config, db_path, os.getpid()), name="vbf-batch-runner")
+
+    def start(self) -> None:
+        self.process.start()
+
+    def stop(self) -> None:
+        """The server stops; the runs go on (a restarted server watches them again)."""
+        self.process.terminate()
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def run_batches(config: ServiceConfig, db_path: str, server_pid: int) -> None:
+    """The runner process: until SIGTERM, or the server's death (the kernel's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server_pid:  # the server died before the line above
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runner = BatchRunner(config, db_path)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stopping.set())
+    runner.loop()
+
+
 class BatchRunner:
     def __init__(self, config: ServiceConfig, db_path: str):
         self.config, self.models, self.db_path = config, config.models, db_path
         self.runs = DeploymentRuns(config.store, config.deployment) if config.deployment else LocalRuns(config.store)
         self.counted_at: dict[str, float] = {}  # when each running batch's counts were last read
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.loop, name="batch-runner", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        """The server stops; the runs go on (a restarted server watches them again)."""
-        self.stopping.set()
-        self.thread.join(timeout=30)
 
     def loop(self) -> None:
         while not self.stopping.is_set():
