@@ -20,7 +20,6 @@ from tasks.config import (
     SAMPLE_DATASET,
     TINY_CPU_MODEL,
     DatasetSpec,
-    MetricsConfig,
     ModelConfig,
     SamplingConfig,
     ShardingConfig,
@@ -33,8 +32,6 @@ from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
 from tasks.prepare.tasks import check_rejected_share, remove_work_files, write_requests, write_shards
-from tasks.report.metrics import serving_metrics
-from tasks.report.progress import RunProgress, live_counts
 from tasks.report.summary import (
     RunSummary,
     StageClock,
@@ -66,12 +63,10 @@ def batch_inference(
     dispatch: Dispatch = "local",
     n_workers: int = 2,
     workers: WorkersConfig = WorkersConfig(),
-    metrics: MetricsConfig = MetricsConfig(),
     dry_run: bool = False,
 ) -> RunSummary | RunEstimate:
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
     runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py).
-    `metrics.port` serves the run's Prometheus metrics while it goes (docs/monitoring.md).
     dry_run: only price the job (flows/estimate_run.py), from earlier runs' rate; nothing runs."""
     if dry_run:
         return estimate_run(dataset=dataset, model=model, sampling=sampling, store=store)
@@ -101,16 +96,9 @@ def batch_inference(
     )
     commit_run_start(running, dataset_version_row(dataset, request_set), input_files(request_set), store)
     commit = partial(score_and_commit_shard, run=running, request_set=request_set, scorers=scorers, store=store)
-    engine_here = dispatch == "local" and model.engine == "vllm"  # the engine runs in this process: counted per request
-    progress = RunProgress(request_set.unique_requests, len(plan.shards), plan.reused_requests, live_counts(engine_here))
-    labels = {"dataset": dataset.name, "model": model.model, "engine": model.engine}
-    with (
-        marked_if_stopped(run_id, store),
-        clock("infer"),
-        serving_metrics(metrics, run_id, progress, labels, engine_here),
-    ):
+    with marked_if_stopped(run_id, store), clock("infer"):
         description = f"{len(plan.shards)} shards of {dataset.name} on {model.model}"
-        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit, progress)
+        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit)
     summary = summarize_run(
         run_id, dataset.name, job, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
     )
