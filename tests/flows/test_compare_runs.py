@@ -90,8 +90,8 @@ def test_sampling_and_lora_variants_are_compared_with_intervals_tests_by_directi
         assert chart.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(result.chart_path.removesuffix(".png") + "-differences.png", "rb") as chart:
         assert chart.read(8) == b"\x89PNG\r\n\x1a\n"
-    (artifact, *_) = asyncio.run(read_artifact("ab-comparison"))
-    report = artifact.data
+    # the key is shared by every comparison of the session: this comparison's report is the one naming it
+    (report,) = [a.data for a in asyncio.run(read_artifact("ab-comparison")) if comparison.comparison_id in a.data]
     assert "data:image/png;base64," in report and "| completion_tokens@1 | – (no winner) | greedy |" in report
     assert "## Findings" in report and "p < α = 0.1" in report and "| p (sign test) | p < 0.1 | after Holm |" in report
     # every difference is in the report with its p-value
