@@ -90,7 +90,7 @@ class BatchRunner:
 
     def step(self) -> None:
         """One pass over the active batches, in queue order (priority, then age)."""
-        with service_db(self.db_path) as con:
+        with service_db(self.db_path, write=False) as con:  # a read: the write lock is taken only to change a batch
             queue = batches_in(con, ACTIVE)
         running = sum(1 for batch, run in queue if batch["status"] == "in_progress" and self.alive(batch["id"], run))
         for batch, run in queue:
