@@ -26,6 +26,8 @@ from tasks.export.batch_files import write_batch_result
 from tasks.service.launchers import DeploymentRuns, LocalRuns
 from tasks.service.objects import file_object, moved, now, usage
 from tasks.service.uploads import batch_lines, check_batch_file
+from tasks.store.commit import mark_run
+from tasks.store.connection import writing
 from tasks.store.queries import newest_run_progress
 from tasks.store.service import add_file, batches_in, service_db, update_batch
 
@@ -150,6 +152,8 @@ class BatchRunner:
             run = {**run, "ending": ending}
             batch = moved(batch, "finalizing")
             self.save(batch, run)
+        if ending != "completed":
+            self.end_run_left_running(batch["id"], "failed" if ending == "failed" else "cancelled")
         folder = Path(run["folder"])
         output_path, error_path = str(folder / "output.jsonl"), str(folder / "errors.jsonl")
         files = self.write_result_files(batch, run, ending, output_path, error_path)
@@ -180,6 +184,14 @@ class BatchRunner:
             }
         self.save(ended)
         log.info("batch %s %s: %d answered, %d errors", batch["id"], ending, files.output_lines, files.error_lines)
+
+    def end_run_left_running(self, batch_id: str, status: str) -> None:
+        """A stopped run killed before it could say so (a worker kills a cancelled flow run 30 s after its
+        SIGTERM, e.g. while its engine still loads) keeps its committed outputs and gets its true status."""
+        progress = newest_run_progress(self.config.store.duckdb_path, batch_id, self.config.store.lock_timeout_seconds)
+        if progress is not None and progress["status"] == "running":
+            with writing(self.config.store.duckdb_path, self.config.store.lock_timeout_seconds) as con:
+                mark_run(con, progress["run_id"], status)
 
     # ------------------------------------------------------------ the run
 

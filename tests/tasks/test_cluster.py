@@ -4,8 +4,8 @@ One test, because the system takes minutes to start on a small machine: it deplo
 batch-inference on two worker groups through `prefect deployment run` with its storage on an
 S3-compatible server (the groups share no folder) and kills one group's process mid-run, runs the
 same input with dispatch="local", compares the two DuckDB files, lets a short interval schedule
-start a run, sends a Batch API batch through `vbf serve` to the pool's high-priority queue, and
-checks that stopping leaves nothing running.
+start a run, sends a Batch API batch through `vbf serve` to the pool's high-priority queue and
+cancels another, and checks that stopping leaves nothing running.
 """
 
 import json
@@ -152,6 +152,29 @@ def run_a_batch_api_batch_on_the_pool(cluster: LocalCluster, tmp_path: Path) -> 
         assert batch.status == "completed", (batch, (tmp_path / "serve.log").read_text()[-3000:])
         output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
         assert sorted(line["custom_id"] for line in output) == [f"c{i}" for i in range(6)]
+
+        # Cancelled once its run has started (the six lines answered above count as completed then):
+        # the flow run is cancelled, the six stay answered, every other line is batch_cancelled.
+        long_lines = [
+            {**lines[0], "custom_id": f"long{i}", "body": {**lines[0]["body"], "max_tokens": 200, "messages": story}}
+            for i in range(600)
+            for story in [[{"role": "user", "content": f"Write a long story number {i}"}]]
+        ]
+        (tmp_path / "long.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [*lines, *long_lines]))
+        file = client.files.create(file=(tmp_path / "long.jsonl").open("rb"), purpose="batch")
+        cancelled = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        while (cancelled := client.batches.retrieve(cancelled.id)).request_counts.completed < 6:
+            assert cancelled.status in ("validating", "in_progress") and time.monotonic() < deadline + 1800, cancelled
+            time.sleep(1)
+        assert client.batches.cancel(cancelled.id).status == "cancelling"
+        while (cancelled := client.batches.retrieve(cancelled.id)).status == "cancelling":
+            assert time.monotonic() < deadline + 2100, "the cancelled batch never ended"
+            time.sleep(2)
+        assert cancelled.status == "cancelled", (cancelled, (tmp_path / "serve.log").read_text()[-3000:])
+        answered = [json.loads(line) for line in client.files.content(cancelled.output_file_id).text.splitlines()]
+        errors = [json.loads(line) for line in client.files.content(cancelled.error_file_id).text.splitlines()]
+        assert {f"c{i}" for i in range(6)} <= {line["custom_id"] for line in answered}
+        assert {line["error"]["code"] for line in errors} == {"batch_cancelled"} and len(answered) + len(errors) == 606
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -161,10 +184,14 @@ def run_a_batch_api_batch_on_the_pool(cluster: LocalCluster, tmp_path: Path) -> 
     with cluster.client() as prefect:
         (flow_run,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[batch.id])))
         assert flow_run.state.is_completed() and flow_run.work_queue_name == "high"
+        (stopped,) = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[cancelled.id])))
+        assert stopped.state.is_cancelled() and stopped.work_queue_name == "default"
         assert prefect.read_deployment(flow_run.deployment_id).name == "batch-api"
         queues = {queue.name: queue.priority for queue in prefect.read_work_queues(work_pool_name="gpu")}
         assert queues["high"] < queues["default"] < queues["low"]
-    assert query(tmp_path / "api.duckdb", "SELECT run_id, status FROM runs") == [(str(flow_run.id), "completed")]
+    assert sorted(query(tmp_path / "api.duckdb", "SELECT run_id, status FROM runs")) == sorted(
+        [(str(flow_run.id), "completed"), (str(stopped.id), "cancelled")]
+    )
 
 
 def test_the_cluster_deploys_runs_on_two_worker_groups_survives_a_kill_and_schedules(
