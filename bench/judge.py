@@ -56,7 +56,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             run_dir = work / f"round-{round_}"
             store = StoreConfig(duckdb_path=str(run_dir / "results.duckdb"), storage=str(run_dir / "storage"))
-            runs = [batch_inference(dataset=dataset, model=model, sampling=s, store=store, scorers=[]).run_id for s in answers.values()]
+            runs = [
+                batch_inference(dataset=dataset, model=model, sampling=s, store=store, scorers=[]).run_id
+                for s in answers.values()
+            ]
             order = list(judges) if round_ % 2 == 0 else list(reversed(judges))
             for name in order:
                 started = time.perf_counter()
@@ -87,7 +90,9 @@ def main() -> None:
         for name, rows in results.items()
     }
     print(f"\n{args.comparisons} comparisons (answers of 16 tokens), {args.rounds} round(s); per 1,000 comparisons")
-    print("| judge | requests | judge flow wall s | engine generate s | prompt tokens | output tokens | ties | position bias | unparseable |")
+    print(
+        "| judge | requests | judge flow wall s | engine generate s | prompt tokens | output tokens | ties | position bias | unparseable |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in per_1k.items():
         last = results[name][-1]
@@ -99,7 +104,9 @@ def main() -> None:
     pairwise, absolute = per_1k["pairwise"], per_1k["absolute"]
     print(
         "pairwise / absolute: "
-        + ", ".join(f"{key} {pairwise[key] / absolute[key]:.2f}" for key in ("wall", "generate", "prompt_tokens", "output_tokens"))
+        + ", ".join(
+            f"{key} {pairwise[key] / absolute[key]:.2f}" for key in ("wall", "generate", "prompt_tokens", "output_tokens")
+        )
     )
 
 
