@@ -187,6 +187,29 @@ def parser() -> argparse.ArgumentParser:
         "--significance-level", type=float, default=0.05, help="the level the report calls a difference significant at"
     )
 
+    judge_parser = command(
+        subparsers,
+        "judge",
+        commands.judge,
+        "Judge stored runs with an LLM judge: pairwise in both orders (win rate, position bias) or absolute (1-10).",
+        "vbf judge RUN_A RUN_B --model /models/judge          # pairwise: a's answers against b's\n"
+        "vbf judge RUN_A --reference --json-verdict           # against the reference answers, with reasons\n"
+        "vbf judge RUN_A RUN_B --absolute                     # each answer graded 1-10 alone",
+        [common, store],
+    )
+    judge_parser.add_argument("run_a", help="the run whose answers are judged (a)")
+    judge_parser.add_argument("run_b", nargs="?", help="the run it is compared with (b)")
+    judge_parser.add_argument("--reference", action="store_true", help="pairwise against run a's reference answers")
+    judge_parser.add_argument("--absolute", action="store_true", help="grade each answer alone, 1-10 (default: pairwise)")
+    judge_parser.add_argument(
+        "--json-verdict", action="store_true", help="a JSON verdict with a one-sentence reason (default: the label alone)"
+    )
+    judge_parser.add_argument("--rubric", help="a Jinja template file for the judge's prompt (see docs/scoring.md#judging)")
+    add_model_options(judge_parser)
+    judge_parser.add_argument("--shard-size", type=int, help="most judge requests per inference task")
+    judge_parser.add_argument("--on-stop", choices=["finish", "abort"], help="on Ctrl-C or SIGTERM (see vbf run)")
+    judge_parser.add_argument("--summary-json", help="also write the judgement and the judge run's summary to this file")
+
     review = subparsers.add_parser(
         "review", help="Human review in Label Studio: push samples, pull verdicts, export a curated dataset."
     )

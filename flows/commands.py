@@ -420,6 +420,50 @@ def compare(args: argparse.Namespace) -> None:
     print(f"chart: {result.chart_path}")
 
 
+def judge_of(args: argparse.Namespace):
+    """The judge: its model (the model flags), which judge and verdict form, a rubric file, and the sampling
+    flags given (none: the judge's defaults)."""
+    from tasks.scoring.judge import DEFAULT_MAX_TOKENS, JudgeConfig
+
+    verdict = "json" if args.json_verdict else "choice"
+    flags = {name: getattr(args, name) for name in ("temperature", "top_p", "n", "max_tokens", "seed")}
+    flags = {name: value for name, value in flags.items() if value is not None}
+    sampling = SamplingConfig(**{"max_tokens": DEFAULT_MAX_TOKENS[verdict], **flags}) if flags else None
+    rubric = None
+    if args.rubric:
+        if not Path(args.rubric).is_file():
+            raise SpecError(f"--rubric {args.rubric}: file not found")
+        rubric = Path(args.rubric).read_text()
+    kind = "absolute" if args.absolute else "pairwise"
+    return JudgeConfig(model=model_of(args), kind=kind, verdict=verdict, rubric=rubric, sampling=sampling)
+
+
+def judge(args: argparse.Namespace) -> None:
+    """Judge stored runs; a judgement already made is read from the cache, not computed again."""
+    from tasks.scoring.judgement import JudgedRuns, check_judged_runs
+
+    judge_config, store = judge_of(args), store_of(args)
+    runs = JudgedRuns(run_a=args.run_a, run_b=args.run_b, reference=args.reference)
+    check_judged_runs(runs, judge_config.kind)  # a wrong pair of runs is one line, before Prefect starts
+    quiet_console(store, args.verbose)
+    start_prefect(args.verbose)
+    from prefect.exceptions import TerminationSignal
+
+    from flows.judge_runs import judge_runs
+    from tasks.engines.vllm import close_engine
+    from tasks.report.summary import format_judgement
+
+    try:
+        result = judge_runs(**runs.model_dump(), judge=judge_config, sharding=sharding_of(args), store=store)
+    except TerminationSignal as stop:  # SIGTERM, as Ctrl-C: the judge run has committed what finished
+        raise RunStopped(f"stopped by signal {stop.signal}") from stop
+    finally:
+        close_engine(timeout=0)
+    print(format_judgement(result.judgement, result.judge_run))
+    if args.summary_json:
+        Path(args.summary_json).write_text(result.model_dump_json(indent=2))
+
+
 def review_push(args: argparse.Namespace) -> None:
     start_prefect(args.verbose)
     from flows.push_for_review import push_for_review

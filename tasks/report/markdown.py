@@ -1,4 +1,4 @@
-"""Markdown for the run page: the run report and the comparison report."""
+"""Markdown for the run page: the run report, the comparison report and the judge report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import base64
 
 from tasks.report.summary import RunSummary
 from tasks.scoring.compare import Comparison, better_variant, holm_rejections
+from tasks.store.rows import JudgementRow
 
 
 def image(alt: str, png: bytes | None) -> list[str]:
@@ -146,4 +147,33 @@ def comparison_markdown(comparison: Comparison, charts: list[tuple[str, bytes]])
     ]
     for alt, png in charts:
         lines += image(alt, png)
+    return "\n".join(lines)
+
+
+def judgement_markdown(judgement: JudgementRow) -> str:
+    """The judge report: what was judged by whom, the win rate with its interval and test, the judge's position bias."""
+    b = {"run": f"`{judgement.run_b}`", "reference": "the reference answers", "none": "–"}[judgement.against]
+    lines = [
+        f"# {judgement.kind.capitalize()} judgement {judgement.judgement_id}",
+        "",
+        f"a = `{judgement.run_a}`, b = {b}; judge `{judgement.judge_model}` (run `{judgement.judge_run_id}`), "
+        f"{judgement.verdict_format} verdicts: {judgement.requests} requests, {judgement.unparseable} unparseable, "
+        f"{judgement.judge_errors} failed.",
+        "",
+    ]
+    if judgement.kind == "pairwise":
+        lines += [
+            "Each pair was shown in both orders; a pair counts for a run only when both orders name it, "
+            "otherwise it is inconsistent and counts as a tie. Position bias: the share of inconsistent pairs.",
+            "",
+        ]
+    lines += [
+        "| pairs | a wins | b wins | ties | win rate of a | 95% CI (Wilson, ties half) | p (sign test) | position bias "
+        "| first shown chosen | mean score a | mean score b | unjudged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {judgement.pairs} | {judgement.a_wins} | {judgement.b_wins} | {judgement.ties} | {fmt(judgement.win_rate)} | "
+        f"{interval(judgement.win_rate_ci95_low, judgement.win_rate_ci95_high)} | {fmt(judgement.p_value)} | "
+        f"{fmt(judgement.position_bias)} | {fmt(judgement.first_position_rate)} | {fmt(judgement.mean_score_a)} | "
+        f"{fmt(judgement.mean_score_b)} | {judgement.unjudged} |",
+    ]
     return "\n".join(lines)

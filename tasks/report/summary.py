@@ -1,4 +1,5 @@
-"""The run summary: a pydantic record the flow returns, the `runs` row it becomes, and a terminal table."""
+"""The run summary: a pydantic record the flow returns, the `runs` row it becomes, and a terminal table;
+a judgement's lines on the terminal."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tasks.inference.job import InferenceJob, ShardOutput
 from tasks.prepare.requests import RequestSet
 from tasks.redact import redact
 from tasks.store.commit import CommitFiles
-from tasks.store.rows import DatasetVersionRow, RunCounts, RunRow, RunShardRow
+from tasks.store.rows import DatasetVersionRow, JudgementRow, RunCounts, RunRow, RunShardRow
 
 
 class StageClock:
@@ -249,3 +250,28 @@ def vbf_command() -> str:
         return str(script.relative_to(Path.cwd())) if script.exists() else "vbf"
     except ValueError:
         return str(script)
+
+
+def format_judgement(judgement: JudgementRow, judge_run: RunSummary) -> str:
+    """The judgement on the terminal: its numbers, what the judge run computed, and where the verdicts are."""
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    b = {"run": judgement.run_b, "reference": "the reference answers", "none": "–"}[judgement.against]
+    lines = [
+        f"{judgement.kind} judgement {judgement.judgement_id} — a: {judgement.run_a}, b: {b}",
+        f"  pairs {judgement.pairs} (a wins {judgement.a_wins}, b wins {judgement.b_wins}, ties {judgement.ties}; "
+        f"unjudged {judgement.unjudged}), unparseable verdicts {judgement.unparseable}",
+        f"  win rate of a {number(judgement.win_rate)} [{number(judgement.win_rate_ci95_low)}, "
+        f"{number(judgement.win_rate_ci95_high)}], sign test p {number(judgement.p_value)}",
+        f"  position bias {number(judgement.position_bias)}, first shown chosen {number(judgement.first_position_rate)}, "
+        f"mean score a {number(judgement.mean_score_a)}, b {number(judgement.mean_score_b)}",
+        f"  judge run {judge_run.run_id}: {judge_run.engine_requests} requests sent to {judge_run.model}, "
+        f"{judge_run.reused_requests} answered before",
+        "",
+        "Try next:",
+        f'  {vbf_command()} sql --duckdb {judge_run.duckdb_path} "SELECT * FROM judge_verdicts '
+        f"WHERE judgement_id = '{judgement.judgement_id}' LIMIT 10\"",
+    ]
+    return "\n".join(lines)

@@ -9,9 +9,10 @@ from tasks import storage
 from tasks.inference.estimate import RunEstimate, format_estimate
 from tasks.prepare.requests import RequestSet
 from tasks.report.charts import comparison_chart, differences_chart, histogram_png
-from tasks.report.markdown import comparison_markdown, format_report
+from tasks.report.markdown import comparison_markdown, format_report, judgement_markdown
 from tasks.report.summary import RunSummary, summary_rows
 from tasks.scoring.compare import Comparison
+from tasks.store.rows import JudgementRow
 
 
 @task(name="publish-summary")
@@ -70,6 +71,15 @@ def publish_comparison(comparison: Comparison, storage_root: str) -> str:
         description=f"A/B comparison {comparison.comparison_id}",
     )
     return storage.join(folder, f"{comparison.comparison_id}.png")
+
+
+@task(name="publish-judgement")
+def publish_judgement(judgement: JudgementRow) -> None:
+    create_markdown_artifact(
+        key="judgement",
+        markdown=judgement_markdown(judgement),
+        description=f"{judgement.kind.capitalize()} judgement {judgement.judgement_id}",
+    )
 
 
 @task(name="publish-push-summary")

@@ -1,5 +1,6 @@
 """Scoring's Prefect tasks: score a run's output shards, or a stored run's outputs again (rescore);
-test the differences between the variants of a comparison."""
+test the differences between the variants of a comparison; judge stored runs (the judge's requests
+before its run, its verdicts after)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ from tasks.config import StoreConfig
 from tasks.engines.base import PER_TOKEN_COLUMNS
 from tasks.inference.job import ShardOutput
 from tasks.prepare.requests import RequestSet
+from tasks.report.summary import RunSummary
 from tasks.scoring.compare import BootstrapConfig, difference_record
+from tasks.scoring.judge import JudgeConfig
+from tasks.scoring.judgement import (
+    JudgedRuns,
+    JudgeRequests,
+    judge_dataset,
+    judge_requests,
+    judgement_id,
+    judgement_record,
+    verdict_table,
+)
 from tasks.scoring.registry import resolve_scorers, score_outputs, scorers_version, with_directions
 from tasks.scoring.scorers import ScorerSpec
 from tasks.store.connection import reading
-from tasks.store.queries import paired_values, run_outputs_to_score
-from tasks.store.rows import ComparisonDifferenceRow
+from tasks.store.queries import judged_answers, paired_values, run_answers, run_outputs_to_score
+from tasks.store.rows import ComparisonDifferenceRow, JudgementRow
 
 
 def outputs_with_requests(output_path: str, request_files: list[str]) -> pa.Table:
@@ -98,3 +110,30 @@ def compute_differences(
     with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
         groups = paired_values(con, comparison_id, variants)
         return [ComparisonDifferenceRow(**difference_record(comparison_id, group, bootstrap)) for group in groups]
+
+
+@task(name="write-judge-requests")
+def write_judge_requests(runs: JudgedRuns, judge: JudgeConfig, store: StoreConfig) -> JudgeRequests:
+    """The judge's prompts over the runs' answers, as a dataset file named by its content (written once)."""
+    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
+        answers = judged_answers(con, runs.run_a, runs.run_b)
+    requests = judge_requests(answers, runs, judge)
+    dataset, path = judge_dataset(requests, storage.join(store.storage, "judge", "requests"), runs, judge)
+    if not storage.exists(path):
+        storage.write_parquet(requests, path)
+    pairs = len(set(zip(requests["custom_id"].to_pylist(), requests["sample_index"].to_pylist())))
+    return JudgeRequests(dataset=dataset, path=path, runs=runs, pairs=pairs, requests=requests.num_rows)
+
+
+@task(name="write-verdicts")
+def write_verdicts(
+    requests: JudgeRequests, judged: RunSummary, judge: JudgeConfig, store: StoreConfig
+) -> tuple[JudgementRow, str]:
+    """The judge run's answers read as verdicts (a Parquet file), and the judgement they add up to."""
+    key = judgement_id(requests.runs, judge, judged.dataset_version, judged.model_fingerprint)
+    with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
+        answers = run_answers(con, judged.run_id)
+    verdicts = verdict_table(key, storage.read_parquet(requests.path), answers, judge)
+    path = storage.join(store.storage, "judge", "verdicts", f"{key}.parquet")
+    storage.write_parquet(verdicts, path)
+    return JudgementRow(**judgement_record(key, requests.runs, judge, judged.run_id, judged.model_fingerprint, verdicts)), path

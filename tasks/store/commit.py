@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import duckdb
 
 from tasks import storage
-from tasks.store.rows import ComparisonDifferenceRow, ComparisonRow, DatasetVersionRow, RunRow, RunShardRow
+from tasks.store.rows import ComparisonDifferenceRow, ComparisonRow, DatasetVersionRow, JudgementRow, RunRow, RunShardRow
 from tasks.store.sql import StoreError, fetch_value, insert_rows, transaction
 
 
@@ -236,3 +236,12 @@ def record_differences(con: duckdb.DuckDBPyConnection, rows: list[ComparisonDiff
     """A comparison's paired differences; recorded again (a re-run of the flow's task), they stay as they were."""
     with transaction(con):
         insert_rows(con, "comparison_differences", rows)
+
+
+def record_judgement(con: duckdb.DuckDBPyConnection, judgement: JudgementRow, verdict_paths: list[str]) -> None:
+    """A judgement and its verdict rows, in place of what the same judgement left before (one transaction)."""
+    with transaction(con), parquet_files(con, "verdict_files", verdict_paths):
+        con.execute("DELETE FROM judge_verdicts WHERE judgement_id = ?", [judgement.judgement_id])
+        con.execute("DELETE FROM judgements WHERE judgement_id = ?", [judgement.judgement_id])
+        insert_rows(con, "judgements", [judgement])
+        con.execute("INSERT INTO judge_verdicts BY NAME SELECT * FROM verdict_files")

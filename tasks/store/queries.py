@@ -125,6 +125,39 @@ def paired_values(con: duckdb.DuckDBPyConnection, comparison_id: str, variants: 
         yield from batch.to_pylist()
 
 
+def judged_answers(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str | None) -> pa.Table:
+    """Run a's answers (canonical requests, no errors) with what their requests asked, and b's answer to the
+    same request and sample (by custom_id): only the pairs both answered when run_b is given."""
+    for run_id in filter(None, (run_a, run_b)):
+        run_keys(con, run_id)  # a run that is not in the file is a clear error, not an empty judgement
+    return con.sql(
+        f"""
+        WITH a AS (
+            SELECT ro.custom_id, ro.sample_index, ro.output_id, ro.text, q.prompt, q.messages, q.reference
+            FROM run_outputs ro
+            JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+            WHERE ro.run_id = $a AND ro.duplicate_of IS NULL AND ro.error_code IS NULL
+        ), b AS (
+            SELECT custom_id, sample_index, output_id, text FROM run_outputs
+            WHERE run_id = $b AND duplicate_of IS NULL AND error_code IS NULL
+        )
+        SELECT a.custom_id, a.sample_index, a.prompt, a.messages, a.reference,
+               a.output_id AS output_id_a, a.text AS text_a, b.output_id AS output_id_b, b.text AS text_b
+        FROM a {"JOIN" if run_b else "LEFT JOIN"} b ON b.custom_id = a.custom_id AND b.sample_index = a.sample_index
+        ORDER BY a.custom_id, a.sample_index
+        """,
+        params={"a": run_a, "b": run_b},
+    ).to_arrow_table()
+
+
+def run_answers(con: duckdb.DuckDBPyConnection, run_id: str) -> pa.Table:
+    """A run's first answer (or error) to each of its requests, duplicates included: (custom_id, output_id, text, error_code)."""
+    return con.sql(
+        "SELECT custom_id, output_id, text, error_code FROM run_outputs WHERE run_id = ? AND sample_index = 0",
+        params=[run_id],
+    ).to_arrow_table()
+
+
 def run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
     return bool(con.execute("SELECT run_id FROM runs WHERE run_id = ?", [run_id]).fetchall())
 

@@ -149,3 +149,36 @@ class ComparisonDifferenceRow(BaseModel):
     p_value: float
     resamples: int
     seed: int
+
+
+class JudgementRow(BaseModel):
+    """What an LLM judge made of two runs' answers (or one run's): the judge run, and the numbers its verdicts add up to."""
+
+    judgement_id: str
+    kind: str  # pairwise, absolute
+    run_a: str
+    run_b: str | None
+    against: str  # run, reference, none
+    judge_run_id: str
+    judge_model: str
+    judge_model_fingerprint: str
+    judge_sampling_hash: str
+    verdict_format: str
+    rubric_hash: str
+    requests: int
+    pairs: int
+    unjudged: int
+    unparseable: int
+    judge_errors: int
+    a_wins: int
+    b_wins: int
+    ties: int
+    inconsistent: int | None
+    position_bias: float | None
+    first_position_rate: float | None
+    mean_score_a: float | None
+    mean_score_b: float | None
+    win_rate: float | None
+    win_rate_ci95_low: float | None
+    win_rate_ci95_high: float | None
+    p_value: float | None

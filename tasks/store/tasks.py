@@ -20,10 +20,11 @@ from tasks.store.commit import (
     mark_run,
     record_comparison,
     record_differences,
+    record_judgement,
 )
 from tasks.store.connection import reading, writing
 from tasks.store.queries import comparison_results
-from tasks.store.rows import ComparisonDifferenceRow, DatasetVersionRow, RunRow, RunShardRow
+from tasks.store.rows import ComparisonDifferenceRow, DatasetVersionRow, JudgementRow, RunRow, RunShardRow
 
 
 @task(name="commit-run-start")
@@ -98,3 +99,10 @@ def read_comparison(comparison_id: str, store: StoreConfig) -> tuple[list[dict],
     """The comparison's rows of comparison_scores, comparison_win_rates and comparison_differences."""
     with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
         return comparison_results(con, comparison_id)
+
+
+@task(name="commit-judgement")
+def commit_judgement(judgement: JudgementRow, verdict_paths: list[str], store: StoreConfig) -> None:
+    """A judgement and its verdicts, in place of the same judgement's earlier rows."""
+    with writing(store.duckdb_path, store.lock_timeout_seconds) as con:
+        record_judgement(con, judgement, verdict_paths)

@@ -1,8 +1,22 @@
-"""The LLM judge: its score parser, and a real judge model (the tiny one, through real vLLM)."""
+"""The LLM judges: their verdicts' constraints and parser, a judgement's numbers from its verdicts, the
+configuration mistakes named, and the absolute judge as a scorer on a real judge model (the tiny one,
+through real vLLM): with structured output every verdict parses."""
 
+import re
+
+import pyarrow as pa
 import pytest
 
-from tasks.scoring.judge import UNPARSEABLE, judge_scorer, parse_judge_score
+from tasks.config import SpecError
+from tasks.scoring.judge import (
+    LABELS,
+    UNPARSEABLE,
+    JudgeConfig,
+    judge_scorer,
+    parse_verdict,
+    verdict_constraint,
+)
+from tasks.scoring.judgement import JudgedRuns, check_judged_runs, judge_requests, summarize_judgement
 
 
 def row(text: str) -> dict:
@@ -10,34 +24,91 @@ def row(text: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "answer, expected",
+    "answer, kind, verdict, expected",
     [
-        ("Score: 7", 7.0),
-        ("score 10/10, great", 10.0),
-        ("Rating: **8**", 8.0),
-        ("I would give it 6/10.", 6.0),
-        ("9", 9.0),
-        ("The answer is fine. Score = 3", 3.0),
-        ("Score: 11", None),
-        ("7.5/10", None),
-        ("It has 3 parts and is good", None),
-        ("", None),
-        (None, None),
+        ("tie", "pairwise", "choice", ("tie", None)),
+        (" B\n", "pairwise", "choice", ("B", None)),
+        ("C", "pairwise", "choice", None),
+        ("10", "absolute", "choice", ("10", None)),
+        ("Score: 7", "absolute", "choice", None),
+        ('{"verdict": "A", "reason": "more precise"}', "pairwise", "json", ("A", "more precise")),
+        ('{"score": 10, "reason": "cut sho', "absolute", "json", ("10", "cut sho")),  # max_tokens cut the reason
+        ('{"score": 1', "absolute", "json", None),  # 1 or 10: the verdict itself was cut
+        ('{"verdict": "maybe", "reason": ""}', "pairwise", "json", None),
+        (None, "pairwise", "choice", None),
     ],
 )
-def test_judge_parser(answer, expected):
-    assert parse_judge_score(answer) == expected
+def test_a_verdict_is_read_from_the_judges_answer(answer, kind, verdict, expected):
+    assert parse_verdict(answer, kind, verdict) == expected
+
+
+def test_the_json_verdicts_regex_holds_each_label_and_a_bounded_reason():
+    for kind in ("pairwise", "absolute"):
+        pattern = verdict_constraint(kind, "json").regex
+        key = "verdict" if kind == "pairwise" else "score"
+        for label in LABELS[kind]:
+            value = f'"{label}"' if kind == "pairwise" else label
+            assert re.fullmatch(pattern, f'{{"{key}": {value}, "reason": "fine, short"}}')
+        assert not re.fullmatch(pattern, f'{{"{key}":  {value}, "reason": ""}}')  # no room for whitespace
+        assert not re.fullmatch(pattern, f'{{"{key}": {value}, "reason": "{"x" * 201}"}}')
+    assert verdict_constraint("pairwise", "choice").choice == ["A", "B", "tie"]
+
+
+def test_configuration_mistakes_are_named_before_anything_runs():
+    with pytest.raises(ValueError, match="sampling.max_tokens: a json verdict needs at least 24"):
+        JudgeConfig(verdict="json", sampling={"max_tokens": 8})
+    with pytest.raises(ValueError, match="sampling.structured: the judge constrains its verdict itself"):
+        JudgeConfig(sampling={"structured": {"regex": "x"}})
+    with pytest.raises(ValueError, match="rubric: 'response' is undefined; it may use .* answer_a, answer_b"):
+        JudgeConfig(rubric="Is {{ response }} good?")
+    with pytest.raises(SpecError, match="either run_b or the reference"):
+        check_judged_runs(JudgedRuns(run_a="r1"), "pairwise")
+    with pytest.raises(SpecError, match="the same run as run_a"):
+        check_judged_runs(JudgedRuns(run_a="r1", run_b="r1"), "absolute")
+    nothing = pa.table({"custom_id": ["c"], "sample_index": [0], "prompt": ["q"], "messages": [None], "reference": [None]})
+    nothing = nothing.append_column("output_id_a", pa.array(["o"])).append_column("text_a", pa.array(["t"]))
+    nothing = nothing.append_column("output_id_b", pa.array([None], pa.string())).append_column(
+        "text_b", pa.array([None], pa.string())
+    )
+    with pytest.raises(SpecError, match="run r1: no answered requests to judge against its reference answers"):
+        judge_requests(nothing, JudgedRuns(run_a="r1", reference=True), JudgeConfig())
+
+
+def test_a_pair_whose_verdict_flips_with_the_order_is_a_tie_and_counts_as_position_bias():
+    def verdicts(custom_id: str, ab: str, ba: str) -> list[dict]:
+        winner = {"ab": {"A": "a", "B": "b", "tie": "tie"}, "ba": {"A": "b", "B": "a", "tie": "tie"}}
+        return [
+            {
+                "custom_id": custom_id,
+                "sample_index": 0,
+                "position": p,
+                "verdict": v,
+                "winner": winner[p][v],
+                "score": None,
+                "error": None,
+            }
+            for p, v in (("ab", ab), ("ba", ba))
+        ]
+
+    rows = verdicts("1", "A", "B") + verdicts("2", "A", "A") + verdicts("3", "B", "A") + verdicts("4", "tie", "tie")
+    numbers = summarize_judgement(rows, "pairwise", paired=True)
+    # pair 1: a both times; pair 2: A both times = a, then b: flipped; pair 3: b both times; pair 4: a tie
+    assert (numbers["a_wins"], numbers["b_wins"], numbers["ties"], numbers["inconsistent"]) == (1, 1, 2, 1)
+    assert numbers["position_bias"] == 0.25 and numbers["win_rate"] == 0.5
+    assert numbers["first_position_rate"] == pytest.approx(4 / 6)
+    rows[0] |= {"verdict": None, "winner": None, "error": UNPARSEABLE}
+    assert summarize_judgement(rows, "pairwise", paired=True)["unjudged"] == 1
 
 
 @pytest.mark.slow
-def test_judge_runs_the_second_model_and_records_unparseable_answers_as_such(tiny_model):
-    judge = judge_scorer(tiny_model, sampling={"max_tokens": 8})
+def test_the_absolute_judge_scorer_gives_a_parsed_score_for_every_answer(tiny_model):
     rows = [row("Paris is the capital of France."), row("blue"), row("")]
+    judge = judge_scorer(tiny_model, sampling={"max_tokens": 8})
     results = judge.score(rows)
-    assert len(results) == 3
-    for value, label in results:
-        # random weights: almost always gibberish; whatever it is, it is a parsed 1-10 or labelled, never 0
-        assert (value is None and label == UNPARSEABLE) or (1 <= value <= 10 and label is None)
+    # random weights, but a constrained verdict: always a score from 1 to 10
+    assert len(results) == 3 and all(1 <= value <= 10 and label is None for value, label in results)
     assert judge.score(rows) == results  # greedy: the same verdicts again
+    with_reasons = judge_scorer(tiny_model, verdict="json", sampling={"max_tokens": 32}).score(rows)
+    assert all(1 <= value <= 10 and isinstance(reason, str) for value, reason in with_reasons)  # the reason is the label
     other = judge_scorer(tiny_model, rubric="Grade {{ response }} from 1 to 10.", sampling={"max_tokens": 8})
-    assert other.version != judge.version  # the rubric is part of the version
+    assert other.version != judge.version and judge.version.startswith("2+")  # the rubric is part of the version
