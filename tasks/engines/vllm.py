@@ -259,6 +259,8 @@ class VllmEngine:
         One per distinct (sampling, max_tokens), as LLM.generate shares one: vLLM copies it per
         request anyway, and building one per request cost ~10 us of the loop's core each.
         """
+        from vllm.exceptions import VLLMClientError
+
         shared: dict[tuple[int, int], object] = {}
         params = []
         for r in pending:
@@ -267,7 +269,7 @@ class VllmEngine:
             if key not in shared:
                 try:
                     shared[key] = vllm_sampling_params(r.sampling, max_tokens)
-                except (ValueError, TypeError) as error:  # vLLM's own checks: min_tokens above max_tokens, say
+                except (ValueError, TypeError, VLLMClientError) as error:  # vLLM's checks: min_tokens above max_tokens, say
                     shared[key] = ValueError(f"sampling parameters rejected by vLLM: {error}")
             params.append(shared[key])
         return params

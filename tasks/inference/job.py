@@ -129,11 +129,13 @@ def check_sampling(model: ModelConfig, sampling: SamplingConfig) -> None:
     below 0, an `extra` value of the wrong kind), before any work: a SpecError naming the problem."""
     if model.engine != "vllm":
         return  # the server judges
+    from vllm.exceptions import VLLMClientError
+
     from tasks.engines.vllm import vllm_sampling_params
 
     try:
         vllm_sampling_params(sampling, sampling.max_tokens)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, VLLMClientError) as error:
         raise SpecError(f"sampling parameters rejected by vLLM: {error}") from error
 
 
