@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
+import sys
+
+from tasks import console
 
 # SamplingParams fields the engine sets itself, or that change the shape of what it returns (which
 # the output records read): not settable through `extra`.
@@ -17,17 +21,28 @@ ENGINE_SET = frozenset(
 )
 
 
+def quietly_imported(module: str):
+    """A vLLM module, imported for a look at what it accepts; None where vLLM is not installed. What
+    vLLM prints as it loads (a Triton notice) goes to the log file, or nowhere: a check that fails
+    says one line."""
+    if module not in sys.modules:
+        try:
+            with console.output_to_log(or_nowhere=True):
+                importlib.import_module(module)
+        except ImportError:
+            return None
+        console.route_library_logs()
+    return sys.modules[module]
+
+
 @functools.cache
 def sampling_fields() -> tuple[str, frozenset[str]] | None:
     """(vLLM's version, the public fields of its SamplingParams), or None without vLLM."""
-    try:
-        from tasks.engines.vllm import import_vllm
-
-        vllm = import_vllm()
-    except ImportError:
+    sampling_params = quietly_imported("vllm.sampling_params")
+    if sampling_params is None:
         return None
-    fields = getattr(vllm.SamplingParams, "__struct_fields__", ())
-    return vllm.__version__, frozenset(name for name in fields if not name.startswith("_"))
+    fields = getattr(sampling_params.SamplingParams, "__struct_fields__", ())
+    return sys.modules["vllm"].__version__, frozenset(name for name in fields if not name.startswith("_"))
 
 
 def check_extra_fields(extra: dict, named: set[str]) -> None:
@@ -54,16 +69,12 @@ def check_extra_fields(extra: dict, named: set[str]) -> None:
 
 def check_reasoning_parser(name: str) -> None:
     """Raise ValueError unless the installed vLLM has a reasoning parser of this name."""
-    try:
-        from tasks.engines.vllm import import_vllm
-
-        vllm = import_vllm()
-    except ImportError:
+    reasoning = quietly_imported("vllm.reasoning")
+    if reasoning is None:
         return
-    from vllm.reasoning import ReasoningParserManager
-
-    known = ReasoningParserManager.list_registered()
+    known = reasoning.ReasoningParserManager.list_registered()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"vLLM {vllm.__version__} has no reasoning parser {name!r}; {hint}it has: {', '.join(known)}")
+        version = sys.modules["vllm"].__version__
+        raise ValueError(f"vLLM {version} has no reasoning parser {name!r}; {hint}it has: {', '.join(known)}")
