@@ -318,3 +318,28 @@ def test_a_servers_logprobs_become_token_logprobs_chat_completions_and_prompt():
     assert record.prompt_logprobs is None
     (plain,) = choice_records("k", completion, 0.1, False, SamplingConfig())
     assert plain.token_logprobs is None and plain.mean_logprob is None  # not asked: nothing kept
+
+
+@pytest.mark.slow
+def test_vllms_own_sampling_fields_over_http_give_the_in_process_engines_answers(
+    vllm_server, api_key_secret, tiny_model, tmp_path, sample_spec, query
+):
+    spec = sample_spec(8, system_prompt="Be brief.")
+    sampling = SamplingConfig(
+        max_tokens=8,
+        stop=[" "],
+        min_tokens=3,
+        ignore_eos=True,
+        bad_words=["Classi"],
+        skip_special_tokens=False,
+        truncate_prompt_tokens=12,
+        extra={"include_stop_str_in_output": True},
+    )
+    local = StoreConfig(duckdb_path=str(tmp_path / "local.duckdb"), storage=str(tmp_path / "local"))
+    remote = StoreConfig(duckdb_path=str(tmp_path / "remote.duckdb"), storage=str(tmp_path / "remote"))
+    batch_inference(dataset=spec, model=tiny_model, sampling=sampling, store=local)
+    over_http = batch_inference(dataset=spec, model=openai_model(vllm_server, api_key_secret), sampling=sampling, store=remote)
+    assert over_http.errors == 0
+    assert texts(remote) == texts(local)
+    assert query(remote, "SELECT DISTINCT prompt_tokens FROM run_outputs") == [(12,)]  # truncated by the server
+    assert any(text.endswith(" ") for text in texts(local).values())  # the stop string kept in the text
