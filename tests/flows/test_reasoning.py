@@ -4,6 +4,7 @@ on real engine output. Each answer is stored as reasoning and text with the toke
 whose budget ran out inside the thinking is flagged, and the rerun asks only that one again with a
 larger budget, keeping both attempts."""
 
+import json
 import re
 
 import pyarrow as pa
@@ -13,6 +14,7 @@ import pytest
 from flows.batch_inference import batch_inference
 from flows.rerun_cut_off import rerun_cut_off
 from tasks.config import DatasetSpec, ModelConfig, SamplingConfig, SpecError, StructuredOutput
+from tasks.export.batch_files import write_batch_result
 
 # A small model's thinking cannot be left to chance: the constraint covers the whole answer.
 SHAPE = "<think>[a-z ]{1,20}</think>[a-z ]{1,10}"
@@ -88,6 +90,15 @@ def test_answers_split_into_reasoning_and_text_and_the_rerun_asks_only_the_cut_o
         "tokens": 2,
     }
     assert re.fullmatch("[a-z ]+", cut["reasoning"])
+
+    # Exported as vllm serve --reasoning-parser answers: the thinking beside the answer, its tokens in the usage.
+    from openai.types.chat import ChatCompletion
+
+    write_batch_result(store, first.run_id, str(tmp_path / "out.jsonl"), None)
+    lines = {line["custom_id"]: line for line in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    answer = ChatCompletion.model_validate(lines["a"]["response"]["body"])
+    assert (answer.choices[0].message.content, answer.choices[0].message.model_extra["reasoning"]) == stored[0][1:3]
+    assert answer.usage.completion_tokens_details.reasoning_tokens == stored[0][3]
 
     # Only the cut-off answer is asked again, with twice the largest budget it had (48), over its own 2.
     rerun = rerun_cut_off(first.run_id, store)
