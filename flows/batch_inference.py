@@ -21,6 +21,7 @@ from tasks.config import (
     TINY_CPU_MODEL,
     DatasetSpec,
     ModelConfig,
+    RerunConfig,
     SamplingConfig,
     ShardingConfig,
     StoreConfig,
@@ -28,7 +29,7 @@ from tasks.config import (
 )
 from tasks.engines.faults import ensure_reaper
 from tasks.inference.estimate import RunEstimate
-from tasks.inference.job import InferenceJob, ShardOutput
+from tasks.inference.job import InferenceJob, ShardOutput, check_sampling
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
 from tasks.prepare.tasks import check_rejected_share, remove_work_files, write_requests, write_shards
@@ -64,15 +65,18 @@ def batch_inference(
     n_workers: int = 2,
     workers: WorkersConfig = WorkersConfig(),
     dry_run: bool = False,
+    rerun: RerunConfig | None = None,
 ) -> RunSummary | RunEstimate:
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
     runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py).
-    dry_run: only price the job (flows/estimate_run.py), from earlier runs' rate; nothing runs."""
+    dry_run: only price the job (flows/estimate_run.py), from earlier runs' rate; nothing runs.
+    rerun: ask only the requests whose answer in that earlier run was cut off (flows/rerun_cut_off.py)."""
     if dry_run:
         return estimate_run(dataset=dataset, model=model, sampling=sampling, store=store)
     ensure_reaper()  # killed outright, this process leaves no engine nor temporary Prefect server behind
     model, store = resolve(model, InferenceModel), resolve(store, ResultsStore)
     scorers_used = scorers_version(resolve_scorers(scorers))  # an unknown scorer fails the run before any work
+    check_sampling(model, sampling)  # and so do sampling values vLLM would refuse
     clock, started_at = StageClock(), datetime.now(timezone.utc)
     run_id = str(flow_run.id or f"local-{started_at:%Y%m%dT%H%M%S%f}")
     work_dir = storage.join(store.storage, "work", run_id)
@@ -89,8 +93,16 @@ def batch_inference(
         sharding=sharding,
     )
     with clock("shard"):
-        plan = write_shards(request_set, job, store, work_dir)
-    describe = partial(run_row, run_id=run_id, dataset=dataset, job=job, scorers=scorers_used, request_set=request_set)
+        plan = write_shards(request_set, job, store, work_dir, rerun)
+    describe = partial(
+        run_row,
+        run_id=run_id,
+        dataset=dataset,
+        job=job,
+        scorers=scorers_used,
+        request_set=request_set,
+        rerun_of=rerun.run_id if rerun else None,
+    )
     running = describe(
         counts_at_start(request_set, len(plan.shards), plan.reused_requests), started_at=started_at, status="running"
     )

@@ -68,7 +68,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype")
     group.add_argument("--max-model-len", type=int)
     group.add_argument("--gpu-memory-utilization", type=float, help="on the CPU build: the share of RAM for the KV cache")
+    group.add_argument(
+        "--reasoning-parser", help="vLLM's reasoning parser (deepseek_r1, qwen3, ...): the thinking apart from the answer"
+    )
     group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--sampling", help="a sampling config YAML (any field of docs/inference.md's sampling, `extra` too); flags override it"
+    )
     group.add_argument("--temperature", type=float)
     group.add_argument("--top-p", type=float)
     group.add_argument("--n", type=int, help="samples per request")
@@ -167,6 +173,27 @@ def parser() -> argparse.ArgumentParser:
     rescore_parser.add_argument(
         "--scorer", action="append", required=True, help="built-in name or package.module:attribute (repeatable)"
     )
+
+    rerun_parser = command(
+        subparsers,
+        "rerun",
+        commands.rerun,
+        "Ask again, with a larger token budget, the answers of a run that were cut off inside their reasoning.",
+        "vbf rerun RUN_ID --max-tokens 4096\nvbf rerun RUN_ID --cut-off length   # every answer that stopped at max_tokens",
+        [common, store],
+    )
+    rerun_parser.add_argument("run_id")
+    rerun_parser.add_argument(
+        "--max-tokens", type=int, help="the new budget (default: twice the largest the cut-off answers had)"
+    )
+    rerun_parser.add_argument(
+        "--cut-off",
+        choices=["reasoning", "length"],
+        default="reasoning",
+        help="reasoning: answers cut off inside the thinking (default); length: every answer cut off at max_tokens",
+    )
+    rerun_parser.add_argument("--scorer", action="append", help="scorer (repeatable; default: every built-in)")
+    rerun_parser.add_argument("--summary-json", help="also write the rerun's summary to this file")
 
     compare_parser = command(
         subparsers,

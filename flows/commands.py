@@ -110,6 +110,7 @@ def model_of(args: argparse.Namespace) -> ModelConfig:
             "dtype",
             "max_model_len",
             "gpu_memory_utilization",
+            "reasoning_parser",
         )
         if getattr(args, name) is not None
     }
@@ -117,12 +118,14 @@ def model_of(args: argparse.Namespace) -> ModelConfig:
 
 
 def sampling_of(args: argparse.Namespace) -> SamplingConfig:
+    """A sampling config YAML (--sampling), or the defaults; then the flags."""
+    base = read_yaml(SamplingConfig, Path(args.sampling), "sampling config") if args.sampling else SamplingConfig()
     flags = {
         name: getattr(args, name)
         for name in ("temperature", "top_p", "n", "max_tokens", "seed")
         if getattr(args, name) is not None
     }
-    return SamplingConfig(**flags)
+    return SamplingConfig.model_validate({**base.model_dump(exclude_defaults=True), **flags})
 
 
 def store_of(args: argparse.Namespace) -> StoreConfig:
@@ -135,11 +138,13 @@ def start_engine_unless_answered(dataset: DatasetSpec, model: ModelConfig, sampl
     if model.engine != "vllm":
         return
     from tasks.engines.vllm import start_engine_in_background
+    from tasks.inference.job import check_sampling
     from tasks.keys import hash_memo_path, input_fingerprint, model_fingerprint, sampling_hash
     from tasks.prepare.dataset import check_dataset
     from tasks.store.queries import answered_before
 
     try:
+        check_sampling(model, sampling)  # values vLLM refuses need no engine either
         check_dataset(dataset)  # files and schemas (Parquet footers): a bad input needs no engine
         fingerprint = input_fingerprint(dataset, model.mode, model.max_model_len)
         model_key = model_fingerprint(model, hash_memo_path(store.storage))
@@ -380,6 +385,30 @@ def rescore(args: argparse.Namespace) -> None:
     from flows.rescore import rescore as rescore_flow
 
     rescore_flow(args.run_id, args.scorer, store_of(args))
+
+
+def rerun(args: argparse.Namespace) -> None:
+    """The cut-off answers of a run, asked again with a larger budget: a new run whose rerun_of names the first."""
+    store = store_of(args)
+    quiet_console(store, args.verbose)
+    start_prefect(args.verbose)
+    from flows.rerun_cut_off import rerun_cut_off
+    from tasks.engines.vllm import close_engine
+    from tasks.report.summary import format_summary
+    from tasks.scoring.registry import DEFAULT_SCORERS
+
+    try:
+        summary = rerun_cut_off(
+            args.run_id, store, max_tokens=args.max_tokens, cut_off=args.cut_off, scorers=args.scorer or DEFAULT_SCORERS
+        )
+    finally:
+        close_engine(timeout=0)
+    if summary is None:
+        print(f"run {args.run_id}: no answer was cut off ({args.cut_off}); nothing to ask again")
+        return
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
 
 
 def parse_variant(text: str, base: SamplingConfig) -> dict:

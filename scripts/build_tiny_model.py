@@ -4,7 +4,10 @@ A byte-level BPE tokenizer trained on a few sentences, a chat template, and a 2-
 head_dim 64 (vLLM's CPU attention kernels reject head_dim 16). Weights are random but seeded, so
 every build writes the same bytes and the model fingerprint is stable across machines.
 
-    python scripts/build_tiny_model.py [OUT_DIR]     # default: .cache/models/tiny-llama (+ OUT_DIR-lora)
+    python scripts/build_tiny_model.py [OUT_DIR]     # default: .cache/models/tiny-llama (+ OUT_DIR-lora, OUT_DIR-thinking)
+
+OUT_DIR-thinking is the same model with a reasoning model's thinking markers, <think> and </think>,
+added to a copy of its tokenizer (and two rows to its embeddings), for vLLM's reasoning parsers.
 """
 
 from __future__ import annotations
@@ -131,7 +134,37 @@ def build_tiny_lora(model_dir: Path, out_dir: Path, rank: int = 8) -> Path:
     return out_dir
 
 
+THINKING_TOKENS = ["<think>", "</think>"]
+
+
+def build_tiny_thinking_model(model_dir: Path, out_dir: Path) -> Path:
+    """The tiny model with <think> and </think> as tokens of their own (not special: they stay in the
+    text, as DeepSeek-R1's do); the new embedding rows are seeded, so every build is the same."""
+    marker = out_dir / "tiny_model_recipe.json"
+    if marker.exists() and json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION:
+        return out_dir
+
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINKING_TOKENS])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    tokenizer.save_pretrained(tmp_dir)
+    model.save_pretrained(tmp_dir, safe_serialization=True)
+    (tmp_dir / marker.name).write_text(json.dumps({"recipe": RECIPE_VERSION}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
+    return out_dir
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
     print(build_tiny_model(target))
     print(build_tiny_lora(target, target.with_name(target.name + "-lora")))
+    print(build_tiny_thinking_model(target, target.with_name(target.name + "-thinking")))

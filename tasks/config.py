@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from tasks.redact import redact, redact_options
 
@@ -30,6 +39,11 @@ def describe_errors(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         problems.append(f"{field}: {message}" if field else message)
     return "; ".join(problems)
+
+
+def unset(value: object) -> bool:
+    """Fields added after runs were stored are left out of a dump while unset, so existing keys (sampling, input, model) stay the same."""
+    return value is None
 
 
 # The request columns an expectation can name; any other column it names is read from the dataset.
@@ -138,12 +152,28 @@ class DatasetSpec(BaseModel):
     override_columns: list[str] = Field(
         default_factory=list, description="Columns holding per-row sampling overrides (e.g. max_tokens, temperature)."
     )
+    sampling_column: str | None = Field(
+        None,
+        exclude_if=unset,
+        description="Column holding a row's own sampling as a JSON object (text, or a struct): any per-row sampling field, "
+        'e.g. {"min_tokens": 4, "stop_token_ids": [7], "structured": {"regex": "[0-9]+"}, "extra": {"include_stop_str_in_output": true}}.',
+    )
+    structured_columns: dict[Literal["json_schema", "regex", "choice", "grammar"], str] | None = Field(
+        None,
+        exclude_if=unset,
+        description="Columns holding a row's own structured output, by kind, e.g. {json_schema: schema}: a JSON schema "
+        "(an object, or JSON text), a regex, a list of choices (or JSON text of one), a grammar; a row sets at most one.",
+    )
     reference_column: str | None = Field(None, description="Column with a reference answer, kept for scoring.")
     max_line_bytes: int = Field(
         16 << 20, ge=1, description="Longest JSONL line read (bytes); a longer one is a rejected row, never read whole."
     )
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+
+    def row_sampling_columns(self) -> list[str]:
+        """The columns a row's own sampling comes from besides override_columns: each may be null or missing."""
+        return [c for c in (self.sampling_column, *(self.structured_columns or {}).values()) if c]
 
     @field_serializer("source", when_used="json")
     def _source_without_credentials(self, source: str) -> str:
@@ -248,6 +278,12 @@ class ModelConfig(BaseModel):
         description="vllm: engine deaths in a row (no request finished in between) that are restarted before the run fails.",
     )
     lora_adapter: LoraAdapter | None = None
+    reasoning_parser: str | None = Field(
+        None,
+        exclude_if=unset,
+        description="vLLM's reasoning parser by name (deepseek_r1, qwen3, ...): each answer's thinking goes to `reasoning`, "
+        "the final answer to `text`, with the tokens of each. openai engine: what the server splits (vllm serve --reasoning-parser).",
+    )
     # openai engine
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (openai engine).")
     api_key_secret: str | None = Field(None, description="Name of the Prefect Secret block holding the API key.")
@@ -265,6 +301,15 @@ class ModelConfig(BaseModel):
         """A token among the engine arguments (hf_token) is not recorded: it belongs in the worker's environment."""
         return redact_options(engine_kwargs)
 
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _known_parser(cls, name: str | None) -> str | None:
+        if name is not None:
+            from tasks.engines.installed import check_reasoning_parser
+
+            check_reasoning_parser(name)
+        return name
+
     @model_validator(mode="after")
     def _engine_needs(self) -> ModelConfig:
         if self.engine == "openai" and not self.base_url:
@@ -281,13 +326,8 @@ class ModelConfig(BaseModel):
         return {"model": self.model, **args, **self.engine_kwargs}
 
 
-def unset(value: object) -> bool:
-    """Fields added after runs were stored are left out of a dump while unset, so existing sampling keys stay the same."""
-    return value is None
-
-
 class StructuredOutput(BaseModel):
-    """Constrain every answer: exactly one of a JSON schema, any JSON object, a regex or a list of choices."""
+    """Constrain every answer: exactly one of a JSON schema, any JSON object, a regex, a list of choices or a grammar."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -295,16 +335,26 @@ class StructuredOutput(BaseModel):
     json_object: Literal[True] | None = Field(None, exclude_if=unset, description="Any JSON object (OpenAI's json_object).")
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = Field(None, exclude_if=unset, description="A grammar in vLLM's formats (EBNF/GBNF or Lark).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutput:
-        if sum(x is not None for x in (self.json_schema, self.json_object, self.regex, self.choice)) != 1:
-            raise ValueError("set exactly one of json_schema, json_object, regex or choice")
+        if sum(x is not None for x in (self.json_schema, self.json_object, self.regex, self.choice, self.grammar)) != 1:
+            raise ValueError("set exactly one of json_schema, json_object, regex, choice or grammar")
         return self
 
 
 # OpenAI's range for a token's logit bias.
 LogitBias = dict[int, Annotated[float, Field(ge=-100, le=100)]]
+
+
+def keeps_a_token(value: int) -> int:
+    if value == 0:
+        raise ValueError("0 would keep no prompt token (-1: as many as the context holds)")
+    return value
+
+
+TruncatePrompt = Annotated[int, Field(ge=-1), AfterValidator(keeps_a_token)]
 
 
 class SamplingConfig(BaseModel):
@@ -332,7 +382,46 @@ class SamplingConfig(BaseModel):
         None, ge=0, exclude_if=unset, description="Ask for the prompt's logprobs (this many alternatives): prompt_logprobs."
     )
     logit_bias: LogitBias | None = Field(None, exclude_if=unset, description="Token id → bias added to its logit.")
+    min_tokens: int | None = Field(
+        None, ge=0, exclude_if=unset, description="Tokens generated before EOS or a stop token may end the answer."
+    )
+    ignore_eos: bool | None = Field(None, exclude_if=unset, description="Go on past EOS, until max_tokens or a stop.")
+    stop_token_ids: list[int] | None = Field(None, exclude_if=unset, description="Token ids that end the answer, besides EOS.")
+    bad_words: list[str] | None = Field(
+        None, exclude_if=unset, description="Words never generated (as the tokens they encode to)."
+    )
+    skip_special_tokens: bool | None = Field(
+        None, exclude_if=unset, description="false: special tokens stay in the text (vLLM's default: true)."
+    )
+    truncate_prompt_tokens: TruncatePrompt | None = Field(
+        None,
+        exclude_if=unset,
+        description="Keep only this many prompt tokens (-1: as many as the context holds), from the end the tokenizer's "
+        "truncation_side names (vLLM's rule).",
+    )
+    extra: dict[str, Any] | None = Field(
+        None,
+        exclude_if=unset,
+        description="Any other vllm.SamplingParams field by its name, e.g. {include_stop_str_in_output: true}; checked "
+        "against the installed vLLM before anything runs. openai engine: sent in the request body.",
+    )
+    max_tokens_wins: bool | None = Field(
+        None, exclude_if=unset, description="The run's max_tokens replaces a row's own (the larger budget of `vbf rerun`)."
+    )
     structured: StructuredOutput | None = None
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_fields_exist(cls, extra: dict[str, Any] | None) -> dict[str, Any] | None:
+        return checked_extra(extra, set(cls.model_fields))
+
+
+def checked_extra(extra: dict[str, Any] | None, named: set[str]) -> dict[str, Any] | None:
+    if extra:
+        from tasks.engines.installed import check_extra_fields
+
+        check_extra_fields(extra, named)
+    return extra
 
 
 class SamplingOverrides(BaseModel):
@@ -354,7 +443,19 @@ class SamplingOverrides(BaseModel):
     logprobs: int | None = Field(None, ge=0)
     prompt_logprobs: int | None = Field(None, ge=0)
     logit_bias: LogitBias | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool | None = None
+    truncate_prompt_tokens: TruncatePrompt | None = None
+    extra: dict[str, Any] | None = None
     structured: StructuredOutput | None = None
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_fields_exist(cls, extra: dict[str, Any] | None) -> dict[str, Any] | None:
+        return checked_extra(extra, set(SamplingConfig.model_fields))
 
     @model_validator(mode="before")
     @classmethod
@@ -367,6 +468,19 @@ class SamplingOverrides(BaseModel):
             if isinstance(data.get("stop"), str):
                 data["stop"] = [data["stop"]]
         return data
+
+
+class RerunConfig(BaseModel):
+    """Which answers of an earlier run a rerun asks again (`vbf rerun`): the others keep their first answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="The run whose cut-off answers are asked again.")
+    cut_off: Literal["reasoning", "length"] = Field(
+        "reasoning",
+        description="reasoning: answers whose budget ran out inside the thinking (reasoning_truncated); "
+        "length: every answer that stopped at max_tokens.",
+    )
 
 
 class StoreConfig(BaseModel):

@@ -99,15 +99,16 @@ def log_path() -> str | None:
 
 
 @contextlib.contextmanager
-def output_to_log() -> Iterator[None]:
-    """This process's stdout and stderr into the log file for a moment (an import that prints), when quiet."""
-    if _log_path is None:
+def output_to_log(or_nowhere: bool = False) -> Iterator[None]:
+    """This process's stdout and stderr into the log file for a moment (an import that prints), when quiet;
+    `or_nowhere`: when not quiet, into /dev/null (a notice that would stand before a command's own line)."""
+    if _log_path is None and not or_nowhere:
         yield
         return
     sys.stdout.flush()
     sys.stderr.flush()
     originals = {fd: os.dup(fd) for fd in (1, 2)}
-    with open(_log_path, "ab") as log:
+    with open(_log_path or os.devnull, "ab") as log:
         for fd in originals:
             os.dup2(log.fileno(), fd)
     try:

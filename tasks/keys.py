@@ -28,6 +28,8 @@ def content_hash(value: object) -> str:
 
 def template_hash(spec: DatasetSpec, mode: Mode) -> str:
     """How rows become prompts: the prompt column or template, system prompt, overrides and mode."""
+    # the columns of a row's own sampling count only when set: earlier specs keep their hash
+    row_sampling = spec.model_dump(include={"sampling_column", "structured_columns"}, exclude_none=True)
     return content_hash(
         {
             "column": spec.prompt_column,
@@ -36,6 +38,7 @@ def template_hash(spec: DatasetSpec, mode: Mode) -> str:
             "overrides": spec.override_columns,
             "system": spec.system_prompt,
             "mode": mode,
+            **row_sampling,
         }
     )
 
@@ -164,6 +167,8 @@ def model_fingerprint(config: ModelConfig, memo_path: Path | None = None, served
             "speculative_config": config.speculative_config,
             "engine_kwargs": config.model_dump(mode="json")["engine_kwargs"],
             "lora": {"name": adapter.name, "files": folder_fingerprint(Path(adapter.path), memo)} if adapter else None,
+            # how an answer is split into thinking and text (only when set: earlier fingerprints stay)
+            **({"reasoning_parser": config.reasoning_parser} if config.reasoning_parser else {}),
         }
     )
     memo.save()

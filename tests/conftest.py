@@ -43,6 +43,12 @@ def tiny_lora_dir(tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_thinking_model_dir(tiny_model_dir) -> Path:
+    """The tiny model with <think> and </think> tokens (built by the same script)."""
+    return tiny_model_dir.with_name(tiny_model_dir.name + "-thinking")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """The one engine configuration of the session: every test that uses it shares one vLLM engine.
 

@@ -60,6 +60,11 @@ class OutputRecord:
     # Per token, only when asked (`logprobs`, `prompt_logprobs`): a list column DuckDB queries (UNNEST) and exports.
     token_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    # With a reasoning parser (ModelConfig.reasoning_parser): `text` is the final answer and this the thinking before it.
+    reasoning: str | None = None
+    reasoning_tokens: int | None = None  # the completion's tokens before the answer (the thinking, markers included)
+    text_tokens: int | None = None  # the answer's tokens (reasoning_tokens + text_tokens = completion_tokens)
+    reasoning_truncated: bool | None = None  # finish_reason 'length' inside the thinking: the budget ran out before any answer
 
     @classmethod
     def failed(
@@ -76,7 +81,7 @@ def arrow_type(hint: object) -> pa.DataType:
         return pa.list_(arrow_type(typing.get_args(hint)[0]))
     if typing.is_typeddict(hint):
         return pa.struct([(name, arrow_type(field)) for name, field in typing.get_type_hints(hint).items()])
-    return {str: pa.string(), int: pa.int32(), float: pa.float64(), Float32: pa.float32()}[hint]
+    return {str: pa.string(), int: pa.int32(), float: pa.float64(), Float32: pa.float32(), bool: pa.bool_()}[hint]
 
 
 # The output files' schema, derived from the record so the two cannot drift apart.
@@ -120,13 +125,20 @@ class Engine(Protocol):
 
 
 def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingConfig:
-    """The run's sampling with a row's overrides (a JSON object of SamplingConfig fields) applied."""
+    """The run's sampling with a row's overrides (a JSON object of SamplingConfig fields) applied.
+
+    A row's `extra` adds to the run's; with max_tokens_wins the run's max_tokens stands over a row's own.
+    """
     if not overrides:
         return base
     try:
         values = json.loads(overrides)
         if not isinstance(values, dict):
             raise ValueError("overrides must be a JSON object")
+        if base.max_tokens_wins:
+            values.pop("max_tokens", None)
+        if base.extra and isinstance(values.get("extra"), dict):
+            values["extra"] = {**base.extra, **values["extra"]}
         return SamplingConfig.model_validate({**base.model_dump(), **values})
     except ValidationError as error:
         raise ValueError(f"invalid sampling override: {describe_errors(error)}") from error

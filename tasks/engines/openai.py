@@ -100,23 +100,35 @@ def request_body(model: str, prompt: str | None, messages: str | None, sampling:
         body["prompt_logprobs"] = sampling.prompt_logprobs
     if sampling.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+    for field in VLLM_BODY_FIELDS:  # vLLM's extensions, under SamplingParams' names; unset: the server's default
+        if getattr(sampling, field) is not None:
+            body[field] = getattr(sampling, field)
+    body.update(sampling.extra or {})  # what the SDK's extra_body would add: vLLM's server reads them by name
     if sampling.structured is not None:
         s = sampling.structured
         if s.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": s.json_schema}}
         elif s.json_object:
             body["response_format"] = {"type": "json_object"}
-        else:  # vLLM's extension for regex and choice
-            body["structured_outputs"] = {"regex": s.regex} if s.regex is not None else {"choice": s.choice}
+        else:  # vLLM's extension for regex, choice and grammar
+            kind = next(kind for kind in ("regex", "choice", "grammar") if getattr(s, kind) is not None)
+            body["structured_outputs"] = {kind: getattr(s, kind)}
     return body
 
 
-def choice_records(request_key: str, response: dict, latency: float, chat: bool, sampling: SamplingConfig) -> list[OutputRecord]:
+VLLM_BODY_FIELDS = ("min_tokens", "ignore_eos", "stop_token_ids", "bad_words", "skip_special_tokens", "truncate_prompt_tokens")
+
+
+def choice_records(
+    request_key: str, response: dict, latency: float, chat: bool, sampling: SamplingConfig, reasoning: bool = False
+) -> list[OutputRecord]:
+    """One record per choice; with `reasoning`, the thinking the server split off (vllm serve --reasoning-parser)."""
     usage = response.get("usage") or {}
     choices = response["choices"]
     rows = []
     for choice in choices:
-        text = (choice.get("message") or {}).get("content") or "" if chat else choice.get("text") or ""
+        message = choice.get("message") or {}
+        text = message.get("content") or "" if chat else choice.get("text") or ""
         tokens = None
         if sampling.logprobs is not None and choice.get("logprobs"):
             tokens = (
@@ -127,6 +139,7 @@ def choice_records(request_key: str, response: dict, latency: float, chat: bool,
         logprobs = [t["logprob"] for t in tokens or () if t["logprob"] is not None]
         # vLLM answers prompt_logprobs beside the choices (chat) or in each choice (completions)
         prompt = (response if chat else choice).get("prompt_logprobs") if sampling.prompt_logprobs is not None else None
+        split = server_split(message, choice.get("finish_reason"), usage, len(choices)) if reasoning and chat else {}
         rows.append(
             OutputRecord(
                 request_key,
@@ -140,9 +153,25 @@ def choice_records(request_key: str, response: dict, latency: float, chat: bool,
                 latency_seconds=latency,
                 token_logprobs=tokens,
                 prompt_logprobs=vllm_prompt_logprobs(prompt, sampling.prompt_logprobs) if prompt else None,
+                **split,
             )
         )
     return rows
+
+
+def server_split(message: dict, finish_reason: str | None, usage: dict, choices: int) -> dict:
+    """The thinking a server's reasoning parser split off, and its tokens as the server counts them
+    (`reasoning_tokens` of the usage: inside the markers; per choice only when there is one)."""
+    reasoning = message.get("reasoning") if message.get("reasoning") is not None else message.get("reasoning_content")
+    details = usage.get("completion_tokens_details") or {}
+    reasoning_tokens = details.get("reasoning_tokens") if choices == 1 else None
+    completion = usage.get("completion_tokens") if choices == 1 else None
+    return {
+        "reasoning": reasoning,
+        "reasoning_tokens": reasoning_tokens,
+        "text_tokens": completion - reasoning_tokens if completion is not None and reasoning_tokens is not None else None,
+        "reasoning_truncated": finish_reason == "length" and reasoning is not None and not message.get("content"),
+    }
 
 
 def chat_token_logprobs(logprobs: dict) -> list[TokenLogprob]:
@@ -274,7 +303,8 @@ class OpenAIEngine:
                     if status == 200:
                         self.requests_sent += 1
                         latency = time.perf_counter() - started
-                        return choice_records(key, response.json(), latency, chat, sampling)
+                        reasoning = self.config.reasoning_parser is not None
+                        return choice_records(key, response.json(), latency, chat, sampling, reasoning)
                     if status in REFUSED_STATUS:
                         raise refused(self.config, status, f"POST /{path}", response.text)
                     if status not in RETRY_STATUS:  # the request's own fault: its answer

@@ -14,7 +14,7 @@ import zlib
 import pyarrow as pa
 
 from tasks import console
-from tasks.config import ModelConfig, SamplingConfig
+from tasks.config import ModelConfig, SamplingConfig, SpecError
 from tasks.engines.base import (
     EngineFailed,
     GenerateResult,
@@ -38,6 +38,7 @@ from tasks.engines.faults import (
     saved_limits,
 )
 from tasks.engines.loop import EngineLoop, PendingRequest, Submission
+from tasks.engines.reasoning import reasoning_parser, split_answer
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ def engine_arguments(config: ModelConfig) -> dict:
     return args
 
 
+# SamplingConfig fields that are no SamplingParams field: the prompt's truncation is done here, before
+# the engine (it takes token ids), and the others shape the configuration itself.
+NOT_SAMPLING_PARAMS = {"max_tokens", "stop", "structured", "truncate_prompt_tokens", "extra", "max_tokens_wins"}
+
+
 def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
@@ -62,14 +68,28 @@ def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
     structured = None
     if sampling.structured is not None:
         s = sampling.structured
-        structured = StructuredOutputsParams(json=s.json_schema, json_object=s.json_object, regex=s.regex, choice=s.choice)
-    # SamplingConfig's field names are vLLM's own
+        structured = StructuredOutputsParams(
+            json=s.json_schema, json_object=s.json_object, regex=s.regex, choice=s.choice, grammar=s.grammar
+        )
+    # SamplingConfig's field names are vLLM's own; unset ones are left to vLLM's defaults
     return SamplingParams(
-        **sampling.model_dump(exclude={"max_tokens", "stop", "structured"}),
+        **sampling.model_dump(exclude=NOT_SAMPLING_PARAMS),
+        **(sampling.extra or {}),
         max_tokens=max_tokens,
         stop=sampling.stop or None,
         structured_outputs=structured,
     )
+
+
+def truncated_prompt(token_ids: list[int], keep: int | None, context: int, side: str | None) -> list[int]:
+    """The prompt cut to `keep` tokens as vLLM cuts it: -1 is the context less one token for the answer,
+    and the tokenizer's truncation_side says which end stays (left: the last tokens)."""
+    if keep is None:
+        return token_ids
+    keep = context - 1 if keep < 0 else keep
+    if len(token_ids) <= keep:
+        return token_ids
+    return token_ids[-keep:] if side == "left" else token_ids[:keep]
 
 
 class VllmEngine:
@@ -90,6 +110,7 @@ class VllmEngine:
         self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.start_reported = False
+        self.parsers: dict[str, object] = {}  # reasoning parsers by name, built on first use
 
     def build(self):
         LLM = import_vllm().LLM  # noqa: N806
@@ -202,6 +223,8 @@ class VllmEngine:
                 except Exception as error:  # a chat template that rejects these messages, say
                     errors.append(OutputRecord.failed(request_key, "invalid_prompt", f"{type(error).__name__}: {error}"))
                     continue
+                side = getattr(self.tokenizer, "truncation_side", None)
+                token_ids = truncated_prompt(token_ids, request.truncate_prompt_tokens, self.max_model_len, side)
                 if len(token_ids) >= self.max_model_len:
                     message = f"prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}"
                     errors.append(OutputRecord.failed(request_key, "context_length_exceeded", message, len(token_ids)))
@@ -209,45 +232,78 @@ class VllmEngine:
                 pending.append(PendingRequest(request_key, token_ids, request))
             return pending, errors
 
-    def generate(self, shard: pa.Table, sampling: SamplingConfig) -> pa.Table:
+    def generate(self, shard: pa.Table, sampling: SamplingConfig, reasoning_parser: str | None = None) -> pa.Table:
         """The shard's outputs, one submission to the engine loop.
 
         A request that cannot run on its own (prompt longer than the context, a bad per-row
         override or schema) becomes an error row, like the error file of an OpenAI batch.
         """
         pending, errors = self.prepare(shard, sampling)
-        return self.generate_prepared(pending, errors, sampling)[0]
+        return self.generate_prepared(pending, errors, sampling, reasoning_parser)[0]
 
     def generate_prepared(
-        self, pending: list[PendingRequest], errors: list[OutputRecord], sampling: SamplingConfig
+        self,
+        pending: list[PendingRequest],
+        errors: list[OutputRecord],
+        sampling: SamplingConfig,
+        reasoning_parser: str | None = None,
     ) -> tuple[pa.Table, float]:
         """The outputs, and the engine seconds they took."""
-        records, seconds = self.run(pending, shared_sampling=all(r.sampling is sampling for r in pending))
+        shared_sampling = all(r.sampling is sampling for r in pending)
+        records, seconds = self.run(pending, shared_sampling, reasoning_parser)
         return output_table([*errors, *records]), seconds
 
-    def run(self, pending: list[PendingRequest], shared_sampling: bool = False) -> tuple[list[OutputRecord], float]:
-        """Records for these requests, and the engine seconds they took."""
-        if not pending:
-            return [], 0.0
-        # One SamplingParams per distinct (sampling, max_tokens), as LLM.generate shares one: vLLM copies it
-        # per request anyway, and building one per request cost ~10 us of the loop's core each.
+    def sampling_params(self, pending: list[PendingRequest]) -> list:
+        """The SamplingParams each request is sent with, or the error that keeps it from being sent.
+
+        One per distinct (sampling, max_tokens), as LLM.generate shares one: vLLM copies it per
+        request anyway, and building one per request cost ~10 us of the loop's core each.
+        """
+        from vllm.exceptions import VLLMClientError
+
         shared: dict[tuple[int, int], object] = {}
         params = []
         for r in pending:
             max_tokens = min(r.sampling.max_tokens, self.max_model_len - len(r.token_ids))
             key = (id(r.sampling), max_tokens)
             if key not in shared:
-                shared[key] = vllm_sampling_params(r.sampling, max_tokens)
+                try:
+                    shared[key] = vllm_sampling_params(r.sampling, max_tokens)
+                except (ValueError, TypeError, VLLMClientError) as error:  # vLLM's checks: min_tokens above max_tokens, say
+                    shared[key] = ValueError(f"sampling parameters rejected by vLLM: {error}")
             params.append(shared[key])
-        submission = self.loop.submit(Submission(pending, params, self.lora_request(), shared_sampling))
-        outcomes = submission.wait()
+        return params
+
+    def run(
+        self, pending: list[PendingRequest], shared_sampling: bool = False, reasoning_parser: str | None = None
+    ) -> tuple[list[OutputRecord], float]:
+        """Records for these requests, and the engine seconds they took."""
+        parser = self.reasoning_parser(reasoning_parser) if reasoning_parser else None
+        params = self.sampling_params(pending)
+        rejected = {i: p for i, p in enumerate(params) if isinstance(p, Exception)}
+        if rejected and shared_sampling:  # the run's own sampling: its configuration is at fault
+            raise SpecError(str(next(iter(rejected.values()))))
+        sent = [i for i in range(len(pending)) if i not in rejected]
+        outcomes: dict[int, object] = dict(rejected)
+        seconds = 0.0
+        if sent:
+            submission = Submission([pending[i] for i in sent], [params[i] for i in sent], self.lora_request(), shared_sampling)
+            outcomes.update(zip(sent, self.loop.submit(submission).wait()))
+            seconds = submission.engine_seconds
         records = []
-        for request, outcome in zip(pending, outcomes):
+        for index, request in enumerate(pending):
+            outcome = outcomes[index]
             if isinstance(outcome, Exception):  # vLLM rejected this request on its own (its override, its schema)
                 records.append(OutputRecord.failed(request.request_key, "invalid_request", str(outcome), len(request.token_ids)))
                 continue
-            records.extend(completion_records(request, outcome))
-        return records, submission.engine_seconds
+            records.extend(completion_records(request, outcome, parser))
+        return records, seconds
+
+    def reasoning_parser(self, name: str):
+        """vLLM's reasoning parser `name` on this engine's tokenizer (built once)."""
+        if name not in self.parsers:
+            self.parsers[name] = reasoning_parser(name, self.tokenizer)
+        return self.parsers[name]
 
     @property
     def max_num_seqs(self) -> int:
@@ -262,8 +318,8 @@ class VllmEngine:
         del self.llm
 
 
-def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
-    """One record per sample of a finished vLLM RequestOutput."""
+def completion_records(request: PendingRequest, outcome, parser=None) -> list[OutputRecord]:
+    """One record per sample of a finished vLLM RequestOutput; with a reasoning parser, its thinking apart."""
     stats = outcome.metrics
     latency = stats.last_token_ts - stats.queued_ts if stats is not None and stats.last_token_ts else None
     asked = request.sampling
@@ -276,11 +332,12 @@ def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
         mean_logprob = None
         if asked.logprobs is not None and completion.cumulative_logprob is not None and tokens:
             mean_logprob = completion.cumulative_logprob / tokens
+        split = split_answer(parser, completion.text, completion.token_ids, completion.finish_reason) if parser else None
         records.append(
             OutputRecord(
                 request.request_key,
                 sample_index=completion.index,
-                text=completion.text,
+                text=split.text if split else completion.text,
                 finish_reason=completion.finish_reason,
                 prompt_tokens=len(request.token_ids),
                 completion_tokens=tokens,
@@ -292,6 +349,10 @@ def completion_records(request: PendingRequest, outcome) -> list[OutputRecord]:
                     else None
                 ),
                 prompt_logprobs=prompt_logprobs,
+                reasoning=split.reasoning if split else None,
+                reasoning_tokens=split.reasoning_tokens if split else None,
+                text_tokens=split.text_tokens if split else None,
+                reasoning_truncated=split.truncated if split else None,
             )
         )
     return records
@@ -398,7 +459,7 @@ class SharedVllmEngine:
         # Tokenized in the shard's thread: overlaps the engine's work on other shards.
         pending, errors = engine.prepare(requests, sampling)
         try:
-            outputs, seconds = engine.generate_prepared(pending, errors, sampling)
+            outputs, seconds = engine.generate_prepared(pending, errors, sampling, self.config.reasoning_parser)
         except Exception:
             if engine.loop.stopped:  # the engine failed for good (or was swapped): the retry builds a fresh one
                 with _engine_lock:

@@ -6,8 +6,9 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.config import unset
 from tasks.keys import content_hash
 from tasks.prepare.render import conversation
 
@@ -18,16 +19,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CompletionTokensDetails(Strict):
+    reasoning_tokens: int
+
+
 class Usage(Strict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # a reasoning model's thinking tokens (only then: other lines stay as they were)
+    completion_tokens_details: CompletionTokensDetails | None = Field(None, exclude_if=unset)
 
 
 class AssistantMessage(Strict):
     role: Literal["assistant"]
     content: str | None
     refusal: str | None = None
+    reasoning: str | None = Field(None, exclude_if=unset)  # the thinking, as vllm serve --reasoning-parser returns it
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
@@ -158,7 +166,7 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
     choices = [
         ChatChoice(
             index=s["sample_index"],
-            message=AssistantMessage(role="assistant", content=s["text"]),
+            message=AssistantMessage(role="assistant", content=s["text"], reasoning=s.get("reasoning")),
             finish_reason=s["finish_reason"],
             logprobs=chat_logprobs(s["token_logprobs"]) if s.get("token_logprobs") is not None else None,
         )
@@ -172,10 +180,14 @@ def batch_line(samples: list[dict]) -> BatchOutputLine:
         for s in samples
     ]
     completion_tokens = sum(s["completion_tokens"] for s in samples)
+    reasoning_tokens = [s.get("reasoning_tokens") for s in samples]
     usage = Usage(
         prompt_tokens=first["prompt_tokens"],
         completion_tokens=completion_tokens,
         total_tokens=first["prompt_tokens"] + completion_tokens,
+        completion_tokens_details=(
+            CompletionTokensDetails(reasoning_tokens=sum(reasoning_tokens)) if None not in reasoning_tokens else None
+        ),
     )
     body_type, kind = (ChatCompletion, "chat.completion") if chat else (Completion, "text_completion")
     body = body_type(

@@ -124,6 +124,21 @@ def check_model(model: ModelConfig) -> None:
         )
 
 
+def check_sampling(model: ModelConfig, sampling: SamplingConfig) -> None:
+    """The run's sampling as vLLM's own checks see it (min_tokens above max_tokens, a stop_token_id
+    below 0, an `extra` value of the wrong kind), before any work: a SpecError naming the problem."""
+    if model.engine != "vllm":
+        return  # the server judges
+    from vllm.exceptions import VLLMClientError
+
+    from tasks.engines.vllm import vllm_sampling_params
+
+    try:
+        vllm_sampling_params(sampling, sampling.max_tokens)
+    except (ValueError, TypeError, VLLMClientError) as error:
+        raise SpecError(f"sampling parameters rejected by vLLM: {error}") from error
+
+
 # Retrying cannot fix a configuration mistake: those fail at once with their message.
 PERMANENT_ERRORS = (SpecError, ValueError, TypeError, FileNotFoundError, ImportError)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from blocks import secret_value
 from tasks import keys, storage
-from tasks.config import ModelConfig, StoreConfig, WorkersConfig
+from tasks.config import ModelConfig, RerunConfig, StoreConfig, WorkersConfig
 from tasks.engines import open_engine
 from tasks.engines.base import prompt_token_ids
 from tasks.inference.estimate import PendingTokens, Throughput, count_pending
@@ -44,9 +44,10 @@ from tasks.inference.job import (
     summarize_outputs,
 )
 from tasks.inference.journal import ShardJournal, generate_in_parts
+from tasks.inference.rerun import RerunPlan, rerun_plan
 from tasks.prepare.requests import RequestSet, pending_requests
 from tasks.prepare.shard import Shard
-from tasks.store.queries import answered_keys, generation_rate
+from tasks.store.queries import answered_keys, generation_rate, rerun_source
 
 Dispatch = Literal["local", "workers"]
 
@@ -111,6 +112,13 @@ def fingerprint_model(model: ModelConfig, storage: str) -> str:
 
         served = served_model(model, secret_value(model.api_key_secret))
     return keys.model_fingerprint(model, keys.hash_memo_path(storage), served)
+
+
+@task(name="plan-rerun")
+def plan_rerun(rerun: RerunConfig, max_tokens: int | None, store: StoreConfig) -> RerunPlan:
+    """What the earlier run asked, how many of its answers were cut off, and the larger budget they get."""
+    source = rerun_source(store.duckdb_path, rerun.run_id, rerun.cut_off, store.lock_timeout_seconds)
+    return rerun_plan(source, rerun, max_tokens)
 
 
 ShardDone = Callable[[ShardOutput, bool], None]  # a finished shard's manifest, and whether it came from the cache

@@ -164,7 +164,8 @@ def check_first_record(spec: DatasetSpec, file: str, line: int, record: dict, se
     """A key the spec needs that the first object lacks is a spec mistake, not a bad row."""
     if seen_rows:
         return
-    required = [c for c in needed_columns(spec) if c not in spec.override_columns and c != spec.reference_column]
+    optional = {*spec.override_columns, *spec.row_sampling_columns(), spec.reference_column}
+    required = [c for c in needed_columns(spec) if c not in optional]
     missing = [c for c in required if c not in record]
     if missing:
         raise SpecError(

@@ -2,7 +2,9 @@
 sampling overrides in SamplingOverrides' names), or a rejected row naming the line and the field.
 
 Every body field is either mapped, or accepted as not changing the answer (`model`, `user`,
-`metadata`), or a rejected row: a field this project cannot honour is never dropped silently.
+`metadata`), or a rejected row: a field this project cannot honour is never dropped silently. Any
+other field of the installed vLLM's SamplingParams (its server takes them in the body too) is kept
+under `extra`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,22 @@ SAMPLING_FIELDS = (
     "top_k",  # vLLM's extensions, which its OpenAI server accepts too
     "min_p",
     "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "bad_words",
+    "skip_special_tokens",
+    "truncate_prompt_tokens",
+    "prompt_logprobs",
 )
+# vLLM's own spellings of structured output (its server's `structured_outputs`) → StructuredOutput's.
+STRUCTURED_KINDS = {
+    "json": "json_schema",
+    "json_object": "json_object",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
 # Accepted and left out of the request and its key: they describe the caller, not the answer (the flow's model runs).
 IGNORED_FIELDS = ("model", "user", "metadata")
 # Content parts that carry media: a rejected row until multimodal input lands.
@@ -89,6 +106,12 @@ def line_request(url: str, body: dict) -> tuple[str | None, list | None, dict]:
             structured = structured_output(value)
             if structured is not None:
                 overrides["structured"] = structured
+        elif field == "structured_outputs":
+            if "response_format" in body:
+                raise LineError("body.structured_outputs", "set response_format or structured_outputs, not both")
+            overrides["structured"] = vllm_structured_output(value)
+        elif settable_sampling_field(field):
+            overrides.setdefault("extra", {})[field] = value
         else:
             raise LineError(f"body.{field}", f"field {field!r} is not supported on {url}")
     logprobs = chat_logprobs(body) if chat else completion_logprobs(body)
@@ -139,6 +162,22 @@ def structured_output(value: object) -> dict | None:
             raise LineError("body.response_format.json_schema.schema", "the JSON schema is missing or not an object")
         return {"json_schema": schema}
     raise LineError("body.response_format.type", f"type {kind!r} is not supported (json_schema, json_object or text)")
+
+
+def vllm_structured_output(value: object) -> dict:
+    """vLLM's `structured_outputs` body field ({json | json_object | regex | choice | grammar}) as a StructuredOutput."""
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in STRUCTURED_KINDS:
+        raise LineError("body.structured_outputs", f"structured_outputs must hold one of {', '.join(STRUCTURED_KINDS)}")
+    ((kind, spec),) = value.items()
+    return {STRUCTURED_KINDS[kind]: spec}
+
+
+def settable_sampling_field(field: str) -> bool:
+    """Whether `field` is a vllm.SamplingParams field a line may set through `extra` (the installed vLLM's)."""
+    from tasks.engines.installed import ENGINE_SET, sampling_fields
+
+    installed = sampling_fields()
+    return installed is not None and field in installed[1] and field not in ENGINE_SET
 
 
 def chat_messages(messages: list) -> list:

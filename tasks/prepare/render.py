@@ -125,6 +125,42 @@ def parse_messages(value: object, field: str) -> list[dict] | None:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def json_object(value: object, field: str, what: str) -> dict:
+    """A row's JSON object: JSON text, a struct (nulls are fields it leaves unset) or a map."""
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(as_text(value, field))
+        except ValueError as error:
+            raise RowError(field, f"{what} is not valid JSON ({error})") from error
+        if not isinstance(value, dict):
+            raise RowError(field, f"{what} must be a JSON object, not {type(value).__name__}")
+        return value
+    if isinstance(value, list) and all(isinstance(item, tuple) and len(item) == 2 for item in value):
+        value = dict(value)  # a Parquet map
+    if not isinstance(value, dict):
+        raise RowError(field, f"{what} must be a JSON object, not {type(value).__name__}")
+    return without_nulls(value)
+
+
+def without_nulls(value: object) -> object:
+    """A struct column's nulls are fields a row does not set (a JSON schema's own nulls stay: it is read as text)."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    return value
+
+
+def structured_value(kind: str, value: object, field: str) -> object:
+    """A structured-output column's value: a schema or choices may be JSON text; a regex or grammar is the text itself."""
+    if kind in ("regex", "grammar"):
+        return as_text(value, field)
+    if isinstance(value, str | bytes):
+        try:
+            return json.loads(as_text(value, field))
+        except ValueError as error:
+            raise RowError(field, f"{kind} is not valid JSON ({error})") from error
+    return without_nulls(value) if kind == "json_schema" else value
+
+
 class Renderer:
     """Turns source batches into request and rejected-row tables (no I/O)."""
 
@@ -159,11 +195,30 @@ class Renderer:
             raw = json.loads(row["overrides"]) if row["overrides"] else {}
         else:
             raw = {c: row[c] for c in self.spec.override_columns if row.get(c) is not None}
+        column = self.spec.sampling_column
+        if column and row.get(column) is not None:
+            raw |= json_object(row[column], column, "sampling")
+        for kind, column in (self.spec.structured_columns or {}).items():
+            if row.get(column) is None:
+                continue
+            if "structured" in raw:
+                raise RowError(column, f"a second structured output for this row (it already has {sorted(raw['structured'])})")
+            raw["structured"] = {kind: structured_value(kind, row[column], column)}
         try:
             return SamplingOverrides.model_validate(raw).model_dump(exclude_none=True)
         except ValidationError as error:
-            field = error.errors()[0]["loc"][0] if error.errors()[0]["loc"] else "overrides"
-            raise RowError(str(field), f"sampling override: {describe_errors(error)}") from error
+            location = error.errors()[0]["loc"]
+            raise RowError(
+                self.override_field(str(location[0])) if location else "overrides", f"sampling override: {describe_errors(error)}"
+            ) from error
+
+    def override_field(self, field: str) -> str:
+        """The column a bad override came from: its own column, or the sampling column that holds it."""
+        if field in self.spec.override_columns or self.openai:
+            return field
+        if field == "structured" and self.spec.structured_columns:
+            return ", ".join(self.spec.structured_columns.values())
+        return f"{self.spec.sampling_column}.{field}" if self.spec.sampling_column else field
 
     def request_of(self, row: dict, custom_id: str | None) -> dict:
         prompt = self.prompt_of(row)

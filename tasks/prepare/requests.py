@@ -151,27 +151,34 @@ class ShardPlan(BaseModel):
     reused_requests: int  # unique requests answered by outputs already in DuckDB (not sent again)
 
 
-def pending_requests(request_set: RequestSet, answered: pa.Array | None) -> Iterator[pa.Table]:
-    """The canonical requests still without an output, with their approximate tokens."""
+def pending_requests(request_set: RequestSet, answered: pa.Array | None, only: pa.Array | None = None) -> Iterator[pa.Table]:
+    """The canonical requests still without an output (of those in `only`, when given), with their approximate tokens."""
     for path in request_set.request_files:
         table = storage.read_parquet(path, [*SHARD_COLUMNS, "dedupe_text", "duplicate_of"])
         keep = pc.is_null(table["duplicate_of"])
         if answered is not None:
             keep = pc.and_(keep, pc.invert(pc.is_in(table["request_key"], value_set=answered)))
+        if only is not None:
+            keep = pc.and_(keep, pc.is_in(table["request_key"], value_set=only))
         table = table.filter(keep).drop_columns(["duplicate_of"])
         tokens = pc.ceil(pc.divide(pc.utf8_length(table["dedupe_text"]).cast(pa.float64()), 4)).cast(pa.int64())
         yield table.append_column("approx_tokens", tokens)
 
 
 def plan_shards(
-    request_set: RequestSet, sharding: ShardingConfig, storage_root: str, answered: pa.Array | None, work_dir: str
+    request_set: RequestSet,
+    sharding: ShardingConfig,
+    storage_root: str,
+    answered: pa.Array | None,
+    work_dir: str,
+    only: pa.Array | None = None,
 ) -> ShardPlan:
     """Cut the unique requests not yet answered into shard files named by their content.
 
     `answered` holds the request keys that already have outputs for this model and sampling: an
-    incremental re-run computes only the new requests.
+    incremental re-run computes only the new requests. `only` (a rerun's) keeps just these keys.
     """
-    pending = pending_requests(request_set, answered)
+    pending = pending_requests(request_set, answered, only)
     if sharding.group_prefixes:
         buckets = 1 + request_set.unique_requests // PREFIX_BUCKET_ROWS
         pending = order_by_prefix(pending, storage.join(work_dir, "prefix-buckets"), buckets)

@@ -74,7 +74,7 @@ def request_columns(spec: DatasetSpec) -> list[str]:
     text_columns = [spec.prompt_column] if spec.prompt_column else template_columns(spec.prompt_template or "")
     if spec.messages_column:
         text_columns = [spec.messages_column]
-    optional = [spec.id_column, spec.reference_column, *spec.override_columns]
+    optional = [spec.id_column, spec.reference_column, *spec.override_columns, *spec.row_sampling_columns()]
     return list(dict.fromkeys([*(c for c in optional if c), *text_columns]))
 
 

@@ -6,10 +6,10 @@ from prefect import task
 
 from blocks import secret_value
 from tasks import storage
-from tasks.config import DatasetSpec, Mode, SpecError, StoreConfig
+from tasks.config import DatasetSpec, Mode, RerunConfig, SpecError, StoreConfig
 from tasks.inference.job import InferenceJob
 from tasks.prepare.requests import RequestSet, ShardPlan, plan_shards, prepare_requests, rejected_share_error
-from tasks.store.queries import answered_keys
+from tasks.store.queries import answered_keys, cut_off_keys
 
 
 @task(name="write-requests")
@@ -28,10 +28,14 @@ def check_rejected_share(request_set: RequestSet, dataset: DatasetSpec) -> None:
 
 
 @task(name="write-shards")
-def write_shards(request_set: RequestSet, job: InferenceJob, store: StoreConfig, work_dir: str) -> ShardPlan:
-    """Shard files of the unique requests the results file has no answer for yet (for this model and sampling)."""
+def write_shards(
+    request_set: RequestSet, job: InferenceJob, store: StoreConfig, work_dir: str, rerun: RerunConfig | None = None
+) -> ShardPlan:
+    """Shard files of the unique requests the results file has no answer for yet (for this model and
+    sampling); a rerun's: of those whose answer in the earlier run was cut off."""
     answered = answered_keys(store.duckdb_path, job.model_fingerprint, job.sampling_hash, store.lock_timeout_seconds)
-    return plan_shards(request_set, job.sharding, job.storage, answered, work_dir)
+    only = cut_off_keys(store.duckdb_path, rerun.run_id, rerun.cut_off, store.lock_timeout_seconds) if rerun else None
+    return plan_shards(request_set, job.sharding, job.storage, answered, work_dir, only)
 
 
 @task(name="remove-work-files")

@@ -152,6 +152,7 @@ def run_row(
     started_at: datetime,
     status: str,
     stage_seconds: dict[str, float] | None = None,
+    rerun_of: str | None = None,
 ) -> RunRow:
     """The run's `runs` row: what was asked, what it cost so far, and how it stands."""
     return RunRow(
@@ -174,6 +175,7 @@ def run_row(
         started_at=started_at,
         finished_at=None if status == "running" else datetime.now(timezone.utc),
         status=status,
+        rerun_of=rerun_of,
     )
 
 

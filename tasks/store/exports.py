@@ -14,6 +14,7 @@ EXPORT_COLUMNS = """
     q.prompt, q.messages, q.reference, q.source_file, q.source_row, ro.text, ro.finish_reason,
     ro.prompt_tokens, ro.completion_tokens, ro.error_code, ro.error, ro.output_id, ro.produced_by_run_id,
     o.shard_key, epoch(o.created_at)::BIGINT AS created, o.token_logprobs, o.prompt_logprobs,
+    ro.reasoning, ro.reasoning_tokens, ro.text_tokens, ro.reasoning_truncated,
     coalesce(s.scores, MAP {}::MAP(VARCHAR, DOUBLE)) AS scores
 """
 

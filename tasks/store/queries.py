@@ -63,6 +63,46 @@ def answered_keys(
     return keys.combine_chunks() if len(keys) else None
 
 
+# What a rerun asks again: answers cut off inside the thinking, or any answer cut off at max_tokens.
+CUT_OFF_CONDITIONS = {"reasoning": "ro.reasoning_truncated", "length": "ro.finish_reason = 'length'"}
+
+
+def cut_off_keys(duckdb_path: str, run_id: str, cut_off: str, lock_timeout_seconds: float = 60.0) -> pa.Array:
+    """The request keys of a run's canonical requests whose answers were cut off (any sample of them)."""
+    with closing(open_for_read(duckdb_path, lock_timeout_seconds)) as con:
+        keys = con.sql(
+            f"SELECT DISTINCT ro.request_key FROM run_outputs ro WHERE ro.run_id = ? AND ro.duplicate_of IS NULL "
+            f"AND {CUT_OFF_CONDITIONS[cut_off]}",
+            params=[run_id],
+        ).to_arrow_table()["request_key"]
+    return keys.combine_chunks() if len(keys) else pa.array([], pa.string())
+
+
+def rerun_source(duckdb_path: str, run_id: str, cut_off: str, lock_timeout_seconds: float = 60.0) -> dict:
+    """What a rerun of `run_id` starts from: the run's dataset spec, model and sampling as recorded, how
+    many of its answers were cut off, and the largest token budget one of their rows set for itself."""
+    with closing(open_for_read(duckdb_path, lock_timeout_seconds)) as con:
+        found = fetch_dicts(
+            con,
+            f"""
+            SELECT r.run_id, r.engine_args, r.sampling_params, d.spec,
+                   count(ro.output_id) FILTER (WHERE {CUT_OFF_CONDITIONS[cut_off]}) AS cut_off,
+                   max(TRY_CAST(json_extract_string(q.overrides, '$.max_tokens') AS INTEGER))
+                       FILTER (WHERE {CUT_OFF_CONDITIONS[cut_off]}) AS largest_row_budget
+            FROM runs r
+            JOIN dataset_versions d ON d.dataset_version = r.dataset_version
+            LEFT JOIN run_outputs ro ON ro.run_id = r.run_id AND ro.duplicate_of IS NULL
+            LEFT JOIN requests q ON q.dataset_version = ro.dataset_version AND q.custom_id = ro.custom_id
+            WHERE r.run_id = ?
+            GROUP BY ALL
+            """,
+            [run_id],
+        )
+    if not found:
+        raise StoreError(f"run {run_id}: not in this results file")
+    return found[0]
+
+
 def run_keys(con: duckdb.DuckDBPyConnection, run_id: str) -> dict:
     """What identifies a stored run's outputs: its id, model fingerprint and sampling hash."""
     found = fetch_dicts(con, "SELECT run_id, model_fingerprint, sampling_hash FROM runs WHERE run_id = ?", [run_id])

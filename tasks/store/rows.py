@@ -64,6 +64,7 @@ class RunRow(RunCounts):
     stage_seconds: str = "{}"  # JSON
     input_fingerprint: str | None = None
     fan_out: bool = True
+    rerun_of: str | None = None  # the run whose cut-off answers this run asks again
 
 
 class RunShardRow(BaseModel):

@@ -167,7 +167,11 @@ CREATE TABLE outputs (
     latency_seconds DOUBLE,
     error_kind VARCHAR,
     token_logprobs STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT, top STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT)[])[],
-    prompt_logprobs STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT, top STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT)[])[]
+    prompt_logprobs STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT, top STRUCT(token VARCHAR, token_id INTEGER, logprob FLOAT)[])[],
+    reasoning VARCHAR,
+    reasoning_tokens INTEGER,
+    text_tokens INTEGER,
+    reasoning_truncated BOOLEAN
 );
 
 CREATE TABLE rejected_rows (
@@ -194,7 +198,9 @@ CREATE TABLE requests (
     PRIMARY KEY(dataset_version, custom_id)
 );
 
-CREATE VIEW run_outputs AS SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o."text", o.finish_reason, o.prompt_tokens, o.completion_tokens, o.error_code, o."error", o.output_id, o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds, o.error_kind FROM (((runs AS r INNER JOIN requests AS q ON ((q.dataset_version = r.dataset_version))) LEFT JOIN requests AS c ON (((c.dataset_version = q.dataset_version) AND (c.custom_id = q.duplicate_of)))) INNER JOIN outputs AS o ON (((o.request_key = COALESCE(c.request_key, q.request_key)) AND (o.model_fingerprint = r.model_fingerprint) AND (o.sampling_hash = r.sampling_hash)))) WHERE (r.fan_out OR (q.duplicate_of IS NULL));
+CREATE VIEW rerun_attempts AS SELECT r.run_id, r.rerun_of, n.custom_id, n.sample_index, f.output_id AS first_output_id, f.finish_reason AS first_finish_reason, f.completion_tokens AS first_completion_tokens, f.reasoning_tokens AS first_reasoning_tokens, f.reasoning_truncated AS first_reasoning_truncated, n.output_id, n.finish_reason, n.completion_tokens, n.reasoning_tokens, n.text_tokens, n.reasoning_truncated, n.reasoning, n."text" FROM ((runs AS r INNER JOIN run_outputs AS n ON ((n.run_id = r.run_id))) INNER JOIN run_outputs AS f ON (((f.run_id = r.rerun_of) AND (f.custom_id = n.custom_id) AND (f.sample_index = n.sample_index)))) WHERE (r.rerun_of IS NOT NULL);
+
+CREATE VIEW run_outputs AS SELECT r.run_id, q.custom_id, q.duplicate_of, o.sample_index, o."text", o.finish_reason, o.prompt_tokens, o.completion_tokens, o.error_code, o."error", o.output_id, o.run_id AS produced_by_run_id, q.request_key, q.dataset_version, o.mean_logprob, o.latency_seconds, o.error_kind, o.reasoning, o.reasoning_tokens, o.text_tokens, o.reasoning_truncated FROM (((runs AS r INNER JOIN requests AS q ON ((q.dataset_version = r.dataset_version))) LEFT JOIN requests AS c ON (((c.dataset_version = q.dataset_version) AND (c.custom_id = q.duplicate_of)))) INNER JOIN outputs AS o ON (((o.request_key = COALESCE(c.request_key, q.request_key)) AND (o.model_fingerprint = r.model_fingerprint) AND (o.sampling_hash = r.sampling_hash)))) WHERE (r.fan_out OR (q.duplicate_of IS NULL));
 
 CREATE VIEW run_scores AS SELECT ro.run_id, s.scorer, s.scorer_version, any_value(s.direction) AS direction, count(s."value") AS n, (count_star() - count(s."value")) AS unscored, avg(s."value") AS mean, stddev_samp(s."value") AS stddev, (avg(s."value") - ((1.96 * stddev_samp(s."value")) / sqrt(count(s."value")))) AS ci95_low, (avg(s."value") + ((1.96 * stddev_samp(s."value")) / sqrt(count(s."value")))) AS ci95_high FROM (run_outputs AS ro INNER JOIN scores AS s ON ((s.output_id = ro.output_id))) WHERE (ro.duplicate_of IS NULL) GROUP BY ro.run_id, s.scorer, s.scorer_version;
 
@@ -253,7 +259,8 @@ CREATE TABLE runs (
     input_fingerprint VARCHAR,
     fan_out BOOLEAN DEFAULT(true) NOT NULL,
     transient_errors BIGINT DEFAULT(0) NOT NULL,
-    status VARCHAR DEFAULT('completed') NOT NULL
+    status VARCHAR DEFAULT('completed') NOT NULL,
+    rerun_of VARCHAR
 );
 
 CREATE TABLE schema_migrations (

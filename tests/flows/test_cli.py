@@ -122,7 +122,13 @@ def test_a_bad_input_prints_one_line_naming_the_file_and_verbose_shows_the_trace
 
 
 def test_configuration_mistakes_are_one_line_before_anything_starts(tmp_path):
+    typo = tmp_path / "sampling.yaml"
+    typo.write_text("max_tokens: 8\nextra: {min_token: 2}\n")
     cases = {
+        ("run", "--sampling", str(typo)): f"vbf run: error: sampling config {typo}: extra: 'min_token' is not a field of "
+        "vllm.SamplingParams",
+        ("run", "--reasoning-parser", "deepseek_r"): "reasoning_parser: vLLM 0.32.0 has no reasoning parser 'deepseek_r'; "
+        "did you mean 'deepseek_r1'?",
         ("run", "--temperature", "-1"): "vbf run: error: temperature: Input should be greater than or equal to 0",
         ("run", "--engine", "openai"): "vbf run: error: engine 'openai' needs base_url",
         ("run", "--spec", str(tmp_path / "nope.yaml")): "nope.yaml: file not found",
@@ -139,6 +145,7 @@ def test_every_subcommand_says_what_it_does_with_an_example(tmp_path):
         ["run"],
         ["export"],
         ["rescore"],
+        ["rerun"],
         ["compare"],
         ["review", "push"],
         ["review", "pull"],

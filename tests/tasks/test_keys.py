@@ -137,8 +137,24 @@ def test_fields_added_to_sampling_keep_the_keys_of_runs_that_do_not_set_them():
     assert sampling_hash(SamplingConfig()) == "97bc4936cad77207da6bb8b20da16fb5"
     regex = SamplingConfig(max_tokens=8, structured=StructuredOutput(regex="[a-z]+"))
     assert sampling_hash(regex) == "a526aa15b4fd82344ae268293cd2a5f2"
-    keys = {
-        sampling_hash(SamplingConfig(logit_bias={5: 1.0})),
-        sampling_hash(SamplingConfig(structured=StructuredOutput(json_object=True))),
-    }
-    assert len(keys) == 2 and "97bc4936cad77207da6bb8b20da16fb5" not in keys
+    added = [
+        {"logit_bias": {5: 1.0}},
+        {"structured": StructuredOutput(json_object=True)},
+        {"structured": StructuredOutput(grammar="root ::= 'a'")},
+        {"min_tokens": 2},
+        {"ignore_eos": True},
+        {"stop_token_ids": [5]},
+        {"bad_words": ["x"]},
+        {"skip_special_tokens": False},
+        {"truncate_prompt_tokens": 8},
+        {"extra": {"include_stop_str_in_output": True}},
+        {"max_tokens_wins": True},
+    ]
+    keys = {sampling_hash(SamplingConfig(**fields)) for fields in added}
+    assert len(keys) == len(added) and "97bc4936cad77207da6bb8b20da16fb5" not in keys  # each set field is in the key
+
+
+def test_a_reasoning_parser_is_in_the_model_key_and_an_unset_one_changes_nothing(tiny_model):
+    base = model_fingerprint(tiny_model)
+    assert model_fingerprint(tiny_model.model_copy(update={"reasoning_parser": None})) == base
+    assert model_fingerprint(tiny_model.model_copy(update={"reasoning_parser": "deepseek_r1"})) != base

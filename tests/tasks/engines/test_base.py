@@ -20,6 +20,20 @@ def test_row_overrides_apply_on_top_of_the_run_sampling_and_bad_ones_name_the_fi
         request_sampling(base, "{max_tokens: 4")
 
 
+def test_a_rerun_budget_stands_over_a_rows_own_and_a_rows_extra_adds_to_the_runs():
+    base = SamplingConfig(max_tokens=64, max_tokens_wins=True, extra={"include_stop_str_in_output": True})
+    row = request_sampling(
+        base, json.dumps({"max_tokens": 2, "min_tokens": 1, "extra": {"spaces_between_special_tokens": False}})
+    )
+    assert (row.max_tokens, row.min_tokens) == (64, 1)
+    assert row.extra == {"include_stop_str_in_output": True, "spaces_between_special_tokens": False}
+    assert request_sampling(base.model_copy(update={"max_tokens_wins": None}), json.dumps({"max_tokens": 2})).max_tokens == 2
+    with pytest.raises(
+        ValueError, match="extra: 'min_token' is not a field of vllm.SamplingParams .*did you mean the field min_tokens"
+    ):
+        request_sampling(base, json.dumps({"extra": {"min_token": 1}}))
+
+
 def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
     table = output_table([OutputRecord("k", text="x", prompt_tokens=3), OutputRecord.failed("j", "invalid_request", "bad", 7)])
     assert table.schema == OUTPUT_SCHEMA and OUTPUT_SCHEMA.names[:3] == ["request_key", "sample_index", "text"]
@@ -42,6 +56,10 @@ def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
         "error_kind": "permanent",
         "token_logprobs": None,
         "prompt_logprobs": None,
+        "reasoning": None,
+        "reasoning_tokens": None,
+        "text_tokens": None,
+        "reasoning_truncated": None,
     }
     # per token: a list of structs, each with its alternatives, logprobs in vLLM's float32
     assert str(OUTPUT_SCHEMA.field("token_logprobs").type) == (
@@ -50,8 +68,8 @@ def test_the_output_schema_is_the_records_fields_with_their_arrow_types():
     )
 
 
-def test_output_files_written_before_token_logprobs_read_with_them_null():
-    old = output_table([OutputRecord("k", text="x")]).drop_columns(["token_logprobs", "prompt_logprobs"])
-    table = conformed(old)
+def test_output_files_written_before_token_logprobs_and_reasoning_read_with_them_null():
+    later = ["token_logprobs", "prompt_logprobs", "reasoning", "reasoning_tokens", "text_tokens", "reasoning_truncated"]
+    table = conformed(output_table([OutputRecord("k", text="x")]).drop_columns(later))
     assert table.schema == OUTPUT_SCHEMA
-    assert table.to_pylist()[0]["text"] == "x" and table["token_logprobs"].null_count == 1
+    assert table.to_pylist()[0]["text"] == "x" and all(table[name].null_count == 1 for name in later)

@@ -43,6 +43,53 @@ def test_request_body_sends_only_what_is_set():
     assert json_object["response_format"] == {"type": "json_object"} and json_object["logit_bias"] == {"7": -100.0}
 
 
+def test_vllms_own_sampling_fields_and_extra_go_in_the_body_as_extra_body_would_send_them():
+    sampling = SamplingConfig(
+        min_tokens=2,
+        ignore_eos=True,
+        stop_token_ids=[5],
+        bad_words=["x"],
+        skip_special_tokens=False,
+        truncate_prompt_tokens=-1,
+        extra={"include_stop_str_in_output": True},
+        structured=StructuredOutput(grammar="root ::= 'a'"),
+    )
+    body = request_body("m", "x", None, sampling)
+    assert {k: body[k] for k in ("min_tokens", "ignore_eos", "stop_token_ids", "bad_words", "skip_special_tokens")} == {
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "stop_token_ids": [5],
+        "bad_words": ["x"],
+        "skip_special_tokens": False,
+    }
+    assert body["truncate_prompt_tokens"] == -1 and body["include_stop_str_in_output"] is True
+    assert body["structured_outputs"] == {"grammar": "root ::= 'a'"}
+    assert "extra" not in body and "max_tokens_wins" not in body
+
+
+def test_a_servers_reasoning_split_is_kept_with_its_token_counts():
+    from tasks.engines.openai import choice_records
+
+    def answer(message: dict, finish_reason: str) -> dict:
+        usage = {"prompt_tokens": 3, "completion_tokens": 10, "completion_tokens_details": {"reasoning_tokens": 7}}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": finish_reason}], "usage": usage}
+
+    (done,) = choice_records("k", answer({"content": "yes", "reasoning": "think"}, "stop"), 0.1, True, SamplingConfig(), True)
+    assert (done.text, done.reasoning, done.reasoning_tokens, done.text_tokens, done.reasoning_truncated) == (
+        "yes",
+        "think",
+        7,
+        3,
+        False,
+    )
+    (cut,) = choice_records(
+        "k", answer({"content": None, "reasoning_content": "thi"}, "length"), 0.1, True, SamplingConfig(), True
+    )
+    assert (cut.text, cut.reasoning, cut.reasoning_truncated) == ("", "thi", True)
+    (plain,) = choice_records("k", answer({"content": "yes", "reasoning": "think"}, "stop"), 0.1, True, SamplingConfig())
+    assert plain.reasoning is None and plain.reasoning_truncated is None  # no parser asked: nothing split
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,3 +318,28 @@ def test_a_servers_logprobs_become_token_logprobs_chat_completions_and_prompt():
     assert record.prompt_logprobs is None
     (plain,) = choice_records("k", completion, 0.1, False, SamplingConfig())
     assert plain.token_logprobs is None and plain.mean_logprob is None  # not asked: nothing kept
+
+
+@pytest.mark.slow
+def test_vllms_own_sampling_fields_over_http_give_the_in_process_engines_answers(
+    vllm_server, api_key_secret, tiny_model, tmp_path, sample_spec, query
+):
+    spec = sample_spec(8, system_prompt="Be brief.")
+    sampling = SamplingConfig(
+        max_tokens=8,
+        stop=[" "],
+        min_tokens=3,
+        ignore_eos=True,
+        bad_words=["Classi"],
+        skip_special_tokens=False,
+        truncate_prompt_tokens=12,
+        extra={"include_stop_str_in_output": True},
+    )
+    local = StoreConfig(duckdb_path=str(tmp_path / "local.duckdb"), storage=str(tmp_path / "local"))
+    remote = StoreConfig(duckdb_path=str(tmp_path / "remote.duckdb"), storage=str(tmp_path / "remote"))
+    batch_inference(dataset=spec, model=tiny_model, sampling=sampling, store=local)
+    over_http = batch_inference(dataset=spec, model=openai_model(vllm_server, api_key_secret), sampling=sampling, store=remote)
+    assert over_http.errors == 0
+    assert texts(remote) == texts(local)
+    assert query(remote, "SELECT DISTINCT prompt_tokens FROM run_outputs") == [(12,)]  # truncated by the server
+    assert any(text.endswith(" ") for text in texts(local).values())  # the stop string kept in the text

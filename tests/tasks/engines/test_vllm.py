@@ -179,3 +179,82 @@ def test_top_5_token_logprobs_are_stored_per_token_and_agree_with_vllm_scoring_t
         [t["logprob"] for t in outputs[0]["token_logprobs"]], abs=1e-3
     )
     assert all(len(p["top"]) == 5 for p in places[1:])
+
+
+def token_ids(output: dict) -> list[int]:
+    return [t["token_id"] for t in output["token_logprobs"]]
+
+
+@pytest.mark.slow
+def test_the_whole_sampling_surface_reaches_vllm_per_row_and_does_what_it_says(tiny_model):
+    import re
+
+    engine = get_engine(tiny_model)
+    tokenizer = engine.tokenizer
+    eos, end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")  # <|end|>: special, not a stop
+    run = SamplingConfig(max_tokens=8, logprobs=0)
+    (plain,) = engine.generate(shard(["Tell me a story."]), run).to_pylist()
+    ids, text = token_ids(plain), plain["text"]
+    assert len(ids) == 8  # the tiny model rarely stops on its own
+    # a word that is one token of the answer (bad_words bans the tokens a word encodes to)
+    banned = next(i for i in ids if tokenizer.encode(tokenizer.decode([i]).lstrip(), add_special_tokens=False) == [i])
+    stop = re.search(r"[A-Za-z]{2}", text)[0]
+    rows = {
+        "stop_id": {"stop_token_ids": [ids[2]]},
+        "min_tokens": {"stop_token_ids": [ids[2]], "min_tokens": 6},
+        "bad_words": {"bad_words": [tokenizer.decode([banned]).lstrip()]},
+        "eos": {"logit_bias": {str(eos): 100}},
+        "ignore_eos": {"logit_bias": {str(eos): 100}, "ignore_eos": True},
+        "special": {"logit_bias": {str(end): 100}},
+        "kept_special": {"logit_bias": {str(end): 100}, "skip_special_tokens": False},
+        "truncated": {"truncate_prompt_tokens": 3},
+        "stop_kept": {"stop": [stop], "extra": {"include_stop_str_in_output": True}},
+        "refused": {"min_tokens": 9},  # above max_tokens: vLLM refuses this row, the others run
+    }
+    requests = shard(["Tell me a story."] * len(rows), overrides=list(rows.values()))
+    name_of = dict(zip(requests["request_key"].to_pylist(), rows))
+
+    pending, errors = engine.prepare(requests, run)
+    sent = {name_of[p.request_key]: params for p, params in zip(pending, engine.sampling_params(pending))}
+    assert (sent["min_tokens"].min_tokens, sent["min_tokens"].stop_token_ids) == (6, [ids[2]])
+    assert sent["ignore_eos"].ignore_eos and not sent["eos"].ignore_eos
+    assert sent["bad_words"].bad_words == rows["bad_words"]["bad_words"]
+    assert sent["kept_special"].skip_special_tokens is False and sent["special"].skip_special_tokens is True
+    assert sent["stop_kept"].include_stop_str_in_output and sent["stop_kept"].stop == [stop]
+    assert sent["eos"].logit_bias == {eos: 100.0}
+    assert isinstance(sent["refused"], ValueError) and "min_tokens" in str(sent["refused"])
+
+    out = {name_of[o["request_key"]]: o for o in engine.generate_prepared(pending, errors, run)[0].to_pylist()}
+    assert out["stop_id"]["finish_reason"] == "stop" and token_ids(out["stop_id"]) == ids[:3]
+    assert out["min_tokens"]["completion_tokens"] >= 6 and ids[2] not in token_ids(out["min_tokens"])[:5]
+    assert banned not in token_ids(out["bad_words"]) and token_ids(out["bad_words"]) != ids
+    assert (out["eos"]["finish_reason"], out["eos"]["completion_tokens"]) == ("stop", 1)
+    assert (out["ignore_eos"]["finish_reason"], token_ids(out["ignore_eos"])) == ("length", [eos] * 8)
+    assert out["special"]["text"] == "" and out["kept_special"]["text"] == "<|end|>" * 8
+    assert out["truncated"]["prompt_tokens"] == 3 < plain["prompt_tokens"]
+    assert out["stop_kept"]["text"] == text[: text.index(stop) + len(stop)]
+    assert out["refused"]["error_code"] == "invalid_request" and "min_tokens" in out["refused"]["error"]
+
+
+def whitespace_bias(tokenizer) -> dict[int, float]:
+    """−100 on every whitespace-only token: under a JSON constraint the random tiny model otherwise pads
+    its answer with newlines until max_tokens (vLLM takes JSON's optional whitespace from its engine
+    configuration, not per request)."""
+    return {i: -100.0 for i in range(len(tokenizer)) if tokenizer.decode([i]) and not tokenizer.decode([i]).strip()}
+
+
+@pytest.mark.slow
+def test_json_object_answers_parse_and_a_prompt_truncated_to_the_context_runs(tiny_model):
+    engine = get_engine(tiny_model)
+    json_object = SamplingConfig(
+        max_tokens=48, logit_bias=whitespace_bias(engine.tokenizer), structured=StructuredOutput(json_object=True)
+    )
+    outputs = engine.generate(shard([f"Question {i}?" for i in range(4)]), json_object).to_pylist()
+    assert [o["finish_reason"] for o in outputs] == ["stop"] * 4
+    assert all(isinstance(json.loads(o["text"]), dict) for o in outputs)
+
+    long = "word " * 400  # longer than the context: an error row, unless truncated to fit
+    rows = engine.generate(shard([long, long], overrides=[None, {"truncate_prompt_tokens": -1}]), SamplingConfig(max_tokens=4))
+    by_error = {row["error_code"]: row for row in rows.to_pylist()}
+    assert by_error.keys() == {"context_length_exceeded", None}
+    assert by_error[None]["prompt_tokens"] == 255 and by_error[None]["completion_tokens"] == 1  # the context less one

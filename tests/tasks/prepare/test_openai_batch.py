@@ -60,6 +60,12 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required"
          {"structured": {"json_schema": SCHEMA}}),
         ({"response_format": {"type": "json_object"}}, {"structured": {"json_object": True}}),
         ({"response_format": {"type": "text"}}, None),
+        ({"min_tokens": 2, "ignore_eos": True, "stop_token_ids": [5], "bad_words": ["x"], "skip_special_tokens": False},
+         {"min_tokens": 2, "ignore_eos": True, "stop_token_ids": [5], "bad_words": ["x"], "skip_special_tokens": False}),
+        ({"truncate_prompt_tokens": 8, "prompt_logprobs": 1}, {"truncate_prompt_tokens": 8, "prompt_logprobs": 1}),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, {"structured": {"regex": "[a-z]+"}}),
+        ({"structured_outputs": {"json": SCHEMA}}, {"structured": {"json_schema": SCHEMA}}),
+        ({"include_stop_str_in_output": True}, {"extra": {"include_stop_str_in_output": True}}),
         ({"user": "someone", "metadata": {"team": "a"}}, None),
     ],
 )  # fmt: skip
@@ -135,6 +141,12 @@ def test_completion_lines_send_their_prompt_as_it_is_with_their_overrides(tmp_pa
         (COMPLETIONS, {"prompt": ["a", "b"]}, "body.prompt", "one string"),
         (CHAT, {"messages": HI, "logit_bias": {"5": 500}}, "logit_bias", "less than or equal to 100"),
         (CHAT, {"messages": HI, "temperature": -1}, "temperature", "greater than or equal to 0"),
+        (CHAT, {"messages": HI, "min_token": 2}, "body.min_token", "field 'min_token' is not supported"),
+        (CHAT, {"messages": HI, "output_kind": 1}, "body.output_kind", "field 'output_kind' is not supported"),
+        (CHAT, {"messages": HI, "structured_outputs": {"regex": "a", "choice": ["b"]}}, "body.structured_outputs", "one of json"),
+        (CHAT, {"messages": HI, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+         "body.structured_outputs", "not both"),
+        (CHAT, {"messages": HI, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "keep no prompt token"),
     ],
 )  # fmt: skip
 def test_each_unsupported_field_is_a_rejected_row_naming_the_line_and_field(tmp_path, url, body, field, reason):

@@ -81,3 +81,66 @@ def test_the_reference_column_is_carried_as_text_and_is_not_part_of_the_request_
     assert first["request_key"] == second["request_key"]  # same question: one answer, computed once
     plain, _ = Renderer(spec(), "chat").render(batch([{"id": 1, "prompt": "2+2?", "answer": 4}]))
     assert plain.to_pylist()[0]["reference"] is None
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+
+
+def test_a_rows_sampling_and_structured_columns_become_its_overrides_and_part_of_its_key():
+    renderer = Renderer(
+        spec(sampling_column="sampling", structured_columns={"json_schema": "schema", "regex": "pattern", "choice": "options"}),
+        "chat",
+    )
+    rows = [
+        {"id": "text", "prompt": "q", "sampling": '{"min_tokens": 2, "extra": {"include_stop_str_in_output": true}}'},
+        {"id": "schema", "prompt": "q", "schema": json.dumps(SCHEMA)},
+        {"id": "regex", "prompt": "q", "pattern": "[0-9]+", "sampling": '{"stop_token_ids": [5]}'},
+        {"id": "choices", "prompt": "q", "options": '["yes", "no"]'},
+        {"id": "plain", "prompt": "q"},
+    ]
+    requests, rejected = renderer.render(
+        batch([{"sampling": None, "schema": None, "pattern": None, "options": None, **r} for r in rows])
+    )
+    assert rejected.num_rows == 0
+    overrides = {r["custom_id"]: json.loads(r["overrides"] or "null") for r in requests.to_pylist()}
+    assert overrides == {
+        "text": {"min_tokens": 2, "extra": {"include_stop_str_in_output": True}},
+        "schema": {"structured": {"json_schema": SCHEMA}},
+        "regex": {"stop_token_ids": [5], "structured": {"regex": "[0-9]+"}},
+        "choices": {"structured": {"choice": ["yes", "no"]}},
+        "plain": None,
+    }
+    assert len(set(requests["request_key"].to_pylist())) == 5  # same prompt, five requests
+
+
+def test_a_struct_sampling_column_leaves_its_null_fields_unset():
+    sampling = pa.array(
+        [{"min_tokens": 3, "ignore_eos": None}, {"min_tokens": None, "ignore_eos": True}],
+        pa.struct([("min_tokens", pa.int64()), ("ignore_eos", pa.bool_())]),
+    )
+    table = pa.table({"id": ["a", "b"], "prompt": ["q", "q"], "sampling": sampling})
+    requests, _ = Renderer(spec(sampling_column="sampling"), "chat").render(SourceBatch("x.parquet", 0, table.to_batches()[0]))
+    assert [json.loads(o) for o in requests["overrides"].to_pylist()] == [{"min_tokens": 3}, {"ignore_eos": True}]
+
+
+def test_a_bad_row_sampling_is_a_rejected_row_naming_the_row_and_the_field():
+    renderer = Renderer(spec(sampling_column="sampling", structured_columns={"json_schema": "schema"}), "chat")
+    rows = [
+        {"id": "ok", "prompt": "q", "sampling": '{"min_tokens": 1}', "schema": None},
+        {"id": "typo", "prompt": "q", "sampling": '{"extra": {"min_token": 1}}', "schema": None},
+        {"id": "own", "prompt": "q", "sampling": '{"extra": {"temperature": 1}}', "schema": None},
+        {"id": "range", "prompt": "q", "sampling": '{"min_tokens": -1}', "schema": None},
+        {"id": "json", "prompt": "q", "sampling": "{min_tokens: 1", "schema": None},
+        {"id": "twice", "prompt": "q", "sampling": '{"structured": {"regex": "a"}}', "schema": json.dumps(SCHEMA)},
+        {"id": "schema", "prompt": "q", "sampling": None, "schema": "[1, 2"},
+    ]
+    requests, rejected = renderer.render(batch(rows))
+    assert requests["custom_id"].to_pylist() == ["ok"]
+    found = {r["custom_id"]: (r["source_row"], r["field"], r["reason"]) for r in rejected.to_pylist()}
+    assert found["typo"][:2] == (101, "sampling.extra")
+    assert "'min_token' is not a field of vllm.SamplingParams" in found["typo"][2] and "min_tokens" in found["typo"][2]
+    assert found["own"][1] == "sampling.extra" and "set temperature instead" in found["own"][2]
+    assert found["range"][1] == "sampling.min_tokens" and "greater than or equal to 0" in found["range"][2]
+    assert found["json"][1] == "sampling" and "not valid JSON" in found["json"][2]
+    assert found["twice"][1] == "schema" and "a second structured output" in found["twice"][2]
+    assert found["schema"][1] == "schema" and "json_schema is not valid JSON" in found["schema"][2]

@@ -72,7 +72,7 @@ def test_a_file_from_migration_1_is_upgraded_in_place_and_keeps_its_rows(tmp_pat
         [files.outputs[0]],
     )
     run = commit_inputs.run.model_dump(
-        exclude={"stage_seconds", "reused_requests", "input_fingerprint", "fan_out", "transient_errors", "status"}
+        exclude={"stage_seconds", "reused_requests", "input_fingerprint", "fan_out", "transient_errors", "status", "rerun_of"}
     )
     con.execute(f"INSERT INTO runs ({', '.join(run)}) VALUES ({', '.join('?' for _ in run)})", list(run.values()))
     columns = {t: [c[0] for c in con.execute(f"DESCRIBE {t}").fetchall() if c[0] != "created_at"] for t in TABLES}
