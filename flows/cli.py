@@ -69,6 +69,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int)
     group.add_argument("--gpu-memory-utilization", type=float, help="on the CPU build: the share of RAM for the KV cache")
     group.add_argument(
+        "--enforce-eager", action="store_true", default=None, help="no graph compilation: starts faster, may run slower"
+    )
+    group.add_argument(
         "--reasoning-parser", help="vLLM's reasoning parser (deepseek_r1, qwen3, ...): the thinking apart from the answer"
     )
     group = parser.add_argument_group("sampling")

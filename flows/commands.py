@@ -110,6 +110,7 @@ def model_of(args: argparse.Namespace) -> ModelConfig:
             "dtype",
             "max_model_len",
             "gpu_memory_utilization",
+            "enforce_eager",
             "reasoning_parser",
         )
         if getattr(args, name) is not None

@@ -50,7 +50,7 @@ def save_default_blocks(model_dir: str, duckdb_path: str, storage: str) -> None:
     from tasks.config import ModelConfig, StoreConfig
 
     # 0.1 of RAM each: two engines (two worker groups) fit beside each other on a small machine.
-    tiny = ModelConfig(model=model_dir, max_model_len=1024, gpu_memory_utilization=0.1)
+    tiny = ModelConfig(model=model_dir, max_model_len=1024, gpu_memory_utilization=0.1, enforce_eager=True)
     InferenceModel(config=tiny).save("tiny-cpu", overwrite=True)
     ResultsStore(config=StoreConfig(duckdb_path=duckdb_path, storage=storage)).save("local-results", overwrite=True)
 

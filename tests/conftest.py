@@ -57,7 +57,12 @@ def tiny_model(tiny_model_dir):
     from tasks.config import ModelConfig
 
     return ModelConfig(
-        model=str(tiny_model_dir), max_model_len=256, gpu_memory_utilization=0.1, enable_lora=True, max_lora_rank=8
+        model=str(tiny_model_dir),
+        max_model_len=256,
+        gpu_memory_utilization=0.1,
+        enable_lora=True,
+        max_lora_rank=8,
+        enforce_eager=True,  # compiling costs a start far more than it saves the tiny model
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VBF = str(Path(sys.executable).parent / "vbf")  # the console script pip installed beside this Python
 ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's engine process logs this as it starts
-TINY_ENGINE = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.15"]
+TINY_ENGINE = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.15", "--enforce-eager"]
 
 
 def vbf(tmp_path: Path, *args: str, command: tuple[str, ...] = (VBF,), check: bool = True) -> subprocess.CompletedProcess:

@@ -27,7 +27,11 @@ def thinking(tiny_thinking_model_dir):
     from transformers import AutoTokenizer
 
     model = ModelConfig(
-        model=str(tiny_thinking_model_dir), max_model_len=256, gpu_memory_utilization=0.1, reasoning_parser="deepseek_r1"
+        model=str(tiny_thinking_model_dir),
+        max_model_len=256,
+        gpu_memory_utilization=0.1,
+        reasoning_parser="deepseek_r1",
+        enforce_eager=True,
     )
     return model, AutoTokenizer.from_pretrained(tiny_thinking_model_dir)
 

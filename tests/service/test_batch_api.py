@@ -130,6 +130,7 @@ def results(server: Server, sql: str, *params) -> list[tuple]:
 def model_yaml(folder: Path, name: str, tiny_model_dir: Path, seed: int) -> str:
     path = folder / f"{name}.yaml"
     model = {"model": str(tiny_model_dir), "max_model_len": 1024, "gpu_memory_utilization": 0.1, "seed": seed}
+    model["enforce_eager"] = True  # as the in-process tiny model: compiling would cost each engine start ~20 s
     path.write_text(yaml.safe_dump(model))
     return f"{name}={path}"
 

@@ -121,6 +121,7 @@ def vllm_server(tiny_model, tmp_path_factory):
         str(tiny_model.gpu_memory_utilization),
         "--seed",
         str(tiny_model.seed),
+        "--enforce-eager",
         "--enable-lora",
         "--max-lora-rank",
         str(tiny_model.max_lora_rank),
