@@ -51,8 +51,8 @@ def judge_runs(
         store=store,
         scorers=[],  # the verdicts are what counts; they are read next
     )
-    judgement, verdicts = write_verdicts(requests, judged, judge, store)
-    commit_judgement(judgement, [verdicts], store)
+    judgement, verdicts, scores = write_verdicts(requests, judged, judge, store)
+    commit_judgement(judgement, [verdicts], scores, store)
     publish_judgement(judgement)
     print(f"judgement {judgement.judgement_id}: SELECT * FROM judgements WHERE judgement_id = '{judgement.judgement_id}'")
     return JudgeResult(judgement=judgement, judge_run=judged)
