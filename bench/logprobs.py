@@ -2,11 +2,14 @@
 
 The workload: 2,000 distinct short chat prompts, greedy, `max_tokens` 16, on the tiny model. One process,
 one engine (started before anything is timed), runs alternating plain / top-5 (`--rounds` pairs), each
-into a results file and storage of its own. Printed per variant: the flow's wall time and its inference
-stage, the results file's bytes per output (after a checkpoint, minus the same file's size with no
-outputs), and the output shard files' bytes per output; then the ratios top-5 / plain.
+into a results file and storage of its own. Printed per variant: the flow's wall time and rows (outputs)
+per second, its inference stage, its scoring stage (the default scorers over each finished shard,
+`stage_seconds.score`) and its shard commits (`stage_seconds.commit_shards`: outputs with their token
+logprobs, and scores, into DuckDB) with the rows per second of each, the results file's bytes per output
+(after a checkpoint, minus the same file's size with no outputs), and the output shard files' bytes per
+output; then the ratios top-5 / plain.
 
-    PYTHONPATH=. .venv/bin/python bench/logprobs.py [--requests 2000] [--rounds 1]
+    PYTHONPATH=. nice -n 19 .venv/bin/python bench/logprobs.py [--requests 2000] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -87,15 +90,19 @@ def main() -> None:
                 with duckdb.connect(store.duckdb_path) as con:
                     con.execute("CHECKPOINT")
                     tokens = con.execute("SELECT sum(len(token_logprobs)) FROM outputs").fetchone()[0] or 0
+                    scores_stored = con.execute("SELECT count(*) FROM scores").fetchone()[0]
                 db_bytes = Path(store.duckdb_path).stat().st_size - empty_bytes
                 results[name].append(
                     {
                         "wall": summary.wall_seconds,
                         "infer": summary.stage_seconds["infer"],
+                        "score": summary.stage_seconds["score"],
+                        "commit_shards": summary.stage_seconds["commit_shards"],
                         "outputs": summary.outputs,
                         "db_per_output": db_bytes / summary.outputs,
                         "shards_per_output": folder_bytes(run_dir / "storage" / "outputs", ".parquet") / summary.outputs,
                         "stored_tokens": tokens,
+                        "scores_stored": scores_stored,
                     }
                 )
                 print(name, round_, results[name][-1], flush=True)
@@ -103,17 +110,28 @@ def main() -> None:
         close_engine(timeout=0)
 
     mean = {name: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} for name, runs in results.items()}
+    for m in mean.values():
+        for stage in ("wall", "infer", "score", "commit_shards"):
+            m[f"{stage}_rows"] = m["outputs"] / m[stage]
     print(f"\n{args.requests} requests, max_tokens 16, {args.rounds} round(s); means per variant")
-    print("| variant | wall s | infer s | results-file bytes/output | shard-file bytes/output | stored tokens |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| variant | flow wall s | flow rows/s | inference s | scoring s | scoring rows/s | score rows stored | shard commits s | "
+        "commit rows/s | results-file bytes/output | shard-file bytes/output | stored tokens |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in mean.items():
         print(
-            f"| {name} | {m['wall']:.1f} | {m['infer']:.1f} | {m['db_per_output']:,.0f} | "
+            f"| {name} | {m['wall']:.1f} | {m['wall_rows']:,.0f} | {m['infer']:.1f} | {m['score']:.2f} | {m['score_rows']:,.0f} | "
+            f"{m['scores_stored']:,.0f} | {m['commit_shards']:.2f} | {m['commit_shards_rows']:,.0f} | {m['db_per_output']:,.0f} | "
             f"{m['shards_per_output']:,.0f} | {m['stored_tokens']:,.0f} |"
         )
     plain, top5 = mean["plain"], mean["top-5"]
+    ratios = ", ".join(
+        f"{label} {top5[f'{stage}_rows'] / plain[f'{stage}_rows']:.3f}"
+        for label, stage in (("flow", "wall"), ("inference", "infer"), ("scoring", "score"), ("shard commits", "commit_shards"))
+    )
+    print(f"rows/s top-5 / plain: {ratios}")
     print(
-        f"top-5 / plain: wall {top5['wall'] / plain['wall']:.3f}, inference {top5['infer'] / plain['infer']:.3f}, "
         f"results-file bytes +{top5['db_per_output'] - plain['db_per_output']:,.0f} per output "
         f"(≈ {(top5['db_per_output'] - plain['db_per_output']) * 1e6 / 2**30:.2f} GiB per 1M outputs)"
     )

@@ -107,7 +107,7 @@ def batch_inference(
         counts_at_start(request_set, len(plan.shards), plan.reused_requests), started_at=started_at, status="running"
     )
     commit_run_start(running, dataset_version_row(dataset, request_set), input_files(request_set), store)
-    commit = partial(score_and_commit_shard, run=running, request_set=request_set, scorers=scorers, store=store)
+    commit = partial(score_and_commit_shard, run=running, request_set=request_set, scorers=scorers, store=store, clock=clock)
     with marked_if_stopped(run_id, store), clock("infer"):
         description = f"{len(plan.shards)} shards of {dataset.name} on {model.model}"
         outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit)
@@ -131,8 +131,11 @@ def score_and_commit_shard(
     request_set: RequestSet,
     scorers: list[str | ScorerSpec],
     store: StoreConfig,
+    clock: StageClock,
 ) -> None:
-    """A finished shard, while the run goes on: scored, then committed with its scores."""
-    score_files = write_scores([output], request_set, scorers, store.storage)
+    """A finished shard, while the run goes on: scored, then committed with its scores (each timed, within infer)."""
+    with clock.adding("score"):
+        score_files = write_scores([output], request_set, scorers, store.storage)
     files = CommitFiles(requests=[], rejected=[], outputs=[output.path], scores=score_files)
-    commit_shard_results(run, shard_row(run.run_id, output, cached), shard_counts(output, cached), files, store)
+    with clock.adding("commit_shards"):
+        commit_shard_results(run, shard_row(run.run_id, output, cached), shard_counts(output, cached), files, store)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from blocks import resolve
+from blocks.store import ResultsStore
 from flows.batch_inference import batch_inference
 from tasks.config import ShardingConfig, StoreConfig
 from tasks.report.summary import RunSummary
@@ -37,9 +39,11 @@ def judge_runs(
     reference: bool = False,
     judge: JudgeConfig = JudgeConfig(),
     sharding: ShardingConfig = ShardingConfig(),
-    store: StoreConfig = StoreConfig(),
+    store: StoreConfig | str = StoreConfig(),
 ) -> JudgeResult:
-    """Pairwise: give run_b, or reference=True (run_a's requests' reference answers). Absolute: run_a, and run_b if any."""
+    """Pairwise: give run_b, or reference=True (run_a's requests' reference answers). Absolute: run_a, and run_b if any.
+    `store` takes the configuration or the name of a saved block (the judge-runs deployment names `local-results`)."""
+    store = resolve(store, ResultsStore)
     runs = JudgedRuns(run_a=run_a, run_b=run_b, reference=reference)
     check_judged_runs(runs, judge.kind)
     requests = write_judge_requests(runs, judge, store)
@@ -51,8 +55,8 @@ def judge_runs(
         store=store,
         scorers=[],  # the verdicts are what counts; they are read next
     )
-    judgement, verdicts = write_verdicts(requests, judged, judge, store)
-    commit_judgement(judgement, [verdicts], store)
+    judgement, verdicts, scores = write_verdicts(requests, judged, judge, store)
+    commit_judgement(judgement, [verdicts], scores, store)
     publish_judgement(judgement)
     print(f"judgement {judgement.judgement_id}: SELECT * FROM judgements WHERE judgement_id = '{judgement.judgement_id}'")
     return JudgeResult(judgement=judgement, judge_run=judged)

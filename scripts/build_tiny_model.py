@@ -7,7 +7,9 @@ every build writes the same bytes and the model fingerprint is stable across mac
     python scripts/build_tiny_model.py [OUT_DIR]     # default: .cache/models/tiny-llama (+ OUT_DIR-lora, OUT_DIR-thinking)
 
 OUT_DIR-thinking is the same model with a reasoning model's thinking markers, <think> and </think>,
-added to a copy of its tokenizer (and two rows to its embeddings), for vLLM's reasoning parsers.
+added to a copy of its tokenizer (and two rows to its embeddings), for vLLM's reasoning parsers; its
+chat template honours `enable_thinking` as Qwen3's does (false: an empty thinking section closes the
+prompt).
 """
 
 from __future__ import annotations
@@ -135,13 +137,26 @@ def build_tiny_lora(model_dir: Path, out_dir: Path, rank: int = 8) -> Path:
 
 
 THINKING_TOKENS = ["<think>", "</think>"]
+# Unset or true: the same prompt as CHAT_TEMPLATE's; false: the answer starts after an empty thinking.
+THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+# The thinking model's recipe: the shared one and its own (2: the template above). Only the thinking
+# model's marker has the second key, so a checkout that knows only RECIPE_VERSION takes this build as is.
+THINKING_RECIPE = {"recipe": RECIPE_VERSION, "thinking": "2"}
 
 
 def build_tiny_thinking_model(model_dir: Path, out_dir: Path) -> Path:
     """The tiny model with <think> and </think> as tokens of their own (not special: they stay in the
-    text, as DeepSeek-R1's do); the new embedding rows are seeded, so every build is the same."""
+    text, as DeepSeek-R1's do) and a template that honours enable_thinking; the new embedding rows are
+    seeded, so every build is the same."""
     marker = out_dir / "tiny_model_recipe.json"
-    if marker.exists() and json.loads(marker.read_text()).get("recipe") == RECIPE_VERSION:
+    if marker.exists() and json.loads(marker.read_text()) == THINKING_RECIPE:
         return out_dir
 
     import torch
@@ -155,9 +170,10 @@ def build_tiny_thinking_model(model_dir: Path, out_dir: Path) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(model_dir)
     model.resize_token_embeddings(len(tokenizer))
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
     tokenizer.save_pretrained(tmp_dir)
     model.save_pretrained(tmp_dir, safe_serialization=True)
-    (tmp_dir / marker.name).write_text(json.dumps({"recipe": RECIPE_VERSION}))
+    (tmp_dir / marker.name).write_text(json.dumps(THINKING_RECIPE))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
     return out_dir

@@ -356,6 +356,19 @@ def keeps_a_token(value: int) -> int:
 
 TruncatePrompt = Annotated[int, Field(ge=-1), AfterValidator(keeps_a_token)]
 
+# Arguments of the chat template's call that the engine sets itself (vLLM refuses chat_template and
+# tokenize among a request's chat_template_kwargs; the others would clash with the engine's own).
+ENGINE_TEMPLATE_ARGUMENTS = ("conversation", "messages", "chat_template", "tokenize", "add_generation_prompt", "return_dict")
+
+
+def template_variables(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if taken := [name for name in kwargs if name in ENGINE_TEMPLATE_ARGUMENTS]:
+        raise ValueError(f"{taken[0]!r} is set by the engine, not through chat_template_kwargs")
+    return kwargs
+
+
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(template_variables)]
+
 
 class SamplingConfig(BaseModel):
     """vLLM sampling parameters for every request of a run (a row may override some of them)."""
@@ -408,6 +421,13 @@ class SamplingConfig(BaseModel):
     max_tokens_wins: bool | None = Field(
         None, exclude_if=unset, description="The run's max_tokens replaces a row's own (the larger budget of `vbf rerun`)."
     )
+    chat_template_kwargs: TemplateKwargs | None = Field(
+        None,
+        exclude_if=unset,
+        description="Chat requests: more variables for the model's chat template, e.g. {enable_thinking: false} for a "
+        "reasoning model (vLLM's LLM.chat(chat_template_kwargs=...); openai engine: the body field vllm serve reads). "
+        "A row's add to the run's. A reasoning parser is given them too, as vllm serve gives them.",
+    )
     structured: StructuredOutput | None = None
 
     @field_validator("extra")
@@ -450,6 +470,7 @@ class SamplingOverrides(BaseModel):
     skip_special_tokens: bool | None = None
     truncate_prompt_tokens: TruncatePrompt | None = None
     extra: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     structured: StructuredOutput | None = None
 
     @field_validator("extra")

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_deployment_with_its_flow_file_validates_its_parameters():
     config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
     by_name = {d.name: d for d in config.deployments}
-    assert {"sample", "generate-shards", "push-for-review", "pull-reviews", "export-curated"} <= set(by_name)
+    assert {"sample", "generate-shards", "judge-runs", "push-for-review", "pull-reviews", "export-curated"} <= set(by_name)
     assert by_name["sample"].work_pool.name == by_name["generate-shards"].work_pool.name == "gpu"
     assert by_name["pull-reviews"].work_pool.name == "cpu"
     assert by_name["generate-shards"].work_pool.job_variables == {"stream_output": False}
@@ -33,6 +33,16 @@ def test_the_curation_flows_run_on_the_cpu_pool_and_pull_every_15_minutes():
     by_name = {d.name: d for d in config.deployments}
     assert {by_name[name].work_pool.name for name in ("push-for-review", "pull-reviews", "export-curated")} == {"cpu"}
     assert by_name["pull-reviews"].schedules[0].interval.total_seconds() == 900
+
+
+def test_the_judge_runs_on_the_gpu_pool_over_the_default_results_file_given_the_runs_when_started():
+    config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
+    (judge,) = [d for d in config.deployments if d.name == "judge-runs"]
+    assert judge.work_pool.name == "gpu" and judge.parameters == {"store": "local-results"}
+    from flows.judge_runs import judge_runs
+
+    # the runs come with each start; with them, the parameters validate into the flow's typed configs
+    judge_runs.validate_parameters({**judge.parameters, "run_a": "r1", "run_b": "r2", "judge": {"kind": "absolute"}})
 
 
 def test_the_sample_deployment_points_at_the_bundled_sample_and_the_default_blocks():

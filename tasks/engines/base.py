@@ -127,7 +127,8 @@ class Engine(Protocol):
 def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingConfig:
     """The run's sampling with a row's overrides (a JSON object of SamplingConfig fields) applied.
 
-    A row's `extra` adds to the run's; with max_tokens_wins the run's max_tokens stands over a row's own.
+    A row's `extra` and `chat_template_kwargs` add to the run's; with max_tokens_wins the run's max_tokens
+    stands over a row's own.
     """
     if not overrides:
         return base
@@ -137,8 +138,9 @@ def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingCon
             raise ValueError("overrides must be a JSON object")
         if base.max_tokens_wins:
             values.pop("max_tokens", None)
-        if base.extra and isinstance(values.get("extra"), dict):
-            values["extra"] = {**base.extra, **values["extra"]}
+        for added in ("extra", "chat_template_kwargs"):
+            if getattr(base, added) and isinstance(values.get(added), dict):
+                values[added] = {**getattr(base, added), **values[added]}
         return SamplingConfig.model_validate({**base.model_dump(), **values})
     except ValidationError as error:
         raise ValueError(f"invalid sampling override: {describe_errors(error)}") from error
@@ -146,11 +148,14 @@ def request_sampling(base: SamplingConfig, overrides: str | None) -> SamplingCon
         raise ValueError(f"overrides are not JSON: {error}") from error
 
 
-def prompt_token_ids(tokenizer, prompt: str | None, messages: str | None) -> list[int]:
-    """A request's prompt as the engine sends it: chat messages through the model's chat template, or the prompt as is."""
+def prompt_token_ids(tokenizer, prompt: str | None, messages: str | None, chat_template_kwargs: dict | None = None) -> list[int]:
+    """A request's prompt as the engine sends it: chat messages through the model's chat template (given
+    `chat_template_kwargs` as more variables, as LLM.chat gives them), or the prompt as is."""
     if messages is not None:
         return list(
-            tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+            tokenizer.apply_chat_template(
+                json.loads(messages), add_generation_prompt=True, tokenize=True, return_dict=False, **(chat_template_kwargs or {})
+            )
         )
     return list(tokenizer.encode(prompt))
 

@@ -104,6 +104,8 @@ def request_body(model: str, prompt: str | None, messages: str | None, sampling:
         if getattr(sampling, field) is not None:
             body[field] = getattr(sampling, field)
     body.update(sampling.extra or {})  # what the SDK's extra_body would add: vLLM's server reads them by name
+    if sampling.chat_template_kwargs and messages is not None:  # vLLM's extension, for chat requests only
+        body["chat_template_kwargs"] = sampling.chat_template_kwargs
     if sampling.structured is not None:
         s = sampling.structured
         if s.json_schema is not None:

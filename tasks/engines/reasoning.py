@@ -18,13 +18,14 @@ class ReasoningSplit:
     truncated: bool  # finish_reason 'length' before the thinking ended
 
 
-def reasoning_parser(name: str, tokenizer):
-    """vLLM's parser `name` for this tokenizer; one that does not fit it (no thinking markers in its
-    vocabulary) is a configuration mistake, named."""
+def reasoning_parser(name: str, tokenizer, chat_template_kwargs: dict | None = None):
+    """vLLM's parser `name` for this tokenizer, given the request's chat template variables as vllm serve
+    gives them (deepseek_v3 splits only with thinking on); one that does not fit the tokenizer (no thinking
+    markers in its vocabulary) is a configuration mistake, named."""
     from vllm.reasoning import ReasoningParserManager
 
     try:
-        return ReasoningParserManager.get_reasoning_parser(name)(tokenizer)
+        return ReasoningParserManager.get_reasoning_parser(name)(tokenizer, chat_template_kwargs=chat_template_kwargs or {})
     except KeyError as error:
         raise SpecError(f"reasoning_parser: {error.args[0]}") from error
     except (RuntimeError, ValueError) as error:

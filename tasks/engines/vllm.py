@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import logging
 import threading
 import time
@@ -56,9 +57,17 @@ def engine_arguments(config: ModelConfig) -> dict:
     return args
 
 
-# SamplingConfig fields that are no SamplingParams field: the prompt's truncation is done here, before
-# the engine (it takes token ids), and the others shape the configuration itself.
-NOT_SAMPLING_PARAMS = {"max_tokens", "stop", "structured", "truncate_prompt_tokens", "extra", "max_tokens_wins"}
+# SamplingConfig fields that are no SamplingParams field: the prompt's truncation and its chat template
+# are done here, before the engine (it takes token ids), and the others shape the configuration itself.
+NOT_SAMPLING_PARAMS = {
+    "max_tokens",
+    "stop",
+    "structured",
+    "truncate_prompt_tokens",
+    "extra",
+    "max_tokens_wins",
+    "chat_template_kwargs",
+}
 
 
 def vllm_sampling_params(sampling: SamplingConfig, max_tokens: int):
@@ -110,7 +119,7 @@ class VllmEngine:
         self.prepare_lock = threading.Lock()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.start_reported = False
-        self.parsers: dict[str, object] = {}  # reasoning parsers by name, built on first use
+        self.parsers: dict[tuple[str, str], object] = {}  # reasoning parsers by name and template variables, built on first use
 
     def build(self):
         LLM = import_vllm().LLM  # noqa: N806
@@ -196,8 +205,8 @@ class VllmEngine:
         reported, self.start_reported = self.start_reported, True
         return not reported
 
-    def prompt_token_ids(self, prompt: str | None, messages: str | None) -> list[int]:
-        return prompt_token_ids(self.tokenizer, prompt, messages)
+    def prompt_token_ids(self, prompt: str | None, messages: str | None, chat_template_kwargs: dict | None = None) -> list[int]:
+        return prompt_token_ids(self.tokenizer, prompt, messages, chat_template_kwargs)
 
     def lora_request(self):
         adapter = self.config.lora_adapter
@@ -219,7 +228,7 @@ class VllmEngine:
                     errors.append(OutputRecord.failed(request_key, "invalid_request", str(error)))
                     continue
                 try:
-                    token_ids = self.prompt_token_ids(prompt, messages)
+                    token_ids = self.prompt_token_ids(prompt, messages, request.chat_template_kwargs)
                 except Exception as error:  # a chat template that rejects these messages, say
                     errors.append(OutputRecord.failed(request_key, "invalid_prompt", f"{type(error).__name__}: {error}"))
                     continue
@@ -278,7 +287,11 @@ class VllmEngine:
         self, pending: list[PendingRequest], shared_sampling: bool = False, reasoning_parser: str | None = None
     ) -> tuple[list[OutputRecord], float]:
         """Records for these requests, and the engine seconds they took."""
-        parser = self.reasoning_parser(reasoning_parser) if reasoning_parser else None
+        # built before anything is sent: a parser that does not fit the tokenizer fails the shard at once
+        parsers = [
+            self.reasoning_parser(reasoning_parser, r.sampling.chat_template_kwargs) if reasoning_parser else None
+            for r in pending
+        ]
         params = self.sampling_params(pending)
         rejected = {i: p for i, p in enumerate(params) if isinstance(p, Exception)}
         if rejected and shared_sampling:  # the run's own sampling: its configuration is at fault
@@ -296,14 +309,16 @@ class VllmEngine:
             if isinstance(outcome, Exception):  # vLLM rejected this request on its own (its override, its schema)
                 records.append(OutputRecord.failed(request.request_key, "invalid_request", str(outcome), len(request.token_ids)))
                 continue
-            records.extend(completion_records(request, outcome, parser))
+            records.extend(completion_records(request, outcome, parsers[index]))
         return records, seconds
 
-    def reasoning_parser(self, name: str):
-        """vLLM's reasoning parser `name` on this engine's tokenizer (built once)."""
-        if name not in self.parsers:
-            self.parsers[name] = reasoning_parser(name, self.tokenizer)
-        return self.parsers[name]
+    def reasoning_parser(self, name: str, chat_template_kwargs: dict | None = None):
+        """vLLM's reasoning parser `name` on this engine's tokenizer, given the request's chat template
+        variables as vllm serve gives them (a parser may read enable_thinking); built once per both."""
+        key = (name, json.dumps(chat_template_kwargs, sort_keys=True, default=str))
+        if key not in self.parsers:
+            self.parsers[key] = reasoning_parser(name, self.tokenizer, chat_template_kwargs)
+        return self.parsers[key]
 
     @property
     def max_num_seqs(self) -> int:

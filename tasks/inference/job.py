@@ -127,6 +127,8 @@ def check_model(model: ModelConfig) -> None:
 def check_sampling(model: ModelConfig, sampling: SamplingConfig) -> None:
     """The run's sampling as vLLM's own checks see it (min_tokens above max_tokens, a stop_token_id
     below 0, an `extra` value of the wrong kind), before any work: a SpecError naming the problem."""
+    if sampling.chat_template_kwargs and model.mode == "completion":
+        raise SpecError("sampling.chat_template_kwargs: mode 'completion' sends prompts as they are, through no chat template")
     if model.engine != "vllm":
         return  # the server judges
     from vllm.exceptions import VLLMClientError

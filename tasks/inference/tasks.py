@@ -313,8 +313,11 @@ def count_pending_tokens(request_set: RequestSet, job: InferenceJob, store: Stor
     tokens and their most output tokens; and whether the count is exact (the model's tokenizer is here)."""
     answered = answered_keys(store.duckdb_path, job.model_fingerprint, job.sampling_hash, store.lock_timeout_seconds)
     tokenizer = tokenizer_of(job.model)
+    template_kwargs = job.sampling.chat_template_kwargs  # the run's (a row's own are not read for a count)
     count = (
-        approx_token_count if tokenizer is None else lambda prompt, messages: len(prompt_token_ids(tokenizer, prompt, messages))
+        approx_token_count
+        if tokenizer is None
+        else lambda prompt, messages: len(prompt_token_ids(tokenizer, prompt, messages, template_kwargs))
     )
     return count_pending(pending_requests(request_set, answered), job.sampling, count), tokenizer is not None
 

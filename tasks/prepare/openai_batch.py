@@ -110,6 +110,8 @@ def line_request(url: str, body: dict) -> tuple[str | None, list | None, dict]:
             if "response_format" in body:
                 raise LineError("body.structured_outputs", "set response_format or structured_outputs, not both")
             overrides["structured"] = vllm_structured_output(value)
+        elif field == "chat_template_kwargs" and chat:  # vLLM's extension of chat requests
+            overrides[field] = value
         elif settable_sampling_field(field):
             overrides.setdefault("extra", {})[field] = value
         else:

@@ -36,6 +36,15 @@ class StageClock:
         finally:
             self.seconds[stage] = round(time.perf_counter() - started, 3)
 
+    @contextmanager
+    def adding(self, stage: str) -> Iterator[None]:
+        """A stage that comes in pieces (each finished shard's scoring): its seconds add up."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
+
     def total(self) -> float:
         return time.perf_counter() - self.started
 
@@ -49,7 +58,7 @@ class RunSummary(RunCounts):
     model: str
     engine: str
     model_fingerprint: str
-    stage_seconds: dict[str, float]  # prepare, shard, infer (of which engine_start, generate), score, commit
+    stage_seconds: dict[str, float]  # prepare, shard, infer (of which engine_start, generate, score, commit_shards), commit
     duckdb_path: str
 
 

@@ -175,12 +175,7 @@ def judge_scorer(
     """
     judge = JudgeConfig(model=model, kind="absolute", verdict=verdict, rubric=rubric, sampling=sampling)
     judge_sampling = judge.judge_sampling()
-    version = (
-        "2+"
-        + content_hash(
-            {"rubric": judge.rubric_hash(), "model": model_fingerprint(judge.model), "sampling": sampling_hash(judge_sampling)}
-        )[:8]
-    )
+    version = judge_version(judge, model_fingerprint(judge.model))
 
     def score(rows: list[dict]) -> list[Score]:
         if not rows:
@@ -201,9 +196,21 @@ def judge_scorer(
     return Scorer(name, version, score, "higher")
 
 
+def judge_version(judge: JudgeConfig, fingerprint: str) -> str:
+    """The absolute judge's scorer version: its rubric, model and sampling. The `judge` scorer and an
+    absolute `judge_runs` of the same judge write their scores under the same version."""
+    sampling = sampling_hash(judge.judge_sampling())
+    return "2+" + content_hash({"rubric": judge.rubric_hash(), "model": fingerprint, "sampling": sampling})[:8]
+
+
 def judge_score(answer: dict, verdict: VerdictFormat) -> Score:
     """An absolute judge's answer as a score: (1-10, its reason), or no value and why."""
     if answer["error_code"] is not None:
-        return None, f"judge_error: {answer['error_code']}"
+        return None, judge_error(answer["error_code"])
     parsed = parse_verdict(answer["text"], "absolute", verdict)
     return (float(parsed[0]), parsed[1]) if parsed else (None, UNPARSEABLE)
+
+
+def judge_error(code: str) -> str:
+    """A score's label when the judge gave no verdict: its answer did not parse, or its request failed."""
+    return code if code == UNPARSEABLE else f"judge_error: {code}"

@@ -21,7 +21,7 @@ from tasks import storage
 from tasks.config import DatasetSpec, SpecError, ValidationConfig
 from tasks.keys import content_hash, sampling_hash
 from tasks.scoring.compare import sign_test_p_value, wilson_interval
-from tasks.scoring.judge import UNPARSEABLE, JudgeConfig, JudgeKind, parse_verdict, user_prompt
+from tasks.scoring.judge import UNPARSEABLE, JudgeConfig, JudgeKind, judge_error, parse_verdict, user_prompt
 
 # Which answer a judge request showed first (pairwise: "ab" shows run a's answer as A) or graded (absolute).
 Position = Literal["ab", "ba", "a", "b"]
@@ -55,6 +55,20 @@ VERDICT_SCHEMA = pa.schema(
         ("score", pa.float64()),  # absolute: 1-10
         ("reason", pa.string()),
         ("error", pa.string()),  # the judge request's error code, `unparseable` or `rejected`; null with a verdict
+    ]
+)
+
+
+# An absolute judge's grades as rows of `scores` (pairwise verdicts are about two answers: no score of either).
+JUDGE_SCORE_SCHEMA = pa.schema(
+    [
+        ("output_id", pa.string()),
+        ("scorer", pa.string()),
+        ("scorer_version", pa.string()),
+        ("value", pa.float64()),
+        ("label", pa.string()),
+        ("run_id", pa.string()),
+        ("direction", pa.string()),
     ]
 )
 
@@ -249,3 +263,23 @@ def judgement_record(
         "rubric_hash": judge.rubric_hash(),
         **summarize_judgement(verdicts.to_pylist(), judge.kind, paired=runs.against != "none"),
     }
+
+
+def verdict_scores(verdicts: pa.Table, runs: JudgedRuns, scorer_version: str) -> pa.Table:
+    """An absolute judgement's grades as score rows of the answers graded (scorer `judge`, higher is better),
+    as the `judge` scorer writes them: the reason as the label, or, with no grade, why."""
+    rows = []
+    for row in verdicts.to_pylist():
+        graded_b = row["position"] == "b"
+        rows.append(
+            {
+                "output_id": row["output_id_b"] if graded_b else row["output_id_a"],
+                "scorer": "judge",
+                "scorer_version": scorer_version,
+                "value": row["score"],
+                "label": row["reason"] if row["error"] is None else judge_error(row["error"]),
+                "run_id": runs.run_b if graded_b else runs.run_a,
+                "direction": "higher",
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=JUDGE_SCORE_SCHEMA)

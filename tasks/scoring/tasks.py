@@ -16,7 +16,7 @@ from tasks.inference.job import ShardOutput
 from tasks.prepare.requests import RequestSet
 from tasks.report.summary import RunSummary
 from tasks.scoring.compare import BootstrapConfig, difference_record
-from tasks.scoring.judge import JudgeConfig
+from tasks.scoring.judge import JudgeConfig, judge_version
 from tasks.scoring.judgement import (
     JudgedRuns,
     JudgeRequests,
@@ -24,6 +24,7 @@ from tasks.scoring.judgement import (
     judge_requests,
     judgement_id,
     judgement_record,
+    verdict_scores,
     verdict_table,
 )
 from tasks.scoring.registry import resolve_scorers, score_outputs, scorers_version, with_directions
@@ -128,12 +129,20 @@ def write_judge_requests(runs: JudgedRuns, judge: JudgeConfig, store: StoreConfi
 @task(name="write-verdicts")
 def write_verdicts(
     requests: JudgeRequests, judged: RunSummary, judge: JudgeConfig, store: StoreConfig
-) -> tuple[JudgementRow, str]:
-    """The judge run's answers read as verdicts (a Parquet file), and the judgement they add up to."""
+) -> tuple[JudgementRow, str, list[str]]:
+    """The judge run's answers read as verdicts (a Parquet file), the judgement they add up to, and an
+    absolute judge's grades as score rows of the graded answers (a file; none for pairwise)."""
     key = judgement_id(requests.runs, judge, judged.dataset_version, judged.model_fingerprint)
     with reading(store.duckdb_path, store.lock_timeout_seconds) as con:
         answers = run_answers(con, judged.run_id)
     verdicts = verdict_table(key, storage.read_parquet(requests.path), answers, judge)
     path = storage.join(store.storage, "judge", "verdicts", f"{key}.parquet")
     storage.write_parquet(verdicts, path)
-    return JudgementRow(**judgement_record(key, requests.runs, judge, judged.run_id, judged.model_fingerprint, verdicts)), path
+    score_paths = []
+    if judge.kind == "absolute":
+        score_paths.append(storage.join(store.storage, "judge", "scores", f"{key}.parquet"))
+        storage.write_parquet(
+            verdict_scores(verdicts, requests.runs, judge_version(judge, judged.model_fingerprint)), score_paths[0]
+        )
+    judgement = judgement_record(key, requests.runs, judge, judged.run_id, judged.model_fingerprint, verdicts)
+    return JudgementRow(**judgement), path, score_paths

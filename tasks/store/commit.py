@@ -5,7 +5,8 @@ Every insert ignores rows that are already there, so committing the same shard (
 twice changes nothing, and a failure anywhere rolls that commit back. A shard's commit is one short
 transaction, so readers wait for it at most that long. The one row a commit replaces is a transient
 error (a timeout, a 429 or 5xx after the retries): a later run asked again, and its answer takes the
-error's place (and its scores' place).
+error's place (and its scores' place). A judgement replaces its own rows, and an absolute judge its
+grades of the same answers.
 """
 
 from __future__ import annotations
@@ -238,10 +239,33 @@ def record_differences(con: duckdb.DuckDBPyConnection, rows: list[ComparisonDiff
         insert_rows(con, "comparison_differences", rows)
 
 
-def record_judgement(con: duckdb.DuckDBPyConnection, judgement: JudgementRow, verdict_paths: list[str]) -> None:
-    """A judgement and its verdict rows, in place of what the same judgement left before (one transaction)."""
+def record_judgement(
+    con: duckdb.DuckDBPyConnection, judgement: JudgementRow, verdict_paths: list[str], score_paths: list[str]
+) -> None:
+    """A judgement and its verdict rows, in place of what the same judgement left before; and an absolute
+    judge's grades as scores, in place of the same judge's earlier scores of those answers (one transaction)."""
     with transaction(con), parquet_files(con, "verdict_files", verdict_paths):
         con.execute("DELETE FROM judge_verdicts WHERE judgement_id = ?", [judgement.judgement_id])
         con.execute("DELETE FROM judgements WHERE judgement_id = ?", [judgement.judgement_id])
         insert_rows(con, "judgements", [judgement])
         con.execute("INSERT INTO judge_verdicts BY NAME SELECT * FROM verdict_files")
+        if score_paths:
+            replace_scores(con, score_paths)
+
+
+def replace_scores(con: duckdb.DuckDBPyConnection, paths: list[str]) -> None:
+    """Score rows that name their output (a judge's grades): the judge's latest word on an answer stands,
+    so a grade that was missing (its request failed) is not kept over the one that came later."""
+    with parquet_files(con, "graded_files", paths):
+        con.execute(
+            """
+            DELETE FROM scores USING graded_files g
+            WHERE scores.output_id = g.output_id AND scores.scorer = g.scorer AND scores.scorer_version = g.scorer_version
+            """
+        )
+        con.execute(
+            """
+            INSERT INTO scores BY NAME
+            SELECT * FROM graded_files QUALIFY row_number() OVER (PARTITION BY output_id, scorer, scorer_version) = 1
+            """
+        )

@@ -102,7 +102,7 @@ def read_comparison(comparison_id: str, store: StoreConfig) -> tuple[list[dict],
 
 
 @task(name="commit-judgement")
-def commit_judgement(judgement: JudgementRow, verdict_paths: list[str], store: StoreConfig) -> None:
-    """A judgement and its verdicts, in place of the same judgement's earlier rows."""
+def commit_judgement(judgement: JudgementRow, verdict_paths: list[str], score_paths: list[str], store: StoreConfig) -> None:
+    """A judgement and its verdicts (and an absolute judge's scores), in place of the same judgement's earlier rows."""
     with writing(store.duckdb_path, store.lock_timeout_seconds) as con:
-        record_judgement(con, judgement, verdict_paths)
+        record_judgement(con, judgement, verdict_paths, score_paths)

@@ -75,6 +75,10 @@ def test_flow_writes_one_output_per_unique_request_and_a_rerun_is_fully_cached(
         (name, distinct)
         for name in sorted(["completion_chars", "completion_tokens", "empty_output", "finish_reason", "refusal", "valid_json"])
     ]
+    # where the time went: each shard's scoring and commit add up, within the inference stage
+    stages = json.loads(query(store, "SELECT stage_seconds FROM runs")[0][0])
+    assert 0 < stages["score"] + stages["commit_shards"] < stages["infer"]
+    assert (stages["score"], stages["commit_shards"]) == (first.stage_seconds["score"], first.stage_seconds["commit_shards"])
 
     before = snapshot(store.duckdb_path)
     sent_before = engine_module.get_engine(tiny_model).requests_sent

@@ -15,7 +15,7 @@ from flows.batch_inference import batch_inference
 from flows.judge_runs import judge_runs
 from tasks.config import SamplingConfig
 from tasks.scoring.compare import sign_test_p_value, wilson_interval
-from tasks.scoring.judge import JudgeConfig
+from tasks.scoring.judge import JudgeConfig, judge_scorer
 
 ROOT = Path(__file__).resolve().parents[2]
 JUDGEMENT_NUMBERS = ("pairs", "a_wins", "b_wins", "ties", "inconsistent", "position_bias", "first_position_rate")
@@ -146,6 +146,26 @@ def test_judges_over_stored_runs_in_both_orders_with_verdicts_that_parse_and_num
     )
     assert absolute.mean_score_a == pytest.approx(sum(s["a"] for s in scores.values()) / 11)
     assert absolute.position_bias is None
+    # each grade is a score of the answer graded, under the `judge` scorer's own version for this judge, so
+    # what reads scores sees it: run_scores (run_summary), the compare_runs macro, a review's `scorer: judge`
+    version = judge_scorer(tiny_model).version
+    graded_scores = query(
+        store, "SELECT output_id, run_id, value, label, direction, scorer_version FROM scores WHERE scorer = 'judge'"
+    )
+    run_of = {"a": runs["greedy"], "b": runs["sampled"]}
+    assert sorted(graded_scores) == sorted(
+        (row["output_id_" + row["position"]], run_of[row["position"]], row["score"], None, "higher", version) for row in graded
+    )
+    means = dict(query(store, "SELECT run_id, mean FROM run_scores WHERE scorer = 'judge'"))
+    assert means == pytest.approx({runs["greedy"]: absolute.mean_score_a, runs["sampled"]: absolute.mean_score_b})
+    assert query(
+        store, "SELECT pairs, mean_a, mean_b FROM compare_runs(?, ?) WHERE scorer = 'judge'", [runs["greedy"], runs["sampled"]]
+    ) == [(11, pytest.approx(absolute.mean_score_a), pytest.approx(absolute.mean_score_b))]
+    # judged again: the same rows, not twice as many
+    judge_runs(run_a=runs["greedy"], run_b=runs["sampled"], judge=JudgeConfig(model=tiny_model, kind="absolute"), store=store)
+    assert sorted(query(store, "SELECT output_id, run_id, value, label, direction, scorer_version FROM scores")) == sorted(
+        graded_scores
+    )
 
     # the same pairwise judging again, from the command line: nothing is sent, the judgement is the same
     flags = ["--model", str(tiny_model_dir), "--max-model-len", "256", "--gpu-memory-utilization", "0.1"]

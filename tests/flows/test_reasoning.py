@@ -124,3 +124,76 @@ def test_answers_split_into_reasoning_and_text_and_the_rerun_asks_only_the_cut_o
     ]
     assert query(store, "SELECT run_id FROM latest_outputs WHERE custom_id = 'cut'") == [(rerun.run_id,)]
     assert rerun_cut_off(rerun.run_id, store) is None  # nothing of the rerun was cut off
+
+
+def test_chat_template_kwargs_change_the_prompt_the_engine_gets_and_the_parser_and_key_the_cache(
+    prefect_harness, thinking, tmp_path, store, query
+):
+    """enable_thinking: false closes the tiny model's prompt with an empty thinking (its template honours it,
+    as Qwen3's does), and deepseek_v3's parser, given it as vllm serve gives it, then splits nothing off."""
+    model, tokenizer = thinking
+    model = model.model_copy(update={"reasoning_parser": "deepseek_v3"})  # splits only when told thinking is on
+    think, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    questions = {"a": "Why is the sky blue?", "b": "Name a fruit."}
+    pq.write_table(pa.table({"id": list(questions), "prompt": list(questions.values())}), tmp_path / "questions.parquet")
+    spec = DatasetSpec(name="switch", source=str(tmp_path / "questions.parquet"), id_column="id", prompt_column="prompt")
+    base = SamplingConfig(
+        max_tokens=24, prompt_logprobs=0, logit_bias={think: 5, end: 5}, structured=StructuredOutput(regex=SHAPE)
+    )
+    runs = {
+        switch: batch_inference(
+            dataset=spec,
+            model=model,
+            sampling=base.model_copy(update={"chat_template_kwargs": {"enable_thinking": switch}}),
+            store=store,
+        )
+        for switch in (True, False)
+    }
+
+    # two values, two cache keys: the second run answered nothing from the first
+    assert [(runs[s].engine_requests, runs[s].errors) for s in (True, False)] == [(2, 0), (2, 0)]
+    hashes = query(store, "SELECT sampling_hash FROM runs WHERE run_id IN (?, ?)", [runs[True].run_id, runs[False].run_id])
+    assert len({h for (h,) in hashes}) == 2
+
+    # the prompt the engine received, token by token (its prompt_logprobs name each prompt token)
+    stored = {
+        (switch, custom_id): (ids, reasoning, text)
+        for switch in (True, False)
+        for custom_id, ids, reasoning, text in query(
+            store,
+            "SELECT ro.custom_id, [t.token_id FOR t IN o.prompt_logprobs], ro.reasoning, ro.text "
+            "FROM run_outputs ro JOIN outputs o USING (output_id) WHERE ro.run_id = ?",
+            [runs[switch].run_id],
+        )
+    }
+    for custom_id, question in questions.items():
+        messages = [{"role": "user", "content": question}]
+        on, off = stored[(True, custom_id)][0], stored[(False, custom_id)][0]
+        assert on == tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert off == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False, enable_thinking=False
+        )
+        assert off[: len(on)] == on and tokenizer.decode(off[len(on) :]) == "<think>\n\n</think>\n\n"
+        # the parser split the thinking off only where the request said thinking is on
+        _, reasoning, text = stored[(True, custom_id)]
+        assert re.fullmatch("[a-z ]{1,20}", reasoning) and re.fullmatch("[a-z ]{1,10}", text)
+        _, reasoning, text = stored[(False, custom_id)]
+        assert reasoning is None and re.fullmatch(SHAPE, text)
+
+    # the same value again: every answer from the cache
+    again = batch_inference(
+        dataset=spec,
+        model=model,
+        sampling=base.model_copy(update={"chat_template_kwargs": {"enable_thinking": False}}),
+        store=store,
+    )
+    assert (again.engine_requests, again.reused_requests) == (0, 2)
+
+
+def test_chat_template_kwargs_are_refused_where_no_template_reads_them():
+    from tasks.inference.job import check_sampling
+
+    with pytest.raises(ValueError, match="'add_generation_prompt' is set by the engine"):
+        SamplingConfig(chat_template_kwargs={"add_generation_prompt": False})
+    with pytest.raises(SpecError, match="mode 'completion' sends prompts as they are"):
+        check_sampling(ModelConfig(mode="completion"), SamplingConfig(chat_template_kwargs={"enable_thinking": False}))

@@ -41,6 +41,10 @@ def test_request_body_sends_only_what_is_set():
         "m", "x", None, SamplingConfig(structured=StructuredOutput(json_object=True), logit_bias={7: -100})
     )
     assert json_object["response_format"] == {"type": "json_object"} and json_object["logit_bias"] == {"7": -100.0}
+    no_thinking = SamplingConfig(chat_template_kwargs={"enable_thinking": False})
+    hi = json.dumps([{"role": "user", "content": "hi"}])
+    assert request_body("m", None, hi, no_thinking)["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in request_body("m", "x", None, no_thinking)  # a prompt goes through no template
 
 
 def test_vllms_own_sampling_fields_and_extra_go_in_the_body_as_extra_body_would_send_them():
@@ -97,8 +101,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model, tmp_path_factory):
-    """`vllm serve` of the tiny model with the same engine arguments as the in-process engine."""
+def vllm_server(tiny_model, tiny_thinking_model_dir, tmp_path_factory):
+    """`vllm serve` of the tiny model with the same engine arguments as the in-process engine, and the
+    tiny thinking model's chat template: the same prompts as the tiny model's own, unless a request's
+    chat_template_kwargs turn thinking off."""
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     command = [
@@ -128,6 +134,8 @@ def vllm_server(tiny_model, tmp_path_factory):
         "--uvicorn-log-level",
         "warning",
         "--no-enable-chunked-prefill",  # as the in-process engine on CPU (tasks/engines/vllm.py)
+        "--chat-template",
+        str(tiny_thinking_model_dir / "chat_template.jinja"),
     ]
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -265,6 +273,35 @@ def test_request_errors_become_error_rows_and_the_run_goes_on(vllm_server, api_k
             dataset=spec, model=openai_model(vllm_server, None), sampling=SamplingConfig(max_tokens=4), store=wrong_key
         )
     assert not Path(wrong_key.duckdb_path).exists()
+
+
+@pytest.mark.slow
+def test_chat_template_kwargs_reach_the_servers_chat_template(
+    vllm_server, api_key_secret, tiny_model_dir, tiny_thinking_model_dir, tmp_path, query
+):
+    from transformers import AutoTokenizer
+
+    questions = {"a": "Why is the sky blue?", "b": "Name a fruit."}
+    pq.write_table(pa.table({"id": list(questions), "prompt": list(questions.values())}), tmp_path / "q.parquet")
+    spec = DatasetSpec(name="switch", source=str(tmp_path / "q.parquet"), id_column="id", prompt_column="prompt")
+    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))
+    prompt_tokens = {}
+    for switch in (None, False):
+        sampling = SamplingConfig(max_tokens=2, chat_template_kwargs=None if switch is None else {"enable_thinking": switch})
+        run = batch_inference(dataset=spec, model=openai_model(vllm_server, api_key_secret), sampling=sampling, store=store)
+        assert (run.errors, run.engine_requests) == (0, 2)  # each setting its own key: nothing answered from the other
+        found = query(store, "SELECT custom_id, prompt_tokens FROM run_outputs WHERE run_id = ?", [run.run_id])
+        prompt_tokens[switch] = dict(found)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    thinking = (tiny_thinking_model_dir / "chat_template.jinja").read_text()
+    for custom_id, question in questions.items():
+        messages = [{"role": "user", "content": question}]
+        own = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        off = tokenizer.apply_chat_template(
+            messages, chat_template=thinking, add_generation_prompt=True, return_dict=False, enable_thinking=False
+        )
+        assert len(off) > len(own)
+        assert (prompt_tokens[None][custom_id], prompt_tokens[False][custom_id]) == (len(own), len(off))
 
 
 def test_a_servers_logprobs_become_token_logprobs_chat_completions_and_prompt():

@@ -66,6 +66,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required"
         ({"structured_outputs": {"regex": "[a-z]+"}}, {"structured": {"regex": "[a-z]+"}}),
         ({"structured_outputs": {"json": SCHEMA}}, {"structured": {"json_schema": SCHEMA}}),
         ({"include_stop_str_in_output": True}, {"extra": {"include_stop_str_in_output": True}}),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, {"chat_template_kwargs": {"enable_thinking": False}}),
         ({"user": "someone", "metadata": {"team": "a"}}, None),
     ],
 )  # fmt: skip
@@ -147,6 +148,9 @@ def test_completion_lines_send_their_prompt_as_it_is_with_their_overrides(tmp_pa
         (CHAT, {"messages": HI, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
          "body.structured_outputs", "not both"),
         (CHAT, {"messages": HI, "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "keep no prompt token"),
+        (CHAT, {"messages": HI, "chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs", "set by the engine"),
+        (COMPLETIONS, {"prompt": "x", "chat_template_kwargs": {"enable_thinking": False}}, "body.chat_template_kwargs",
+         "field 'chat_template_kwargs' is not supported on /v1/completions"),
     ],
 )  # fmt: skip
 def test_each_unsupported_field_is_a_rejected_row_naming_the_line_and_field(tmp_path, url, body, field, reason):
