@@ -16,13 +16,14 @@ from tasks.engines.base import EngineRestarted
 
 @dataclass(frozen=True)
 class EngineCounts:
-    """What the process's engine has finished so far, and how many requests it holds now."""
+    """What the process's engine has finished so far, how many requests it holds now, and whether it is being built."""
 
     answered: int = 0
     failed: int = 0  # requests vLLM rejected on their own, and those that never reached it (prompt too long)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     running: int = 0
+    starting: bool = False  # loading or restarting: no Prefect calls meanwhile (see Progress in tasks/inference/tasks.py)
 
 
 class RequestCounters:
@@ -35,8 +36,8 @@ class RequestCounters:
     def __init__(self) -> None:
         self.answered = self.failed = self.prompt_tokens = self.generated_tokens = 0
 
-    def read(self, running: int = 0) -> EngineCounts:
-        return EngineCounts(self.answered, self.failed, self.prompt_tokens, self.generated_tokens, running)
+    def read(self, running: int = 0, starting: bool = False) -> EngineCounts:
+        return EngineCounts(self.answered, self.failed, self.prompt_tokens, self.generated_tokens, running, starting)
 
 
 # The process's counters: every engine loop of the process (a restarted or replaced engine's too) adds to them.

@@ -439,9 +439,11 @@ def engine_status() -> EngineStatus:
 
 
 def engine_counts() -> EngineCounts:
-    """What the process's engine has finished so far (every run of the process), and how many requests it holds now."""
+    """What the process's engine has finished so far (every run of the process), how many requests it holds now,
+    and whether it is being built."""
     engine = _engine
-    return request_counters.read(running=len(engine.loop.owner) if engine is not None else 0)
+    running = len(engine.loop.owner) if engine is not None else 0
+    return request_counters.read(running, starting=_status.state in ("loading", "restarting"))
 
 
 def get_engine(config: ModelConfig, storage: str | None = None) -> VllmEngine:

@@ -142,9 +142,13 @@ class Progress:
 
     A thread of its own draws the terminal every `tick_seconds`; it touches neither Prefect nor
     logging. The artifact is updated from the flow's thread (`refresh_artifact`, called as it waits for
-    shards): Prefect's first call from another thread builds its event worker, which takes logging's
-    lock, while vLLM, loading its engine in a shard's thread, holds that lock and flushes Prefect's
-    log handler — a deadlock."""
+    shards), and not while this process's engine is being built: vLLM's first start applies its
+    logging config, and dictConfig holds logging's lock while it flushes every handler. Flushing
+    Prefect's API log handler drains all of Prefect's services, its event worker too, under
+    Prefect's service lock, and waits (5 s a handler) for them to close, which needs logging's lock.
+    An artifact update then emits an event, builds a new event worker under the service lock and
+    asks logging's lock for its logger: each thread holds what the other waits for, and the
+    process hangs (a worker group's run never finished a shard)."""
 
     def __init__(
         self,
@@ -182,7 +186,7 @@ class Progress:
     def refresh_artifact(self, snapshot: ProgressSnapshot | None = None) -> None:
         """Move the artifact, at most every artifact_seconds unless given the final snapshot (the flow's thread only)."""
         now = time.monotonic()
-        if snapshot is None and now - self.shown_artifact < self.artifact_seconds:
+        if snapshot is None and now - self.shown_artifact < self.artifact_seconds or self.run.engine_starting():
             return
         self.shown_artifact = now
         snapshot = snapshot or self.run.snapshot()

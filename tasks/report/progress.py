@@ -137,6 +137,10 @@ class RunProgress:
         # what was last shown: a count never goes back
         self.shown = {"done": 0, "failed": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
+    def engine_starting(self) -> bool:
+        """Whether the process's engine is being built now (never, when the engine is elsewhere)."""
+        return self.live().starting
+
     def shard_finished(self, output: ShardOutput, cached: bool) -> None:
         with self.lock:
             self.shards_finished += 1
