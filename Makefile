@@ -11,8 +11,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 install: $(VENV)/.installed system-packages
 
 # Debian packages the tests use: strace (a test checks each published file is fsynced before its rename),
-# chromium (a headless browser loads the dashboard page of `vbf serve`).
-SYSTEM_PACKAGES := strace chromium
+# chromium (a headless browser loads the dashboard page of `vbf serve`), prometheus (a real server
+# scrapes a running flow's metrics).
+SYSTEM_PACKAGES := strace chromium prometheus
 system-packages:
 	@for tool in $(SYSTEM_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi

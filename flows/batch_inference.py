@@ -20,6 +20,7 @@ from tasks.config import (
     SAMPLE_DATASET,
     TINY_CPU_MODEL,
     DatasetSpec,
+    MetricsConfig,
     ModelConfig,
     RerunConfig,
     SamplingConfig,
@@ -33,6 +34,8 @@ from tasks.inference.job import InferenceJob, ShardOutput, check_sampling
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
 from tasks.prepare.tasks import check_rejected_share, remove_work_files, write_requests, write_shards
+from tasks.report.metrics import serving_metrics
+from tasks.report.progress import RunProgress, live_counts
 from tasks.report.summary import (
     RunSummary,
     StageClock,
@@ -64,11 +67,13 @@ def batch_inference(
     dispatch: Dispatch = "local",
     n_workers: int = 2,
     workers: WorkersConfig = WorkersConfig(),
+    metrics: MetricsConfig = MetricsConfig(),
     dry_run: bool = False,
     rerun: RerunConfig | None = None,
 ) -> RunSummary | RunEstimate:
     """`model` and `store` take the configuration or the name of a saved block. dispatch="workers"
     runs the shards in n_workers groups on the shard-worker deployment (see flows/generate_shards.py).
+    `metrics.port` serves the run's Prometheus metrics while it goes (docs/monitoring.md).
     dry_run: only price the job (flows/estimate_run.py), from earlier runs' rate; nothing runs.
     rerun: ask only the requests whose answer in that earlier run was cut off (flows/rerun_cut_off.py)."""
     if dry_run:
@@ -108,9 +113,16 @@ def batch_inference(
     )
     commit_run_start(running, dataset_version_row(dataset, request_set), input_files(request_set), store)
     commit = partial(score_and_commit_shard, run=running, request_set=request_set, scorers=scorers, store=store, clock=clock)
-    with marked_if_stopped(run_id, store), clock("infer"):
+    engine_here = dispatch == "local" and model.engine == "vllm"  # the engine runs in this process: counted per request
+    progress = RunProgress(request_set.unique_requests, len(plan.shards), plan.reused_requests, live_counts(engine_here))
+    labels = {"dataset": dataset.name, "model": model.model, "engine": model.engine}
+    with (
+        marked_if_stopped(run_id, store),
+        clock("infer"),
+        serving_metrics(metrics, run_id, progress, labels, engine_here),
+    ):
         description = f"{len(plan.shards)} shards of {dataset.name} on {model.model}"
-        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit)
+        outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit, progress)
     summary = summarize_run(
         run_id, dataset.name, job, request_set, outputs, cached, clock, store.duckdb_path, plan.reused_requests
     )

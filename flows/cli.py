@@ -85,6 +85,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
 
 
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("monitoring")
+    group.add_argument(
+        "--metrics-port", type=int, help="serve the run's Prometheus metrics on this port while it goes (see docs/monitoring.md)"
+    )
+    group.add_argument("--metrics-host", help="the address to serve them on (default: 127.0.0.1; 0.0.0.0 for another machine)")
+
+
 def parser() -> argparse.ArgumentParser:
     from flows import commands
     from tasks.config import ShardingConfig, StoreConfig
@@ -130,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     dry.add_argument("--sample", type=int, default=0, help="with --dry-run: measure the rate and output length on N requests")
     dry.add_argument("--price-per-gpu-hour", type=float, help="with --dry-run: the cost of engine time")
     dry.add_argument("--price-per-million-tokens", type=float, help="with --dry-run: the cost of prompt + output tokens")
+    add_metrics_options(run_parser)
 
     batch_parser = command(
         subparsers,
@@ -147,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_options(batch_parser)
     batch_parser.add_argument("--shard-size", type=int, help="most unique requests per inference task")
     batch_parser.add_argument("--on-stop", choices=["finish", "abort"], help="on Ctrl-C or SIGTERM (see vbf run)")
+    add_metrics_options(batch_parser)
     batch_parser.set_defaults(scorer=None)
 
     export_parser = command(

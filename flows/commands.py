@@ -20,6 +20,7 @@ from tasks.config import (
     SAMPLE_DATASET,
     TINY_CPU_MODEL,
     DatasetSpec,
+    MetricsConfig,
     ModelConfig,
     SampleSelection,
     SamplingConfig,
@@ -178,6 +179,11 @@ def sharding_of(args: argparse.Namespace) -> ShardingConfig:
     return ShardingConfig(**{name: value for name, value in chosen.items() if value})
 
 
+def metrics_of(args: argparse.Namespace) -> MetricsConfig:
+    chosen = {"port": args.metrics_port, "host": args.metrics_host}
+    return MetricsConfig(**{name: value for name, value in chosen.items() if value is not None})
+
+
 def run(args: argparse.Namespace) -> None:
     dataset, model, sampling, store = dataset_of(args), model_of(args), sampling_of(args), store_of(args)
     if args.dry_run:
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
         if args.summary_json:
             Path(args.summary_json).write_text(estimate.model_dump_json(indent=2))
         return
-    summary = run_flow(dataset, model, sampling, sharding_of(args), store, args.scorer, args.verbose)
+    summary = run_flow(dataset, model, sampling, sharding_of(args), store, args.scorer, args.verbose, metrics_of(args))
     if args.summary_json:
         Path(args.summary_json).write_text(summary.model_dump_json(indent=2))
 
@@ -204,6 +210,7 @@ def run_flow(
     store: StoreConfig,
     scorers: list[str] | None,
     verbose: bool,
+    metrics: MetricsConfig | None = None,
 ):
     """batch_inference, its engine loading while Prefect starts; prints the summary and returns it."""
     quiet_console(store, verbose)
@@ -224,6 +231,7 @@ def run_flow(
             sharding=sharding,
             store=store,
             scorers=scorers or DEFAULT_SCORERS,
+            metrics=metrics or MetricsConfig(),
         )
     except TerminationSignal as stop:  # SIGTERM, as Ctrl-C: the flow has committed what finished
         raise RunStopped(f"stopped by signal {stop.signal}") from stop
@@ -251,6 +259,7 @@ def run_batch(args: argparse.Namespace) -> None:
         store,
         None,
         args.verbose,
+        metrics_of(args),
     )
     files = write_batch_result(store, summary.run_id, args.output_file, args.error_file)
     where = f"{args.output_file}" + (f", {files.error_lines} → {args.error_file}" if args.error_file else "")

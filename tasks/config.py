@@ -582,6 +582,23 @@ class PricingConfig(BaseModel):
     per_million_tokens: float | None = Field(None, ge=0)
 
 
+class MetricsConfig(BaseModel):
+    """Prometheus metrics of a run, served over HTTP by the process that runs it (off unless a port is set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics on this port while the run goes (0: any free port); unset: off."
+    )
+    host: str = Field("127.0.0.1", description="The address to listen on; 0.0.0.0 for a Prometheus on another machine.")
+    final_scrape_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="After the run, keep serving until a scrape has read its final counts, at most this long "
+        "(only when something scraped during the run).",
+    )
+
+
 def openai_batch_dataset(path: str, name: str) -> DatasetSpec:
     """An OpenAI batch file as a dataset: every line gets an answer or an error line, however many are rejected."""
     return DatasetSpec(name=name, source=path, format="openai_batch", validation=ValidationConfig(max_rejected_share=1.0))

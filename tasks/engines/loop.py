@@ -14,6 +14,36 @@ from tasks.config import SamplingConfig, SpecError
 from tasks.engines.base import EngineRestarted
 
 
+@dataclass(frozen=True)
+class EngineCounts:
+    """What the process's engine has finished so far, how many requests it holds now, and whether it is being built."""
+
+    answered: int = 0
+    failed: int = 0  # requests vLLM rejected on their own, and those that never reached it (prompt too long)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    running: int = 0
+    starting: bool = False  # loading or restarting: no Prefect calls meanwhile (see Progress in tasks/inference/tasks.py)
+
+
+class RequestCounters:
+    """Requests the process's engine finished, and their tokens, for progress and metrics.
+
+    Plain integers added to by the loop thread alone, per finished request: no lock, so counting
+    costs the loop nothing it would wait on. Readers take a copy every second or so and may be a
+    request behind."""
+
+    def __init__(self) -> None:
+        self.answered = self.failed = self.prompt_tokens = self.generated_tokens = 0
+
+    def read(self, running: int = 0, starting: bool = False) -> EngineCounts:
+        return EngineCounts(self.answered, self.failed, self.prompt_tokens, self.generated_tokens, running, starting)
+
+
+# The process's counters: every engine loop of the process (a restarted or replaced engine's too) adds to them.
+request_counters = RequestCounters()
+
+
 @dataclass
 class PendingRequest:
     request_key: str
@@ -195,6 +225,12 @@ class EngineLoop:
     def settle(self, submission: Submission, index: int, outcome) -> None:
         submission.settle(index, outcome)
         self.settled += 1
+        if isinstance(outcome, BaseException):
+            request_counters.failed += 1
+        else:
+            request_counters.answered += 1
+            request_counters.prompt_tokens += len(submission.pending[index].token_ids)
+            request_counters.generated_tokens += sum(len(completion.token_ids) for completion in outcome.outputs)
         self.release(1)
         if submission.done.is_set():
             self.unfinished.remove(submission)

@@ -8,7 +8,11 @@ and the storage is shared: whoever can write there would run code in every proce
 
 from __future__ import annotations
 
+import logging
+import math
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +51,10 @@ from tasks.inference.journal import ShardJournal, generate_in_parts
 from tasks.inference.rerun import RerunPlan, rerun_plan
 from tasks.prepare.requests import RequestSet, pending_requests
 from tasks.prepare.shard import Shard
+from tasks.report.progress import ProgressSnapshot, RunProgress, format_line, live_counts
 from tasks.store.queries import answered_keys, generation_rate, rerun_source
+
+logger = logging.getLogger(__name__)
 
 Dispatch = Literal["local", "workers"]
 
@@ -129,27 +136,84 @@ def ignore_shard(_output: ShardOutput, _cached: bool) -> None:
 
 
 class Progress:
-    """Progress in the UI (an artifact) and the terminal (a bar)."""
+    """A run's progress by the request, shown while it goes: a bar with tokens/s and ETA on a terminal,
+    a plain line every `line_seconds` when stderr is no terminal (piped, a log file), and the flow
+    run's progress artifact at most every `artifact_seconds` (each update is a call to Prefect's API).
 
-    def __init__(self, total: int, description: str, unit: str):
-        self.total, self.done = total, 0
-        self.artifact = create_progress_artifact(0.0 if total else 100.0, key="batch-inference-progress", description=description)
-        self.bar = tqdm(total=total, desc=f"{unit}s", unit=unit, disable=None)
+    A thread of its own draws the terminal every `tick_seconds`; it touches neither Prefect nor
+    logging. The artifact is updated from the flow's thread (`refresh_artifact`, called as it waits for
+    shards), and not while this process's engine is being built: vLLM's first start applies its
+    logging config, and dictConfig holds logging's lock while it flushes every handler. Flushing
+    Prefect's API log handler drains all of Prefect's services, its event worker too, under
+    Prefect's service lock, and waits (5 s a handler) for them to close, which needs logging's lock.
+    An artifact update then emits an event, builds a new event worker under the service lock and
+    asks logging's lock for its logger: each thread holds what the other waits for, and the
+    process hangs (a worker group's run never finished a shard)."""
 
-    def advance(self) -> None:
-        self.done += 1
-        update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
-        self.bar.update()
+    def __init__(
+        self,
+        run: RunProgress,
+        description: str,
+        tick_seconds: float = 1.0,
+        line_seconds: float = 5.0,
+        artifact_seconds: float = 3.0,
+    ):
+        self.run, self.tick_seconds, self.line_seconds, self.artifact_seconds = run, tick_seconds, line_seconds, artifact_seconds
+        self.artifact = create_progress_artifact(
+            0.0 if run.total else 100.0, key="batch-inference-progress", description=description
+        )
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=run.total, desc="requests", unit="req", disable=not self.terminal, dynamic_ncols=True)
+        self.shown_line = self.shown_artifact = -math.inf
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.tick, name="progress", daemon=True)
+        self.thread.start()
+
+    def tick(self) -> None:
+        while not self.stopped.wait(self.tick_seconds):
+            self.show(self.run.snapshot(), final=False)
+
+    def show(self, snapshot: ProgressSnapshot, final: bool) -> None:
+        now = time.monotonic()
+        if self.terminal:
+            self.bar.n = snapshot.finished
+            self.bar.set_postfix_str(format_line(snapshot).split(" · ", 1)[1])  # the bar shows the count itself
+        elif final or now - self.shown_line >= self.line_seconds:
+            sys.stderr.write(format_line(snapshot) + "\n")  # not print: a flow's print is a Prefect log record
+            sys.stderr.flush()
+            self.shown_line = now
+
+    def refresh_artifact(self, snapshot: ProgressSnapshot | None = None) -> None:
+        """Move the artifact, at most every artifact_seconds unless given the final snapshot (the flow's thread only)."""
+        now = time.monotonic()
+        if snapshot is None and now - self.shown_artifact < self.artifact_seconds or self.run.engine_starting():
+            return
+        self.shown_artifact = now
+        snapshot = snapshot or self.run.snapshot()
+        try:
+            update_progress_artifact(self.artifact, 100.0 * snapshot.finished / snapshot.total if snapshot.total else 100.0)
+        except Exception as error:  # the UI's progress is not worth failing a run for
+            logger.warning("could not update the progress artifact: %s", error)
 
     def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        final = self.run.end()
+        self.show(final, final=True)
+        self.refresh_artifact(final)
         self.bar.close()
 
 
 def generate_here(
-    shards: list[Shard], job: InferenceJob, description: str, on_finished: ShardDone = ignore_shard
+    shards: list[Shard],
+    job: InferenceJob,
+    description: str,
+    on_finished: ShardDone = ignore_shard,
+    progress: RunProgress | None = None,
 ) -> tuple[list[ShardOutput], list[bool]]:
     """Every shard in this process, at most `shards_in_flight` at a time (the others wait unread); each
-    finished shard goes to on_finished at once. Returns every manifest, and whether it came from the cache.
+    finished shard goes to on_finished at once, and is counted in `progress` (by default, one of these
+    shards' requests). Returns every manifest, and whether it came from the cache.
 
     After a shard fails (all its retries spent) no new shard starts; the ones in flight finish first.
     """
@@ -159,7 +223,10 @@ def generate_here(
     finished: dict[str, tuple[ShardOutput, bool]] = {}
     failed: list[PrefectFuture] = []
     done: PrefectFuture | None = None  # a finished shard not yet handed on
-    progress = Progress(len(shards), description, unit="shard")
+    progress = progress or RunProgress(
+        sum(shard.requests for shard in shards), len(shards), live=live_counts(job.model.engine == "vllm")
+    )
+    display = Progress(progress, description)
     try:
         while waiting or running:
             while waiting and len(running) < job.sharding.shards_in_flight and not failed:
@@ -167,22 +234,24 @@ def generate_here(
                 running[generate.submit(shard, job)] = shard
             if not running:
                 break
-            done = next(as_completed(list(running)))
+            while not (finished_now := wait(list(running), timeout=display.artifact_seconds).done):
+                display.refresh_artifact()
+            done = next(iter(finished_now))
             done.wait()  # sets its final state here: the server may not have it yet
             del running[done]
-            progress.advance()
             if not done.state.is_completed():
                 failed.append(done)
                 continue
             output, cached = done.result(), done.state.name == "Cached"
             on_finished(output, cached)
+            progress.shard_finished(output, cached)
             finished[output.shard_key] = (output, cached)
             done = None
     except BaseException:  # Ctrl-C, SIGTERM, a cancel: admit no more; finish (or abort) what is in flight
         stop_shards([*running, *([done] if done is not None else [])], job, on_finished)
         raise
     finally:
-        progress.close()
+        display.close()
     for future in failed:
         future.result()  # raises its error
     return [finished[s.shard_key][0] for s in shards], [finished[s.shard_key][1] for s in shards]
@@ -226,9 +295,12 @@ def generate_on_workers(
     workers: WorkersConfig,
     description: str,
     on_finished: ShardDone = ignore_shard,
+    progress: RunProgress | None = None,
 ) -> tuple[list[ShardOutput], list[bool]]:
     """Dispatch the shards not yet in the cache in n_workers groups; while they run, hand each shard on
-    as its manifest appears; then read every manifest back."""
+    as its manifest appears (counted in `progress`: the engines are elsewhere, so by the shard); then
+    read every manifest back."""
+    progress = progress or RunProgress(sum(shard.requests for shard in shards), len(shards))
     manifests = [read_manifest(job, shard) for shard in shards]
     cached = [reusable(manifest) for manifest in manifests]
     groups = split_groups([shard for shard, hit in zip(shards, cached) if not hit], n_workers)
@@ -243,29 +315,31 @@ def generate_on_workers(
     for manifest, hit in zip(manifests, cached):
         if hit:
             on_finished(manifest, True)
+            progress.shard_finished(manifest, True)
     awaited = [shard for shard, hit in zip(shards, cached) if not hit]
     run_group = run_shard_group.with_options(retries=workers.group_retries, retry_delay_seconds=5)
     futures = [run_group.submit(i, group, job, workers) for i, group in enumerate(groups)]
-    progress = Progress(len(futures), description, unit="group")
+    display = Progress(progress, description)
     try:
         not_done = set(futures)
         while not_done or awaited:
             _, not_done = wait(list(not_done), timeout=workers.poll_seconds)
-            for _ in range(len(futures) - len(not_done) - progress.done):
-                progress.advance()
+            display.refresh_artifact()
             for shard in list(awaited):
                 if reusable(manifest := read_manifest(job, shard)):
                     on_finished(manifest, False)
+                    progress.shard_finished(manifest, False)
                     awaited.remove(shard)
             if not not_done:
                 break
     finally:
-        progress.close()
+        display.close()
     for future in futures:
         if not future.state.is_completed():
             future.result()  # raises the error of a group that failed all its attempts
     for shard in awaited:  # finished with transient errors: handed on now that its group is done
-        on_finished(read_back(job, shard), False)
+        on_finished(output := read_back(job, shard), False)
+        progress.shard_finished(output, False)
     return [read_back(job, shard) for shard in shards], cached
 
 
@@ -284,11 +358,13 @@ def generate_shards_of_run(
     workers: WorkersConfig,
     description: str,
     on_finished: ShardDone = ignore_shard,
+    progress: RunProgress | None = None,
 ) -> tuple[list[ShardOutput], list[bool]]:
-    """Every shard's manifest, and whether it came from the cache; each finished shard goes to on_finished."""
+    """Every shard's manifest, and whether it came from the cache; each finished shard goes to on_finished
+    and is counted in `progress`."""
     if dispatch == "workers":
-        return generate_on_workers(shards, job, n_workers, workers, description, on_finished)
-    return generate_here(shards, job, description, on_finished)
+        return generate_on_workers(shards, job, n_workers, workers, description, on_finished, progress)
+    return generate_here(shards, job, description, on_finished, progress)
 
 
 # ---------------------------------------------------------------- a dry run's measurements
