@@ -147,8 +147,10 @@ class BatchRunner:
         return 0
 
     def finalize(self, batch: dict, run: dict, ending: str) -> None:
-        """Write the output and error files from what the run committed, then end the batch."""
-        if batch["status"] != "finalizing":
+        """Write the output and error files from what the run committed, then end the batch. Only a completed
+        batch passes through `finalizing`, as OpenAI's do: a cancelled one goes from `cancelling` to
+        `cancelled`, and the other endings are idempotent steps a restarted runner takes again."""
+        if ending == "completed" and batch["status"] != "finalizing":
             run = {**run, "ending": ending}
             batch = moved(batch, "finalizing")
             self.save(batch, run)

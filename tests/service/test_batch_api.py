@@ -454,6 +454,7 @@ def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(server, stoppe
     done, _ = stopped_batches
     client = server.client()
     assert done.status == "cancelled" and done.cancelling_at <= done.cancelled_at
+    assert done.finalizing_at is None  # cancelling → cancelled, as OpenAI's: a poll never sees it finalizing
     output, errors = ended_files(client, done)
     answered = {line["custom_id"] for line in output}
     assert {line["custom_id"] for line in FIRST_LINES} <= answered and len(answered) < 3040
@@ -469,7 +470,7 @@ def test_a_cancelled_batch_keeps_what_finished_and_names_the_rest(server, stoppe
 def test_a_batch_past_its_window_expires_with_the_unanswered_lines_as_batch_expired(server, stopped_batches):
     _, done = stopped_batches
     client = server.client()
-    assert done.status == "expired" and done.expired_at >= done.expires_at
+    assert done.status == "expired" and done.expired_at >= done.expires_at and done.finalizing_at is None
     output, errors = ended_files(client, done)
     assert {line["custom_id"] for line in FIRST_LINES} <= {line["custom_id"] for line in output}
     assert errors and {line["error"]["code"] for line in errors} == {"batch_expired"}

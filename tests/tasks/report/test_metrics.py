@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.config import MetricsConfig
 from tasks.engines.loop import EngineCounts
+from tasks.engines.vllm import ENGINE_STATES, engine_status
 from tasks.report.metrics import METRICS, collector, serving_metrics
 from tasks.report.progress import RunProgress
 
@@ -102,7 +103,9 @@ def test_a_run_is_served_while_it_goes_and_until_a_scrape_read_its_final_counts(
     run = (("run_id", "run-1"),)
     assert first[("vbf_requests_total", (*run, ("state", "cached")))] == 5
     assert first[("vbf_run_requests", run)] == 50
-    assert first[("vbf_engine_state", (*run, ("state", "stopped")))] == 1  # no engine in this test's process
+    # the process's engine as it is (the session's shared engine may be up): one state is 1, that one
+    states = {state: first[("vbf_engine_state", (*run, ("state", state)))] for state in ENGINE_STATES}
+    assert states == {state: float(state == engine_status().state) for state in ENGINE_STATES}
     assert second[("vbf_requests_total", (*run, ("state", "done")))] == 20
     assert second[("vbf_requests_pending", (("run_id", "run-1"), ("state", "running")))] == 4
     assert second[("vbf_requests_pending", (("run_id", "run-1"), ("state", "queued")))] == 50 - 5 - 21 - 4
