@@ -33,9 +33,10 @@ tiny-model: install
 demo: tiny-model
 	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
-# Lint and format check first (seconds), then every test.
+# Lint and format check first (seconds), then every test: two test processes side by side, whole files
+# each (module fixtures stay shared), since most tests wait on processes, servers and engine starts.
 test: tiny-model lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-quick: tiny-model lint
 	$(BIN)/python -m pytest -m "not slow"

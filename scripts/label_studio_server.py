@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -26,8 +27,17 @@ EXECUTABLE = VENV / "bin" / "label-studio"
 
 
 def ensure_installed(venv: Path = VENV) -> Path:
-    """Create the virtualenv and install the server, unless this version is already there."""
+    """Create the virtualenv and install the server, unless this version is already there. Under a lock:
+    test processes running side by side (pytest -n) may both want it."""
     marker = venv / f".installed-label-studio-{VERSION}"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / "label-studio-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        install_unless_marked(venv, marker)
+    return venv / "bin" / "label-studio"
+
+
+def install_unless_marked(venv: Path, marker: Path) -> None:
     if not marker.exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         log = venv / "install.log"
@@ -40,7 +50,6 @@ def ensure_installed(venv: Path = VENV) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"installing label-studio=={VERSION} into {venv} failed; see {log}")
         marker.touch()
-    return venv / "bin" / "label-studio"
 
 
 def free_port() -> int:
