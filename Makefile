@@ -33,10 +33,9 @@ tiny-model: install
 demo: tiny-model
 	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
-# Lint and format check first (seconds), then every test: two test processes side by side, whole files
-# each (module fixtures stay shared), since most tests wait on processes, servers and engine starts.
+# Lint and format check first (seconds), then every test.
 test: tiny-model lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest
 
 test-quick: tiny-model lint
 	$(BIN)/python -m pytest -m "not slow"

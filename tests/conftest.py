@@ -67,11 +67,8 @@ def tiny_model(tiny_model_dir):
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first (with `-n 2` one process takes them while the other runs the rest); tests
-    that replace the session's engine last, so the others keep sharing one engine."""
-    items.sort(
-        key=lambda item: (item.get_closest_marker("longest") is None, item.get_closest_marker("replaces_engine") is not None)
-    )
+    """Tests that replace the session's engine run last, so the others keep sharing one engine."""
+    items.sort(key=lambda item: item.get_closest_marker("replaces_engine") is not None)
 
 
 @pytest.fixture(scope="session")
