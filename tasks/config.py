@@ -676,7 +676,8 @@ SAMPLE_DATASET = DatasetSpec(
     prompt_column="prompt",
     system_prompt="You are a helpful assistant.",
 )
-# Eager: compiling the tiny model takes longer than the whole sample's generation and makes it no faster.
+# Eager: compiling the tiny model cost ~15 s of each engine start, more than the sample's whole generation
+# (bench/engine_start.py compares the two; on a real model and a GPU, compiling pays).
 TINY_CPU_MODEL = ModelConfig(
     model=".cache/models/tiny-llama", max_model_len=1024, gpu_memory_utilization=0.15, enforce_eager=True
 )
