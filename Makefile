@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install system-packages tiny-model demo test test-quick lint sample blocks cluster label-studio clean
 
-install: $(VENV)/.installed system-packages
+install: $(VENV)/.installed
 
 # Debian packages the tests use: strace (a test checks each published file is fsynced before its rename),
 # chromium (a headless browser loads the dashboard page of `vbf serve`), prometheus (a real server
@@ -16,28 +16,34 @@ install: $(VENV)/.installed system-packages
 SYSTEM_PACKAGES := strace chromium prometheus
 system-packages:
 	@for tool in $(SYSTEM_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	if [ -n "$$missing" ]; then mkdir -p .cache; echo "installing$$missing with apt-get (log: .cache/apt.log)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } > .cache/apt.log 2>&1 \
+	  || { tail -n 30 .cache/apt.log; exit 1; }; fi
 
 # One pip call resolves everything (a second one that moves prefect breaks vLLM's pins).
 # PyPI's torchvision, torchaudio and torchcodec are built against another torch and break
 # `import transformers` / `import vllm` beside the CPU build; text models need none of them.
+# pip's thousand lines go to a log (shown when it fails), so a first `make demo` fits on a screen.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --progress-bar off -e '.[cpu,dev,labelstudio]'
-	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
-	touch $@
+	@mkdir -p .cache
+	@echo "installing the Python dependencies into $(VENV) (minutes the first time; log: .cache/install.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@{ $(BIN)/pip install --progress-bar off -e '.[cpu,dev,labelstudio]' \
+	  && $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; } > .cache/install.log 2>&1 \
+	  || { tail -n 30 .cache/install.log; exit 1; }
+	@touch $@
 
 tiny-model: install
-	$(BIN)/python scripts/build_tiny_model.py
+	@$(BIN)/python scripts/build_tiny_model.py
 
 demo: tiny-model
 	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
 # Lint and format check first (seconds), then every test.
-test: tiny-model lint
+test: tiny-model system-packages lint
 	$(BIN)/python -m pytest
 
-test-quick: tiny-model lint
+test-quick: tiny-model system-packages lint
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install

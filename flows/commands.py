@@ -68,8 +68,12 @@ def start_prefect(verbose: bool) -> None:
     # the engine's start: on a small machine it can need longer than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect.logging.configuration import ensure_logging_setup
+    from prefect.settings import PREFECT_MEMO_STORE_PATH
 
     from tasks.engines.faults import ensure_reaper
+
+    # On a new machine the folder is missing and the temporary server warns on every first run.
+    PREFECT_MEMO_STORE_PATH.value().parent.mkdir(parents=True, exist_ok=True)
 
     ensure_reaper()  # a batch command killed outright leaves no temporary Prefect server (nor engine) behind
 

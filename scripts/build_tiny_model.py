@@ -180,7 +180,15 @@ def build_tiny_thinking_model(model_dir: Path, out_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
+    from transformers.utils import logging as transformers_logging
+
+    # The embedding-resize notice and the weight-loading bar say nothing about a seeded toy model.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
-    print(build_tiny_model(target))
-    print(build_tiny_lora(target, target.with_name(target.name + "-lora")))
-    print(build_tiny_thinking_model(target, target.with_name(target.name + "-thinking")))
+    built = [
+        build_tiny_model(target),
+        build_tiny_lora(target, target.with_name(target.name + "-lora")),
+        build_tiny_thinking_model(target, target.with_name(target.name + "-thinking")),
+    ]
+    print("tiny models:", ", ".join(str(path) for path in built))
