@@ -12,12 +12,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".cache" / "models" / "tiny-llama"
-ENGINE_ARGS = {"max_model_len": 1024, "gpu_memory_utilization": 0.15, "seed": 0}  # as the flow's tiny CPU default
+# As the flow's tiny CPU default (tasks/config.py TINY_CPU_MODEL), eager included: both sides of a
+# comparison start the engine the way `make demo` does.
+ENGINE_ARGS = {"max_model_len": 1024, "gpu_memory_utilization": 0.15, "enforce_eager": True, "seed": 0}
 ENGINE_FLAGS = [  # the same, as flags of `vbf run` and of vLLM's run_batch
     "--max-model-len",
     str(ENGINE_ARGS["max_model_len"]),
     "--gpu-memory-utilization",
     str(ENGINE_ARGS["gpu_memory_utilization"]),
+    "--enforce-eager",
 ]
 VBF = str(Path(sys.executable).parent / "vbf")
 
