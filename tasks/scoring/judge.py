@@ -53,6 +53,9 @@ REASON_CHARS = 200
 MIN_MAX_TOKENS = {"choice": 4, "json": 24}
 DEFAULT_MAX_TOKENS = {"choice": 8, "json": 64}
 UNPARSEABLE = "unparseable"
+# The judge's code version, the first part of its version: bump it when what the rubric hash does not
+# cover changes a verdict — the reply formats, the constraint, how an answer is read as a verdict.
+JUDGE_VERSION = "2"
 # A JSON verdict whose reason max_tokens cut short: the verdict, whole (a closing quote or comma after
 # it), and what there is of the reason.
 VERDICT_PREFIX = {
@@ -197,10 +200,11 @@ def judge_scorer(
 
 
 def judge_version(judge: JudgeConfig, fingerprint: str) -> str:
-    """The absolute judge's scorer version: its rubric, model and sampling. The `judge` scorer and an
-    absolute `judge_runs` of the same judge write their scores under the same version."""
+    """The judge's version, as the scorers' versions go: its code (JUDGE_VERSION), then a hash of its rubric,
+    model and sampling. The `judge` scorer and an absolute `judge_runs` of the same judge write their scores
+    under the same version; every judgement records its judge's."""
     sampling = sampling_hash(judge.judge_sampling())
-    return "2+" + content_hash({"rubric": judge.rubric_hash(), "model": fingerprint, "sampling": sampling})[:8]
+    return f"{JUDGE_VERSION}+" + content_hash({"rubric": judge.rubric_hash(), "model": fingerprint, "sampling": sampling})[:8]
 
 
 def judge_score(answer: dict, verdict: VerdictFormat) -> Score:
