@@ -19,7 +19,7 @@ import jinja2.sandbox
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.config import TINY_CPU_MODEL, ModelConfig, SamplingConfig, StructuredOutput
+from tasks.config import TINY_CPU_MODEL, ModelConfig, SamplingConfig, SpecError, StructuredOutput
 from tasks.engines import open_engine
 from tasks.keys import content_hash, model_fingerprint, sampling_hash
 from tasks.prepare.render import conversation
@@ -100,7 +100,11 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: ModelConfig = Field(TINY_CPU_MODEL, description="The judge model, on either engine (a served one: engine openai).")
+    model: ModelConfig | str = Field(
+        TINY_CPU_MODEL,
+        description="The judge model, on either engine (a served one: engine openai), or the name of a saved Inference "
+        "Model block (judge_runs loads it, as batch_inference loads its model's).",
+    )
     kind: JudgeKind = Field(
         "pairwise",
         description="pairwise: two answers side by side, shown in both orders (A, B or tie); absolute: each answer alone, 1-10.",
@@ -176,6 +180,8 @@ def judge_scorer(
 
     `secrets` looks up the judge server's API key at run time (the scoring task passes the Secret blocks).
     """
+    if isinstance(model, str):  # a scorer's options are checked before any block could be loaded
+        raise SpecError(f"model {model!r}: the judge scorer takes a model's configuration, not a saved block's name")
     judge = JudgeConfig(model=model, kind="absolute", verdict=verdict, rubric=rubric, sampling=sampling)
     judge_sampling = judge.judge_sampling()
     version = judge_version(judge, model_fingerprint(judge.model))

@@ -71,6 +71,8 @@ def test_configuration_mistakes_are_named_before_anything_runs():
         JudgeConfig(sampling={"structured": {"regex": "x"}})
     with pytest.raises(ValueError, match="rubric: 'response' is undefined; it may use .* answer_a, answer_b"):
         JudgeConfig(rubric="Is {{ response }} good?")
+    with pytest.raises(SpecError, match="'my-judge': the judge scorer takes a model's configuration, not a saved block"):
+        judge_scorer("my-judge")  # judge_runs loads a block of that name; a scorer's options are checked without one
     with pytest.raises(SpecError, match="either run_b or the reference"):
         check_judged_runs(JudgedRuns(run_a="r1"), "pairwise")
     with pytest.raises(SpecError, match="the same run as run_a"):
