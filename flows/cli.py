@@ -83,6 +83,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n", type=int, help="samples per request")
     group.add_argument("--max-tokens", type=int)
     group.add_argument("--seed", type=int)
+    group.add_argument(
+        "--chat-template-kwargs",
+        metavar="JSON",
+        help="""variables for the model's chat template, a JSON object: '{"enable_thinking": false}' turns a """
+        "reasoning model's thinking off (Qwen3's template reads it)",
+    )
 
 
 def add_metrics_options(parser: argparse.ArgumentParser) -> None:

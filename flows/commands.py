@@ -8,6 +8,7 @@ the dataset's preparation. Each command imports what it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -126,12 +127,30 @@ def model_of(args: argparse.Namespace) -> ModelConfig:
 def sampling_of(args: argparse.Namespace) -> SamplingConfig:
     """A sampling config YAML (--sampling), or the defaults; then the flags."""
     base = read_yaml(SamplingConfig, Path(args.sampling), "sampling config") if args.sampling else SamplingConfig()
+    return SamplingConfig.model_validate({**base.model_dump(exclude_defaults=True), **sampling_flags(args)})
+
+
+def sampling_flags(args: argparse.Namespace) -> dict:
+    """The sampling flags given, as SamplingConfig fields."""
     flags = {
         name: getattr(args, name)
         for name in ("temperature", "top_p", "n", "max_tokens", "seed")
         if getattr(args, name) is not None
     }
-    return SamplingConfig.model_validate({**base.model_dump(exclude_defaults=True), **flags})
+    if args.chat_template_kwargs is not None:
+        flags["chat_template_kwargs"] = json_object("--chat-template-kwargs", args.chat_template_kwargs)
+    return flags
+
+
+def json_object(flag: str, text: str) -> dict:
+    """A flag's JSON object; anything else is the user's mistake, named by the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SpecError(f"{flag}: not valid JSON ({error.msg} at character {error.pos}): {text}") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{flag}: expected a JSON object such as '{{\"enable_thinking\": false}}', got {text}")
+    return value
 
 
 def store_of(args: argparse.Namespace) -> StoreConfig:
@@ -469,8 +488,7 @@ def judge_of(args: argparse.Namespace):
     from tasks.scoring.judge import DEFAULT_MAX_TOKENS, JudgeConfig
 
     verdict = "json" if args.json_verdict else "choice"
-    flags = {name: getattr(args, name) for name in ("temperature", "top_p", "n", "max_tokens", "seed")}
-    flags = {name: value for name, value in flags.items() if value is not None}
+    flags = sampling_flags(args)
     sampling = SamplingConfig(**{"max_tokens": DEFAULT_MAX_TOKENS[verdict], **flags}) if flags else None
     rubric = None
     if args.rubric:

@@ -16,6 +16,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from blocks import resolve
+from blocks.model import InferenceModel
+from blocks.store import ResultsStore
 from flows.batch_inference import batch_inference
 from tasks.config import SAMPLE_DATASET, TINY_CPU_MODEL, DatasetSpec, ModelConfig, SamplingConfig, ShardingConfig, StoreConfig
 from tasks.report.tasks import publish_comparison
@@ -42,14 +45,17 @@ class ComparisonResult(BaseModel):
 def compare_runs(
     variants: list[Variant],
     dataset: DatasetSpec = SAMPLE_DATASET,
-    model: ModelConfig = TINY_CPU_MODEL,
+    model: ModelConfig | str = TINY_CPU_MODEL,
     sampling: SamplingConfig = SamplingConfig(),
     sharding: ShardingConfig = ShardingConfig(),
-    store: StoreConfig = StoreConfig(),
+    store: StoreConfig | str = StoreConfig(),
     scorers: list[str | ScorerSpec] = DEFAULT_SCORERS,
     significance_level: float = 0.05,
     bootstrap: BootstrapConfig = BootstrapConfig(),
 ) -> ComparisonResult:
+    """`model` and `store` take the configuration or the name of a saved block (the compare-runs deployment names
+    `tiny-cpu` and `local-results`)."""
+    model, store = resolve(model, InferenceModel), resolve(store, ResultsStore)
     check_variants(variants)
     check_significance_level(significance_level)
     runs = {

@@ -15,6 +15,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from blocks import resolve
+from blocks.model import InferenceModel
 from blocks.store import ResultsStore
 from flows.batch_inference import batch_inference
 from tasks.config import ShardingConfig, StoreConfig
@@ -42,8 +43,10 @@ def judge_runs(
     store: StoreConfig | str = StoreConfig(),
 ) -> JudgeResult:
     """Pairwise: give run_b, or reference=True (run_a's requests' reference answers). Absolute: run_a, and run_b if any.
-    `store` takes the configuration or the name of a saved block (the judge-runs deployment names `local-results`)."""
+    `store` and the judge's `model` take the configuration or the name of a saved block (the judge-runs deployment
+    names `local-results`)."""
     store = resolve(store, ResultsStore)
+    judge = judge.model_copy(update={"model": resolve(judge.model, InferenceModel)})
     runs = JudgedRuns(run_a=run_a, run_b=run_b, reference=reference)
     check_judged_runs(runs, judge.kind)
     requests = write_judge_requests(runs, judge, store)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from blocks import resolve
+from blocks.store import ResultsStore
 from tasks.config import StoreConfig
 from tasks.scoring.scorers import ScorerSpec
 from tasks.scoring.tasks import write_run_outputs, write_run_scores
@@ -23,7 +25,9 @@ class RescoreSummary(BaseModel):
 
 
 @flow(name="rescore", log_prints=True)
-def rescore(run_id: str, scorers: list[str | ScorerSpec], store: StoreConfig = StoreConfig()) -> RescoreSummary:
+def rescore(run_id: str, scorers: list[str | ScorerSpec], store: StoreConfig | str = StoreConfig()) -> RescoreSummary:
+    """`store` takes the configuration or the name of a saved block (the rescore deployment names `local-results`)."""
+    store = resolve(store, ResultsStore)
     run, outputs_path = write_run_outputs(run_id, store)
     version, score_path, outputs = write_run_scores(outputs_path, scorers, store.storage)
     new_scores = commit_run_scores(run, [score_path], store)

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_deployment_with_its_flow_file_validates_its_parameters():
     config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
     by_name = {d.name: d for d in config.deployments}
-    assert {"sample", "generate-shards", "judge-runs", "push-for-review", "pull-reviews", "export-curated"} <= set(by_name)
+    expected = {"sample", "generate-shards", "judge-runs", "compare-runs", "rescore", "push-for-review", "pull-reviews"}
+    assert expected | {"export-curated"} <= set(by_name)
     assert by_name["sample"].work_pool.name == by_name["generate-shards"].work_pool.name == "gpu"
     assert by_name["pull-reviews"].work_pool.name == "cpu"
     assert by_name["generate-shards"].work_pool.job_variables == {"stream_output": False}
@@ -43,6 +44,25 @@ def test_the_judge_runs_on_the_gpu_pool_over_the_default_results_file_given_the_
 
     # the runs come with each start; with them, the parameters validate into the flow's typed configs
     judge_runs.validate_parameters({**judge.parameters, "run_a": "r1", "run_b": "r2", "judge": {"kind": "absolute"}})
+    judge_runs.validate_parameters({**judge.parameters, "run_a": "r1", "reference": True, "judge": {"model": "tiny-cpu"}})
+
+
+def test_compare_runs_starts_as_it_is_on_the_gpu_pool_and_rescore_on_the_cpu_pool_over_the_default_blocks():
+    config = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
+    by_name = {d.name: d for d in config.deployments}
+    compare, again = by_name["compare-runs"], by_name["rescore"]
+    assert (compare.work_pool.name, again.work_pool.name) == ("gpu", "cpu")
+    assert (compare.parameters["model"], compare.parameters["store"]) == ("tiny-cpu", "local-results")
+    assert again.parameters == {"store": "local-results"}
+    from flows.compare_runs import compare_runs
+    from flows.rescore import rescore
+
+    # compare-runs needs nothing more: two variants of the bundled sample; rescore is given the run and scorers
+    variants = compare_runs.validate_parameters(compare.parameters)["variants"]
+    assert [(v.name, v.sampling and v.sampling.temperature) for v in variants] == [("greedy", None), ("sampled", 0.8)]
+    rescore.validate_parameters(
+        {**again.parameters, "run_id": "r1", "scorers": ["valid_json", {"name": "regex", "options": {"pattern": "x"}}]}
+    )
 
 
 def test_the_sample_deployment_points_at_the_bundled_sample_and_the_default_blocks():

@@ -156,7 +156,8 @@ def judgement_markdown(judgement: JudgementRow) -> str:
     lines = [
         f"# {judgement.kind.capitalize()} judgement {judgement.judgement_id}",
         "",
-        f"a = `{judgement.run_a}`, b = {b}; judge `{judgement.judge_model}` (run `{judgement.judge_run_id}`), "
+        f"a = `{judgement.run_a}`, b = {b}; judge `{judgement.judge_model}` (version `{judgement.judge_version}`, "
+        f"run `{judgement.judge_run_id}`), "
         f"{judgement.verdict_format} verdicts: {judgement.requests} requests, {judgement.unparseable} unparseable, "
         f"{judgement.judge_errors} failed.",
         "",

@@ -19,7 +19,7 @@ import jinja2.sandbox
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.config import TINY_CPU_MODEL, ModelConfig, SamplingConfig, StructuredOutput
+from tasks.config import TINY_CPU_MODEL, ModelConfig, SamplingConfig, SpecError, StructuredOutput
 from tasks.engines import open_engine
 from tasks.keys import content_hash, model_fingerprint, sampling_hash
 from tasks.prepare.render import conversation
@@ -53,6 +53,9 @@ REASON_CHARS = 200
 MIN_MAX_TOKENS = {"choice": 4, "json": 24}
 DEFAULT_MAX_TOKENS = {"choice": 8, "json": 64}
 UNPARSEABLE = "unparseable"
+# The judge's code version, the first part of its version: bump it when what the rubric hash does not
+# cover changes a verdict — the reply formats, the constraint, how an answer is read as a verdict.
+JUDGE_VERSION = "2"
 # A JSON verdict whose reason max_tokens cut short: the verdict, whole (a closing quote or comma after
 # it), and what there is of the reason.
 VERDICT_PREFIX = {
@@ -97,7 +100,11 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: ModelConfig = Field(TINY_CPU_MODEL, description="The judge model, on either engine (a served one: engine openai).")
+    model: ModelConfig | str = Field(
+        TINY_CPU_MODEL,
+        description="The judge model, on either engine (a served one: engine openai), or the name of a saved Inference "
+        "Model block (judge_runs loads it, as batch_inference loads its model's).",
+    )
     kind: JudgeKind = Field(
         "pairwise",
         description="pairwise: two answers side by side, shown in both orders (A, B or tie); absolute: each answer alone, 1-10.",
@@ -173,6 +180,8 @@ def judge_scorer(
 
     `secrets` looks up the judge server's API key at run time (the scoring task passes the Secret blocks).
     """
+    if isinstance(model, str):  # a scorer's options are checked before any block could be loaded
+        raise SpecError(f"model {model!r}: the judge scorer takes a model's configuration, not a saved block's name")
     judge = JudgeConfig(model=model, kind="absolute", verdict=verdict, rubric=rubric, sampling=sampling)
     judge_sampling = judge.judge_sampling()
     version = judge_version(judge, model_fingerprint(judge.model))
@@ -197,10 +206,11 @@ def judge_scorer(
 
 
 def judge_version(judge: JudgeConfig, fingerprint: str) -> str:
-    """The absolute judge's scorer version: its rubric, model and sampling. The `judge` scorer and an
-    absolute `judge_runs` of the same judge write their scores under the same version."""
+    """The judge's version, as the scorers' versions go: its code (JUDGE_VERSION), then a hash of its rubric,
+    model and sampling. The `judge` scorer and an absolute `judge_runs` of the same judge write their scores
+    under the same version; every judgement records its judge's."""
     sampling = sampling_hash(judge.judge_sampling())
-    return "2+" + content_hash({"rubric": judge.rubric_hash(), "model": fingerprint, "sampling": sampling})[:8]
+    return f"{JUDGE_VERSION}+" + content_hash({"rubric": judge.rubric_hash(), "model": fingerprint, "sampling": sampling})[:8]
 
 
 def judge_score(answer: dict, verdict: VerdictFormat) -> Score:

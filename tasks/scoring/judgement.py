@@ -21,7 +21,7 @@ from tasks import storage
 from tasks.config import DatasetSpec, SpecError, ValidationConfig
 from tasks.keys import content_hash, sampling_hash
 from tasks.scoring.compare import sign_test_p_value, wilson_interval
-from tasks.scoring.judge import UNPARSEABLE, JudgeConfig, JudgeKind, judge_error, parse_verdict, user_prompt
+from tasks.scoring.judge import UNPARSEABLE, JudgeConfig, JudgeKind, judge_error, judge_version, parse_verdict, user_prompt
 
 # Which answer a judge request showed first (pairwise: "ab" shows run a's answer as A) or graded (absolute).
 Position = Literal["ab", "ba", "a", "b"]
@@ -150,7 +150,8 @@ def judge_dataset(requests: pa.Table, storage_folder: str, runs: JudgedRuns, jud
 
 def judgement_id(runs: JudgedRuns, judge: JudgeConfig, dataset_version: str, model_fingerprint: str) -> str:
     """The judgement's key: what was judged (the judge requests' content, which holds the rubric and the
-    answers) and by what judge (its model, and its sampling with the verdict's constraint)."""
+    answers) and by what judge (its code version, its model, and its sampling with the verdict's constraint):
+    a judge whose verdicts are read another way makes another judgement, beside the first."""
     sampling = sampling_hash(judge.judge_sampling())
     return content_hash(
         {
@@ -159,6 +160,7 @@ def judgement_id(runs: JudgedRuns, judge: JudgeConfig, dataset_version: str, mod
             "requests": dataset_version,
             "model": model_fingerprint,
             "sampling": sampling,
+            "judge": judge_version(judge, model_fingerprint),
         }
     )
 
@@ -261,6 +263,7 @@ def judgement_record(
         "judge_sampling_hash": sampling_hash(judge.judge_sampling()),
         "verdict_format": judge.verdict,
         "rubric_hash": judge.rubric_hash(),
+        "judge_version": judge_version(judge, model_fingerprint),
         **summarize_judgement(verdicts.to_pylist(), judge.kind, paired=runs.against != "none"),
     }
 

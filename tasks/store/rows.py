@@ -166,6 +166,7 @@ class JudgementRow(BaseModel):
     judge_sampling_hash: str
     verdict_format: str
     rubric_hash: str
+    judge_version: str  # as the `judge` scorer's scorer_version for the same judge
     requests: int
     pairs: int
     unjudged: int

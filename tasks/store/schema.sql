@@ -125,7 +125,8 @@ CREATE TABLE judgements (
     win_rate_ci95_low DOUBLE,
     win_rate_ci95_high DOUBLE,
     p_value DOUBLE,
-    created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT(current_timestamp) NOT NULL,
+    judge_version VARCHAR
 );
 
 CREATE TABLE label_tasks (

@@ -75,10 +75,16 @@ def test_vbf_run_answers_a_spec_and_a_rerun_through_the_alias_never_starts_the_e
 
 
 @pytest.mark.slow
-def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_sharding_flags(tmp_path, tiny_model_dir, query):
+def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_sharding_flags(
+    tmp_path, tiny_thinking_model_dir, query
+):
+    from transformers import AutoTokenizer
+
+    questions = [f"Question number {i}?" for i in range(7)]
     data = tmp_path / "questions.parquet"
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(7)], "question": [f"Question number {i}?" for i in range(7)]}), data)
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(7)], "question": questions}), data)
     flags = ["--prompt-column", "question", "--id-column", "key", "--temperature", "0.7", "--seed", "3", "--n", "2"]
+    flags += ["--chat-template-kwargs", '{"enable_thinking": false}']  # the thinking model's template reads it
     verbose = vbf(
         tmp_path,
         "run",
@@ -89,7 +95,7 @@ def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_shardi
         "--shard-size",
         "3",
         "--model",
-        str(tiny_model_dir),
+        str(tiny_thinking_model_dir),
         *TINY_ENGINE,
         *store_flags(tmp_path),
         "--verbose",
@@ -100,9 +106,20 @@ def test_vbf_run_takes_a_plain_file_with_its_columns_and_the_sampling_and_shardi
     sampling = json.loads(run[3])
     assert run[:3] == ("questions", 3, 14)  # 7 requests in shards of 3, two samples each
     assert (sampling["temperature"], sampling["seed"], sampling["n"], sampling["max_tokens"]) == (0.7, 3, 2, 3)
+    assert sampling["chat_template_kwargs"] == {"enable_thinking": False}
     assert query(tmp_path / "results.duckdb", "SELECT count(DISTINCT custom_id), max(completion_tokens) FROM run_outputs") == [
         (7, 3)
     ]
+    # the engine got the prompts its template renders with thinking off: each closed with an empty thinking
+    tokenizer = AutoTokenizer.from_pretrained(tiny_thinking_model_dir)
+    expected = {}
+    for i, question in enumerate(questions):
+        messages = [{"role": "user", "content": question}]
+        off = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, enable_thinking=False)
+        assert len(off) > len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        expected[f"k{i}"] = len(off)
+    found = query(tmp_path / "results.duckdb", "SELECT DISTINCT custom_id, prompt_tokens FROM run_outputs")
+    assert dict(found) == expected
 
 
 @pytest.mark.slow
@@ -130,6 +147,10 @@ def test_configuration_mistakes_are_one_line_before_anything_starts(tmp_path):
         ("run", "--reasoning-parser", "deepseek_r"): "reasoning_parser: vLLM 0.32.0 has no reasoning parser 'deepseek_r'; "
         "did you mean 'deepseek_r1'?",
         ("run", "--temperature", "-1"): "vbf run: error: temperature: Input should be greater than or equal to 0",
+        ("run", "--chat-template-kwargs", "{enable_thinking: false}"): "vbf run: error: --chat-template-kwargs: not valid "
+        "JSON (Expecting property name enclosed in double quotes at character 1): {enable_thinking: false}",
+        ("judge", "r1", "r2", "--chat-template-kwargs", "[1]"): "vbf judge: error: --chat-template-kwargs: expected a JSON "
+        """object such as '{"enable_thinking": false}', got [1]""",
         ("run", "--engine", "openai"): "vbf run: error: engine 'openai' needs base_url",
         ("run", "--spec", str(tmp_path / "nope.yaml")): "nope.yaml: file not found",
         ("sql", "SELECT 1", "--duckdb", str(tmp_path / "none.duckdb")): "none.duckdb does not exist: run `vbf run` first",

@@ -4,6 +4,8 @@ import duckdb
 import pytest
 from prefect.client.orchestration import get_client
 
+from blocks.model import InferenceModel
+from blocks.store import ResultsStore
 from flows.compare_runs import compare_runs
 from tasks.config import LoraAdapter, SamplingConfig, ShardingConfig
 from tasks.scoring.compare import BootstrapConfig, Variant, paired_difference, sign_test_p_value, wilson_interval
@@ -24,6 +26,9 @@ def test_sampling_and_lora_variants_are_compared_with_intervals_tests_by_directi
     prefect_harness, tiny_model, tiny_lora_dir, reference_slice, store
 ):
     judge = ScorerSpec(name="judge", options={"model": tiny_model.model_dump(), "sampling": {"max_tokens": 8}})
+    # the model and the results file named by saved blocks, as the compare-runs deployment names them
+    InferenceModel(config=tiny_model).save("compared-model", overwrite=True)
+    ResultsStore(config=store).save("compared-results", overwrite=True)
 
     result = compare_runs(
         variants=[
@@ -34,10 +39,10 @@ def test_sampling_and_lora_variants_are_compared_with_intervals_tests_by_directi
             ),
         ],
         dataset=reference_slice,
-        model=tiny_model,
+        model="compared-model",
         sampling=SamplingConfig(max_tokens=8),
         sharding=ShardingConfig(shard_size=16),
-        store=store,
+        store="compared-results",
         scorers=[*DEFAULT_SCORERS, judge],
         significance_level=0.1,
         bootstrap=BootstrapConfig(resamples=300, seed=5),

@@ -149,6 +149,8 @@ def test_judges_over_stored_runs_in_both_orders_with_verdicts_that_parse_and_num
     # each grade is a score of the answer graded, under the `judge` scorer's own version for this judge, so
     # what reads scores sees it: run_scores (run_summary), the compare_runs macro, a review's `scorer: judge`
     version = judge_scorer(tiny_model).version
+    assert absolute.judge_version == version and pairwise.judgement.judge_version.split("+")[0] == version.split("+")[0]
+    assert len({pairwise.judgement.judge_version, reference.judge_version, version}) == 3  # each judge its own
     graded_scores = query(
         store, "SELECT output_id, run_id, value, label, direction, scorer_version FROM scores WHERE scorer = 'judge'"
     )

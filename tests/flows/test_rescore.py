@@ -1,5 +1,6 @@
 import pytest
 
+from blocks.store import ResultsStore
 from flows.rescore import rescore
 from tasks.store.sql import StoreError
 
@@ -19,8 +20,9 @@ def test_rescore_adds_new_versions_beside_old_scores_without_inference(prefect_h
         {"completion_tokens_v2": "v2_scorers:completion_tokens"},
     )
     before = query(committed_store, SCORES)
+    ResultsStore(config=committed_store).save("rescored-results", overwrite=True)  # named by block, as the deployment does
 
-    summary = rescore("r1", ["completion_tokens_v2", {"name": "regex", "options": {"pattern": "x"}}], committed_store)
+    summary = rescore("r1", ["completion_tokens_v2", {"name": "regex", "options": {"pattern": "x"}}], "rescored-results")
 
     assert (summary.outputs, summary.new_scores) == (2, 2)  # the error row is read but has nothing to score
     after = query(committed_store, SCORES)

@@ -381,3 +381,63 @@ def test_vllms_own_sampling_fields_over_http_give_the_in_process_engines_answers
     assert texts(remote) == texts(local)
     assert query(remote, "SELECT DISTINCT prompt_tokens FROM run_outputs") == [(12,)]  # truncated by the server
     assert any(text.endswith(" ") for text in texts(local).values())  # the stop string kept in the text
+
+
+@pytest.mark.slow
+def test_a_judge_served_by_vllm_serve_and_named_by_a_saved_block_is_sent_its_constraint_and_every_verdict_parses(
+    vllm_server, api_key_secret, sample_spec, tmp_path, query
+):
+    from blocks.model import InferenceModel
+    from flows.judge_runs import judge_runs
+    from tasks.scoring.judge import LABELS, JudgeConfig, verdict_constraint
+
+    store = StoreConfig(duckdb_path=str(tmp_path / "r.duckdb"), storage=str(tmp_path / "s"))
+    dataset = sample_spec(12, reference_column="category")  # 11 unique requests; the category as a reference answer
+    settings = [SamplingConfig(max_tokens=8), SamplingConfig(temperature=1.0, seed=7, max_tokens=8)]
+    served = openai_model(vllm_server, api_key_secret)
+    run_a, run_b = (batch_inference(dataset=dataset, model=served, sampling=s, store=store, scorers=[]).run_id for s in settings)
+    proxy = FlakyProxy(vllm_server, failures=())  # passes every request on, and keeps the bodies the server was sent
+    InferenceModel(config=openai_model(proxy.url, api_key_secret)).save("served-judge", overwrite=True)
+    try:
+        pairwise = judge_runs(run_a=run_a, run_b=run_b, judge=JudgeConfig(model="served-judge"), store=store).judgement
+        json_judge = JudgeConfig(model="served-judge", verdict="json")
+        reference = judge_runs(run_a=run_a, reference=True, judge=json_judge, store=store).judgement
+    finally:
+        proxy.close()
+
+    # the block's model judged, over HTTP; every request the server got carried its verdict's constraint
+    judge_run_ids = [pairwise.judge_run_id, reference.judge_run_id]
+    assert (pairwise.judge_model, reference.judge_model) == ("tiny", "tiny")
+    assert query(store, "SELECT DISTINCT engine FROM runs WHERE run_id IN (?, ?)", judge_run_ids) == [("openai",)]
+    sent = [json.loads(body) for body in proxy.attempts]
+    assert sum(proxy.attempts.values()) == len(sent)  # each request once: nothing failed, nothing retried
+    engine_requests = dict(query(store, "SELECT run_id, engine_requests FROM runs WHERE run_id IN (?, ?)", judge_run_ids))
+    choice, regex = {"choice": LABELS["pairwise"]}, {"regex": verdict_constraint("pairwise", "json").regex}
+    assert Counter(json.dumps(body.get("structured_outputs")) for body in sent) == {
+        json.dumps(choice): engine_requests[pairwise.judge_run_id],
+        json.dumps(regex): engine_requests[reference.judge_run_id],
+    }
+    assert all("messages" in body for body in sent) and min(engine_requests.values()) > 0
+
+    for judgement in (pairwise, reference):
+        verdicts = query(
+            store,
+            "SELECT custom_id, sample_index, position, verdict, winner, reason, error FROM judge_verdicts WHERE judgement_id = ?",
+            [judgement.judgement_id],
+        )
+        # constrained output: 11 pairs in both orders, every verdict a label (json: with its reason)
+        assert len(verdicts) == 22 and {v[6] for v in verdicts} == {None} and {v[3] for v in verdicts} <= {"A", "B", "tie"}
+        assert all(isinstance(v[5], str) for v in verdicts) == (judgement is reference)
+        # the judgement's numbers are what its verdict rows add up to: a pair is a run's when both orders name it
+        pairs: dict = {}
+        for custom_id, sample_index, position, _, winner, _, _ in verdicts:
+            pairs.setdefault((custom_id, sample_index), {})[position] = winner
+        outcomes = [p["ab"] if p["ab"] == p["ba"] else "tie" for p in pairs.values()]
+        (stored,) = query(
+            store,
+            "SELECT pairs, a_wins, b_wins, ties, inconsistent, unparseable, win_rate FROM judgements WHERE judgement_id = ?",
+            [judgement.judgement_id],
+        )
+        a, b, ties = outcomes.count("a"), outcomes.count("b"), outcomes.count("tie")
+        inconsistent = sum(p["ab"] != p["ba"] for p in pairs.values())
+        assert stored == (11, a, b, ties, inconsistent, 0, pytest.approx((a + ties / 2) / 11))

@@ -7,7 +7,9 @@ import re
 import pyarrow as pa
 import pytest
 
-from tasks.config import SpecError
+from tasks.config import ModelConfig, SpecError
+from tasks.keys import model_fingerprint
+from tasks.scoring import judge as judge_module
 from tasks.scoring.judge import (
     LABELS,
     UNPARSEABLE,
@@ -16,7 +18,15 @@ from tasks.scoring.judge import (
     parse_verdict,
     verdict_constraint,
 )
-from tasks.scoring.judgement import JudgedRuns, check_judged_runs, judge_requests, summarize_judgement
+from tasks.scoring.judgement import (
+    VERDICT_SCHEMA,
+    JudgedRuns,
+    check_judged_runs,
+    judge_requests,
+    judgement_id,
+    judgement_record,
+    summarize_judgement,
+)
 
 
 def row(text: str) -> dict:
@@ -61,6 +71,8 @@ def test_configuration_mistakes_are_named_before_anything_runs():
         JudgeConfig(sampling={"structured": {"regex": "x"}})
     with pytest.raises(ValueError, match="rubric: 'response' is undefined; it may use .* answer_a, answer_b"):
         JudgeConfig(rubric="Is {{ response }} good?")
+    with pytest.raises(SpecError, match="'my-judge': the judge scorer takes a model's configuration, not a saved block"):
+        judge_scorer("my-judge")  # judge_runs loads a block of that name; a scorer's options are checked without one
     with pytest.raises(SpecError, match="either run_b or the reference"):
         check_judged_runs(JudgedRuns(run_a="r1"), "pairwise")
     with pytest.raises(SpecError, match="the same run as run_a"):
@@ -98,6 +110,26 @@ def test_a_pair_whose_verdict_flips_with_the_order_is_a_tie_and_counts_as_positi
     assert numbers["first_position_rate"] == pytest.approx(4 / 6)
     rows[0] |= {"verdict": None, "winner": None, "error": UNPARSEABLE}
     assert summarize_judgement(rows, "pairwise", paired=True)["unjudged"] == 1
+
+
+def test_a_judgement_records_its_judges_version_and_a_changed_judge_makes_another(tiny_model_dir, monkeypatch):
+    model = ModelConfig(model=str(tiny_model_dir))
+    judge, fingerprint, runs = JudgeConfig(model=model, kind="absolute"), model_fingerprint(model), JudgedRuns(run_a="r1")
+
+    def recorded() -> dict:
+        key = judgement_id(runs, judge, "dv1", fingerprint)
+        return judgement_record(key, runs, judge, "judge-run", fingerprint, VERDICT_SCHEMA.empty_table())
+
+    first = recorded()
+    # the version the `judge` scorer writes its scores under, for the same judge
+    assert first["judge_version"] == judge_scorer(model).version
+    monkeypatch.setattr(judge_module, "JUDGE_VERSION", "3")  # as a change of the verdict parser would bump it
+    changed = recorded()
+    assert changed["judge_version"].startswith("3+") and changed["judge_version"] != first["judge_version"]
+    assert changed["judgement_id"] != first["judgement_id"]  # beside the earlier judgement, not in its place
+    monkeypatch.undo()
+    judge = JudgeConfig(model=model, kind="absolute", rubric="Grade {{ response }}. {{ reply_format }}")
+    assert recorded()["judge_version"] not in (first["judge_version"], changed["judge_version"])
 
 
 @pytest.mark.slow
