@@ -429,7 +429,8 @@ def test_a_batch_whose_run_died_with_the_server_is_run_again_on_its_own_model(se
 @pytest.fixture(scope="module")
 def stopped_batches(server, first_batches):
     """Two long batches at once, each starting with the 40 lines the first batch answered: one is
-    cancelled once those count as completed, the other runs past its 60 s window."""
+    cancelled once those count as completed, the other runs past its 90 s window (long enough for its run
+    to start and count those 40 on a loaded machine: a run still starting at expiry has answered nothing)."""
     client = server.client()
     cancel_lines = [chat_line(f"long{i}", f"Write a long story number {i}", max_tokens=200) for i in range(3000)]
     # Far more work than the window holds: 3M tokens, over 3 minutes of the tiny model on this machine.
@@ -440,9 +441,9 @@ def stopped_batches(server, first_batches):
             endpoint="/v1/chat/completions",
             completion_window=window,
         )
-        for name, lines, window in (("cancel", cancel_lines, "24h"), ("expire", expire_lines, "60s"))
+        for name, lines, window in (("cancel", cancel_lines, "24h"), ("expire", expire_lines, "90s"))
     )
-    assert to_expire.expires_at == to_expire.created_at + 60
+    assert to_expire.expires_at == to_expire.created_at + 90
     # The 40 lines answered by the first batch count as completed once the run has started.
     wait_for(client, to_cancel.id, lambda b: b.request_counts.completed >= 40)
     assert client.batches.cancel(to_cancel.id).status == "cancelling"
