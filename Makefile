@@ -39,9 +39,11 @@ tiny-model: install
 demo: tiny-model
 	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
-# Lint and format check first (seconds), then every test.
+# Lint and format check first (seconds), then every test: two test processes side by side, whole files
+# each (module fixtures stay shared), since most tests wait on processes, servers and engine starts;
+# each process's vLLM engines compute on a core of their own (tests/conftest.py).
 test: tiny-model system-packages lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-quick: tiny-model system-packages lint
 	$(BIN)/python -m pytest -m "not slow"

@@ -28,7 +28,7 @@ EXECUTABLE = VENV / "bin" / "label-studio"
 
 def ensure_installed(venv: Path = VENV) -> Path:
     """Create the virtualenv and install the server, unless this version is already there. Under a lock:
-    two processes (two test runs, a test and `make label-studio`) may both want it."""
+    test processes running side by side (pytest -n) may both want it."""
     marker = venv / f".installed-label-studio-{VERSION}"
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / "label-studio-venv.lock", "w") as lock:

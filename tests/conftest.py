@@ -23,6 +23,20 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+
+def bind_engines_to_a_core_of_this_test_process() -> None:
+    """Under `pytest -n 2` vLLM's automatic OpenMP binding puts every process's engine on core 0 (it keeps
+    the last core for the engine's scheduler), so the two test processes' engines would compute on one core
+    and a timed test beside the other's engine runs many times slower. Each test process's engines (and
+    the `vbf`, `vllm serve` and worker processes its tests start, which inherit this) take a core of their own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker:
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[int(worker.removeprefix("gw")) % len(cores)]))
+
+
+bind_engines_to_a_core_of_this_test_process()
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL_DIR = REPO / ".cache" / "models" / "tiny-llama"
 SAMPLE_PARQUET = REPO / "datasets" / "sample" / "prompts.parquet"
@@ -67,8 +81,11 @@ def tiny_model(tiny_model_dir):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that replace the session's engine run last, so the others keep sharing one engine."""
-    items.sort(key=lambda item: item.get_closest_marker("replaces_engine") is not None)
+    """The longest tests first (with `-n 2` one process takes them while the other runs the rest); tests
+    that replace the session's engine last, so the others keep sharing one engine."""
+    items.sort(
+        key=lambda item: (item.get_closest_marker("longest") is None, item.get_closest_marker("replaces_engine") is not None)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import pytest
 from tasks import storage
 from tasks.cluster import REPO, LocalCluster, deployable_names, free_port, processes_with_home
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.longest]
 
 OUTPUT_COLUMNS = "request_key, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error_code"
 
