@@ -345,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--running-batches", type=int, help="batches run at once, each in its own process (default: 1)")
     serve_parser.add_argument("--max-file-bytes", type=int, help="largest upload (default: 200 MB)")
     serve_parser.add_argument("--max-line-bytes", type=int, help="longest line of an upload (default: 1 MB)")
+    add_metrics_options(serve_parser)
 
     keys_parser = subparsers.add_parser("keys", help="The Batch API's keys: create, list, revoke; the audit trail.")
     keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -344,6 +344,7 @@ def serve(args: argparse.Namespace) -> None:
         models=served_models(args.model),
         store=store,
         deployment=deployment or None,
+        metrics=metrics_of(args),
         **{name: value for name, value in limits.items() if value is not None},
     )
     with service_db(service_db_path(config.folder)) as con:

@@ -634,6 +634,16 @@ class ServiceConfig(BaseModel):
     counts_seconds: float = Field(
         3.0, gt=0, description="How often a running batch's request counts are read from the results file."
     )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="Each batch's run serves its Prometheus metrics on this port (docs/monitoring.md): one batch at a time then.",
+    )
+
+    @model_validator(mode="after")
+    def _one_run_per_metrics_port(self) -> ServiceConfig:
+        if self.metrics.port and self.running_batches > 1:
+            raise ValueError("a metrics port serves one run at a time: running_batches must be 1 with metrics.port")
+        return self
 
 
 class SampleSelection(BaseModel):

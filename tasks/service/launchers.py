@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from tasks import storage
-from tasks.config import DatasetSpec, ModelConfig, StoreConfig
+from tasks.config import DatasetSpec, MetricsConfig, ModelConfig, StoreConfig
 
 STOP_GRACE_SECONDS = 120  # a stopped run commits what finished; past this it is killed
 # Runs yield the CPU to the server: a poll answers at once even while the run's engine has every core.
@@ -41,8 +41,8 @@ class LocalRuns:
 
     queues_itself = False  # the server starts `running_batches` at a time
 
-    def __init__(self, store: StoreConfig):
-        self.store = store
+    def __init__(self, store: StoreConfig, metrics: MetricsConfig):
+        self.store, self.metrics = store, metrics
         self.children: dict[str, subprocess.Popen] = {}  # runs this server started (others it adopted after a restart)
 
     def start(self, batch_id: str, folder: Path, dataset: DatasetSpec, model: ModelConfig, priority: str) -> dict:
@@ -51,6 +51,8 @@ class LocalRuns:
         model_file.write_text(yaml.safe_dump(model.model_dump(mode="json", exclude_defaults=True)))
         command = [sys.executable, "-m", "flows.cli", "run", "--spec", str(spec), "--model", str(model_file)]
         command += ["--duckdb", self.store.duckdb_path, "--storage", self.store.storage, "--on-stop", "abort"]
+        if self.metrics.port is not None:
+            command += ["--metrics-port", str(self.metrics.port), "--metrics-host", self.metrics.host]
         with open(folder / "run.log", "ab") as log_file:
             child = subprocess.Popen(
                 command,
@@ -96,8 +98,8 @@ class DeploymentRuns:
 
     queues_itself = True  # every batch is submitted at once: the work queues' priorities order them
 
-    def __init__(self, store: StoreConfig, deployment: str):
-        self.store, self.deployment = store, deployment
+    def __init__(self, store: StoreConfig, deployment: str, metrics: MetricsConfig):
+        self.store, self.deployment, self.metrics = store, deployment, metrics
 
     def start(self, batch_id: str, folder: Path, dataset: DatasetSpec, model: ModelConfig, priority: str) -> dict:
         from prefect import get_client
@@ -108,6 +110,8 @@ class DeploymentRuns:
             "store": self.store.model_dump(mode="json"),
             "sharding": {"on_stop": "abort"},
         }
+        if self.metrics.port is not None:  # served by the worker's process, on the worker's machine
+            parameters["metrics"] = self.metrics.model_dump(mode="json")
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(self.deployment)
             flow_run = client.create_flow_run_from_deployment(

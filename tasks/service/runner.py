@@ -78,7 +78,10 @@ def run_batches(config: ServiceConfig, db_path: str, server_pid: int) -> None:
 class BatchRunner:
     def __init__(self, config: ServiceConfig, db_path: str):
         self.config, self.models, self.db_path = config, config.models, db_path
-        self.runs = DeploymentRuns(config.store, config.deployment) if config.deployment else LocalRuns(config.store)
+        if config.deployment:
+            self.runs = DeploymentRuns(config.store, config.deployment, config.metrics)
+        else:
+            self.runs = LocalRuns(config.store, config.metrics)
         self.counted_at: dict[str, float] = {}  # when each running batch's counts were last read
         self.stopping = threading.Event()
 

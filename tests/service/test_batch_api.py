@@ -487,6 +487,18 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
 
 
+def run_metrics(port: int, timeout: float = 120) -> str:
+    """The batch's run's Prometheus metrics, once they count its requests (its flow serves them after it starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            if "vbf_run_requests{" in text:
+                return text
+        assert time.monotonic() < deadline, f"no run metrics on port {port} after {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 def page_cell(dom: str, batch_id: str, name: str) -> str:
     row = re.search(rf'<tr class="batch" id="{batch_id}">(.*?)</tr>', dom, re.S)
     assert row, f"no row for {batch_id} in the page"
@@ -495,9 +507,12 @@ def page_cell(dom: str, batch_id: str, name: str) -> str:
 
 @pytest.mark.slow
 def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_does(tmp_path, tiny_model_dir):
+    """...and the batch's run serves its Prometheus metrics on the server's --metrics-port."""
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (`make system-packages` installs it)")
-    server = Server(tmp_path, "--model", model_yaml(tmp_path, "tiny-llama", tiny_model_dir, 0)).start()
+    metrics_port = free_port()
+    model = model_yaml(tmp_path, "tiny-llama", tiny_model_dir, 0)
+    server = Server(tmp_path, "--model", model, "--metrics-port", str(metrics_port)).start()
     client, url, screenshot = server.client(), f"http://127.0.0.1:{server.port}/", tmp_path / "dashboard.png"
     try:
         lines = [chat_line(f"p{i}", f"Write a page about subject {i}", max_tokens=64) for i in range(2000)]
@@ -510,6 +525,7 @@ def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_doe
         try:
             # Its run has started: far from done (its first shard alone is 1,024 lines of 64 tokens).
             before = wait_for(client, batch.id, lambda b: b.status == "in_progress" and run_processes(batch.id), timeout=60)
+            metrics = run_metrics(metrics_port)
             dom = chromium("--dump-dom", url, profile=tmp_path / "chromium").stdout
             after = client.batches.retrieve(batch.id)
             chromium(f"--screenshot={screenshot}", "--window-size=1280,900", url, profile=tmp_path / "chromium")
@@ -529,4 +545,7 @@ def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_doe
     assert "<script" not in dom and "<img" not in dom
     assert "&lt;script&gt;" in page_cell(dom, batch.id, "metadata")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    # The run on the page is the run Prometheus would scrape: the batch id is its dataset, its 2,000 lines its requests.
+    assert re.search(rf'vbf_run_info\{{[^}}]*dataset="{batch.id}"', metrics), metrics
+    assert re.search(r"vbf_run_requests\{[^}]*\} 2000\.0", metrics), metrics
     assert ended.status == "cancelled"
