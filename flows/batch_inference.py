@@ -34,7 +34,7 @@ from tasks.inference.job import InferenceJob, ShardOutput, check_sampling
 from tasks.inference.tasks import Dispatch, fingerprint_model, generate_shards_of_run
 from tasks.prepare.requests import RequestSet
 from tasks.prepare.tasks import check_rejected_share, remove_work_files, write_requests, write_shards
-from tasks.report.metrics import serving_metrics
+from tasks.report.metrics import serving_metrics, writing_progress
 from tasks.report.progress import RunProgress, live_counts
 from tasks.report.summary import (
     RunSummary,
@@ -120,6 +120,7 @@ def batch_inference(
         marked_if_stopped(run_id, store),
         clock("infer"),
         serving_metrics(metrics, run_id, progress, labels, engine_here),
+        writing_progress(metrics.progress_file, progress),
     ):
         description = f"{len(plan.shards)} shards of {dataset.name} on {model.model}"
         outputs, cached = generate_shards_of_run(dispatch, plan.shards, job, n_workers, workers, description, commit, progress)

@@ -145,6 +145,9 @@ def parser() -> argparse.ArgumentParser:
     dry.add_argument("--price-per-gpu-hour", type=float, help="with --dry-run: the cost of engine time")
     dry.add_argument("--price-per-million-tokens", type=float, help="with --dry-run: the cost of prompt + output tokens")
     add_metrics_options(run_parser)
+    run_parser.add_argument(
+        "--progress-file", help="rewrite this JSON file with the run's live progress every second (vbf serve's page reads it)"
+    )
 
     batch_parser = command(
         subparsers,

@@ -203,7 +203,7 @@ def sharding_of(args: argparse.Namespace) -> ShardingConfig:
 
 
 def metrics_of(args: argparse.Namespace) -> MetricsConfig:
-    chosen = {"port": args.metrics_port, "host": args.metrics_host}
+    chosen = {"port": args.metrics_port, "host": args.metrics_host, "progress_file": getattr(args, "progress_file", None)}
     return MetricsConfig(**{name: value for name, value in chosen.items() if value is not None})
 
 

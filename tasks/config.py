@@ -583,7 +583,8 @@ class PricingConfig(BaseModel):
 
 
 class MetricsConfig(BaseModel):
-    """Prometheus metrics of a run, served over HTTP by the process that runs it (off unless a port is set)."""
+    """How a run is watched from outside: Prometheus metrics served over HTTP by the process that runs
+    it (off unless a port is set), and a progress file rewritten every second (off unless a path is set)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -596,6 +597,11 @@ class MetricsConfig(BaseModel):
         ge=0,
         description="After the run, keep serving until a scrape has read its final counts, at most this long "
         "(only when something scraped during the run).",
+    )
+    progress_file: str | None = Field(
+        None,
+        description="Rewrite this JSON file with the run's live progress (requests, tokens/s, ETA) every second "
+        "while it goes: `vbf serve`'s page reads it; unset: none.",
     )
 
 

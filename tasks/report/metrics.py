@@ -9,17 +9,19 @@ per-request label. docs/monitoring.md lists every metric.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tasks.config import MetricsConfig
 from tasks.engines.vllm import ENGINE_STATES, EngineStatus, engine_status
-from tasks.report.progress import ProgressSnapshot, RunProgress
+from tasks.report.progress import ProgressSnapshot, RunProgress, progress_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,36 @@ def serve(host: str, port: int) -> int:
             _servers[(host, port)] = server.server_address[1]
             logger.info("Prometheus metrics on http://%s:%d/metrics", host, _servers[(host, port)])
         return _servers[(host, port)]
+
+
+@contextmanager
+def writing_progress(path: str | None, progress: RunProgress, every_seconds: float = 1.0) -> Iterator[None]:
+    """Rewrite `path` with the run's progress every second while the block runs, and once more at its end
+    (nothing when no path is set). Each write replaces the file whole, so a reader never sees half of one."""
+    if path is None:
+        yield
+        return
+    stopped = threading.Event()
+
+    def write(snapshot: ProgressSnapshot) -> None:
+        partial = Path(f"{path}.partial")
+        partial.write_text(progress_json(snapshot))
+        os.replace(partial, path)
+
+    def keep_writing() -> None:
+        while not stopped.wait(every_seconds):
+            write(progress.snapshot())
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write(progress.snapshot())
+    writer = threading.Thread(target=keep_writing, name="progress-file", daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        writer.join()
+        write(progress.end())
 
 
 @contextmanager

@@ -9,6 +9,8 @@ end of the run the shards' counts are the whole truth.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 from collections import deque
@@ -76,6 +78,11 @@ class ProgressSnapshot:
     @property
     def finished(self) -> int:
         return self.done + self.cached + self.failed
+
+
+def progress_json(snapshot: ProgressSnapshot) -> str:
+    """The snapshot as the progress file holds it (MetricsConfig.progress_file), `finished` included."""
+    return json.dumps({**dataclasses.asdict(snapshot), "finished": snapshot.finished, "at": time.time()})
 
 
 def format_duration(seconds: float) -> str:

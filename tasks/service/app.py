@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from tasks import storage
 from tasks.config import ServiceConfig
 from tasks.service import page
+from tasks.service.launchers import live_progress
 from tasks.service.objects import PRIORITIES, ApiError, batch_object, file_object, list_page, new_id, now
 from tasks.service.runner import RunnerProcess, new_batch_run
 from tasks.service.uploads import UploadCheck, copy_checked
@@ -239,7 +240,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
         with records.service_db(db_path, write=False) as con:
             batches = records.list_batches(con, owner, None, PAGE_BATCHES)
             running = records.models_running(con)
-        return HTMLResponse(page.dashboard(batches, {name: name in running for name in models}, owner, time.time()))
+            in_progress = records.batches_in(con, ("in_progress",))
+        shown = {batch["id"] for batch in batches}
+        live = {batch["id"]: live_progress(run) for batch, run in in_progress if batch["id"] in shown}
+        served = {name: name in running for name in models}
+        return HTMLResponse(page.dashboard(batches, served, owner, time.time(), live))
 
     @app.post("/")
     def remember_key(key: str = Form(...)) -> RedirectResponse:

@@ -7,6 +7,7 @@ finished is committed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import yaml
 from tasks import storage
 from tasks.config import DatasetSpec, MetricsConfig, ModelConfig, StoreConfig
 
+PROGRESS_FILE = "progress.json"  # in a batch's folder: its local run's live progress, rewritten every second
+LIVE_SECONDS = 10.0  # an older progress file is an earlier attempt's, or a run that stopped writing: not shown
 STOP_GRACE_SECONDS = 120  # a stopped run commits what finished; past this it is killed
 # Runs yield the CPU to the server: a poll answers at once even while the run's engine has every core.
 RUN_NICENESS = 5
@@ -53,6 +56,7 @@ class LocalRuns:
         command += ["--duckdb", self.store.duckdb_path, "--storage", self.store.storage, "--on-stop", "abort"]
         if self.metrics.port is not None:
             command += ["--metrics-port", str(self.metrics.port), "--metrics-host", self.metrics.host]
+        command += ["--progress-file", str(folder / PROGRESS_FILE)]  # live counts for the page, between commits
         with open(folder / "run.log", "ab") as log_file:
             child = subprocess.Popen(
                 command,
@@ -143,3 +147,14 @@ class DeploymentRuns:
 
     def where(self, run: dict) -> str:
         return f"flow run {run.get('flow_run_id')} of {self.deployment}"
+
+
+def live_progress(run: dict) -> dict | None:
+    """A local run's progress as its process last wrote it (requests, not lines: duplicates are counted
+    once), or None: no file (a deployment's run, or not inferring yet), or one older than LIVE_SECONDS."""
+    path = Path(run["folder"]) / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if time.time() - progress.get("at", 0) <= LIVE_SECONDS else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from html import escape
 
-REFRESH_SECONDS = 5  # the page reloads itself: a plain <meta refresh>, no JavaScript
+REFRESH_SECONDS = 3  # the page reloads itself: a plain <meta refresh>, no JavaScript
 ENDINGS = ("completed", "failed", "expired", "cancelled")
 
 
@@ -52,6 +52,17 @@ def eta_seconds(batch: dict, at: float) -> float | None:
     if not rate:
         return None
     return (batch["request_counts"]["total"] - lines_done(batch)) / rate
+
+
+def live_cells(progress: dict) -> tuple[float | None, str, float | None]:
+    """From a running batch's live progress (its run's requests, duplicates once): percent, throughput, ETA."""
+    percent = 100.0 * progress["finished"] / progress["total"] if progress["total"] else None
+    rates = [
+        f"{progress[name]:.1f} {unit}/s"
+        for name, unit in (("requests_per_second", "requests"), ("tokens_per_second", "tokens"))
+        if progress.get(name) is not None
+    ]
+    return percent, " · ".join(rates) or "—", progress.get("eta_seconds")
 
 
 def duration(seconds: float | None) -> str:
@@ -119,8 +130,15 @@ def metadata_cell(batch: dict) -> str:
     return "<br>".join(f"{text(key)}={text(value)}" for key, value in pairs) or '<span class="muted">—</span>'
 
 
-def batch_row(batch: dict, at: float) -> str:
+def batch_row(batch: dict, at: float, live: dict | None = None) -> str:
+    """One batch. Its counts are the committed ones (what its output file would hold); while it runs,
+    progress, throughput and ETA come from its run's live progress when there is one (it moves every
+    second, where commits come a shard at a time)."""
     counts, percent = batch["request_counts"], progress_percent(batch)
+    rate, eta = rate_text(throughput(batch, at)), eta_seconds(batch, at)
+    running = batch["status"] == "in_progress"
+    if running and live:
+        percent, rate, eta = live_cells(live)
     bar = f'<span class="bar"><span style="width:{percent or 0:.1f}%"></span></span> ' if percent is not None else ""
     cells = [
         f'<td class="id">{text(batch["id"])}</td>',
@@ -131,8 +149,8 @@ def batch_row(batch: dict, at: float) -> str:
         f'<td class="num failed">{counts["failed"]}</td>',
         f'<td class="num total">{counts["total"]}</td>',
         f'<td class="progress">{bar}{percent_text(percent)}</td>',
-        f'<td class="num throughput">{rate_text(throughput(batch, at))}</td>',
-        f'<td class="eta">{duration(eta_seconds(batch, at)) if batch["status"] == "in_progress" else "—"}</td>',
+        f'<td class="num throughput">{rate}</td>',
+        f'<td class="eta">{duration(eta) if running else "—"}</td>',
         f'<td class="errors">{errors_cell(batch)}</td>',
         f'<td class="metadata">{metadata_cell(batch)}</td>',
     ]
@@ -160,9 +178,13 @@ def model_row(name: str, loaded: bool) -> str:
     return f'<tr class="served-model" id="model-{text(name)}"><td>{text(name)}</td><td class="loaded">{state}</td></tr>'
 
 
-def dashboard(batches: list[dict], models: dict[str, bool], owner: str, at: float) -> str:
-    """The page: the caller's batches (newest first) and every served model, loaded or idle."""
-    batch_rows = "".join(batch_row(batch, at) for batch in batches) or (
+def dashboard(
+    batches: list[dict], models: dict[str, bool], owner: str, at: float, live: dict[str, dict | None] | None = None
+) -> str:
+    """The page: the caller's batches (newest first) and every served model, loaded or idle; `live`, the
+    running batches' live progress by batch id."""
+    live = live or {}
+    batch_rows = "".join(batch_row(batch, at, live.get(batch["id"])) for batch in batches) or (
         f'<tr><td colspan="{len(BATCH_HEADINGS)}" class="muted">no batches yet</td></tr>'
     )
     headings = "".join(f"<th>{heading}</th>" for heading in BATCH_HEADINGS)

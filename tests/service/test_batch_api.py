@@ -499,6 +499,18 @@ def run_metrics(port: int, timeout: float = 120) -> str:
         time.sleep(0.5)
 
 
+def live_progress_of(batch_folder: Path, answered: int, timeout: float = 180) -> dict:
+    """The batch's run's progress file, once it counts `answered` requests finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            live = json.loads((batch_folder / "progress.json").read_text())
+            if live["finished"] >= answered:
+                return live
+        assert time.monotonic() < deadline, f"no progress file counting {answered} in {batch_folder} after {timeout:.0f} s"
+        time.sleep(0.3)
+
+
 def page_cell(dom: str, batch_id: str, name: str) -> str:
     row = re.search(rf'<tr class="batch" id="{batch_id}">(.*?)</tr>', dom, re.S)
     assert row, f"no row for {batch_id} in the page"
@@ -526,8 +538,11 @@ def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_doe
             # Its run has started: far from done (its first shard alone is 1,024 lines of 64 tokens).
             before = wait_for(client, batch.id, lambda b: b.status == "in_progress" and run_processes(batch.id), timeout=60)
             metrics = run_metrics(metrics_port)
+            # The run is answering: its progress file (rewritten every second) counts requests the engine finished.
+            live_before = live_progress_of(tmp_path / "service" / "batches" / batch.id, answered=1)
             dom = chromium("--dump-dom", url, profile=tmp_path / "chromium").stdout
             after = client.batches.retrieve(batch.id)
+            live_after = live_progress_of(tmp_path / "service" / "batches" / batch.id, answered=1)
             chromium(f"--screenshot={screenshot}", "--window-size=1280,900", url, profile=tmp_path / "chromium")
         finally:  # the test ends fast, and the run stops before the server does (it would outlive it)
             with contextlib.suppress(openai.ConflictError):
@@ -541,6 +556,11 @@ def test_the_dashboard_in_headless_chromium_shows_a_running_batch_as_the_api_doe
     assert before.request_counts.completed <= shown["completed"] <= after.request_counts.completed
     assert shown["total"] == after.request_counts.total == 2000 and shown["failed"] == after.request_counts.failed
     assert re.search(r'<td>tiny-llama</td><td class="loaded">loaded</td>', dom)
+    # Progress, throughput and ETA are the run's live ones, between commits: what the file said around the page's read.
+    percent = float(re.search(r"([\d.]+)%", page_cell(dom, batch.id, "progress"))[1])
+    low, high = (100 * live["finished"] / live["total"] for live in (live_before, live_after))
+    assert low - 0.05 <= percent <= high + 0.05, (percent, low, high)
+    assert "requests/s" in page_cell(dom, batch.id, "throughput") and "tokens/s" in page_cell(dom, batch.id, "throughput")
     # The browser ran the page: the payload in metadata is text in its cell, never a script or an image.
     assert "<script" not in dom and "<img" not in dom
     assert "&lt;script&gt;" in page_cell(dom, batch.id, "metadata")

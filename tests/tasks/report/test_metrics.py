@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasks.config import MetricsConfig
 from tasks.engines.loop import EngineCounts
 from tasks.engines.vllm import ENGINE_STATES, engine_status
-from tasks.report.metrics import METRICS, collector, serving_metrics
+from tasks.inference.job import ShardOutput
+from tasks.report.metrics import METRICS, collector, serving_metrics, writing_progress
 from tasks.report.progress import RunProgress
 
 REPO = Path(__file__).resolve().parents[3]
@@ -116,3 +117,39 @@ def test_a_run_is_served_while_it_goes_and_until_a_scrape_read_its_final_counts(
     assert final_scrape[("vbf_run_ended", run)] == 1
     assert final_scrape[("vbf_requests_total", (*run, ("state", "done")))] == 0
     assert "run-1" not in collector.runs
+
+
+def test_the_progress_file_follows_the_engine_every_second_and_ends_with_the_shards_counts(tmp_path):
+    """What `vbf serve`'s page reads between commits: rewritten whole while the run goes, final at its end."""
+    engine = {"counts": EngineCounts()}
+    progress = RunProgress(total=100, shards=2, live=lambda: engine["counts"])
+    path = tmp_path / "batch" / "progress.json"
+    seen = []
+    with writing_progress(str(path), progress, every_seconds=0.05):
+        for answered in (10, 40, 70):
+            engine["counts"] = EngineCounts(answered=answered, generated_tokens=answered * 3)
+            deadline = time.monotonic() + 10
+            while (live := json.loads(path.read_text()))["finished"] != answered:
+                assert time.monotonic() < deadline, live
+                time.sleep(0.01)
+            seen.append((live["done"], live["generated_tokens"], live["ended"]))
+        shard = ShardOutput(
+            shard_key="s",
+            output_key="o",
+            path="p",
+            requests=60,
+            outputs=60,
+            errors=2,
+            prompt_tokens=600,
+            completion_tokens=174,
+            generate_seconds=1.0,
+            batch_size=60,
+            max_num_seqs=8,
+            engine_load_seconds=0.0,
+            engine_requests=58,
+        )
+        progress.shard_finished(shard, cached=False)
+    final = json.loads(path.read_text())
+    assert seen == [(10, 30, False), (40, 120, False), (70, 210, False)]
+    assert (final["done"], final["failed"], final["ended"], final["total"]) == (58, 2, True, 100)
+    assert not list(path.parent.glob("*.partial"))  # every write replaced the file whole

@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 from tasks.service.objects import batch_object, moved
 from tasks.service.page import (
+    REFRESH_SECONDS,
     clock,
     dashboard,
     duration,
@@ -79,7 +80,7 @@ def test_the_page_shows_a_running_batch_its_numbers_and_which_model_is_loaded():
         "data": [{"code": "mismatched_endpoint", "message": "line 2 uses /v1/completions", "line": 2}],
     }
     html = dashboard([batch, failed], {"tiny-llama": True, "tiny-seed7": False}, "local", at=T0 + 51)
-    assert '<meta http-equiv="refresh" content="5">' in html
+    assert f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' in html
     rows = html.split('<tr class="batch"')[1:]
     assert len(rows) == 2 and batch["id"] in rows[0] and failed["id"] in rows[1]
     first = Cells(rows[0].split("</tr>")[0])
@@ -94,6 +95,24 @@ def test_the_page_shows_a_running_batch_its_numbers_and_which_model_is_loaded():
     assert "mismatched_endpoint (line 2): line 2 uses /v1/completions" in second.text["errors"]
     assert '<tr class="served-model" id="model-tiny-llama"><td>tiny-llama</td><td class="loaded">loaded</td>' in html
     assert '<td>tiny-seed7</td><td class="loaded">idle</td>' in html
+
+
+def test_a_running_batch_with_live_progress_shows_it_and_keeps_its_committed_counts():
+    """Commits come a shard at a time; the run's progress file moves every second: the page's progress,
+    throughput and ETA follow it, its counts stay what the output file would hold."""
+    batch, ended = running(250, 5), moved(running(1000), "completed", completed_at=T0 + 40)
+    live = {"finished": 612, "total": 1000, "requests_per_second": 12.5, "tokens_per_second": 800.0, "eta_seconds": 31.0}
+    html = dashboard([batch, ended], {}, "local", at=T0 + 51, live={batch["id"]: live, ended["id"]: live})
+    first, second = (Cells(row.split("</tr>")[0]) for row in html.split('<tr class="batch"')[1:])
+    assert (first.text["completed"], first.text["failed"]) == ("250", "5")  # committed lines
+    assert first.text["progress"].strip() == "61.2%"
+    assert first.text["throughput"] == "12.5 requests/s · 800.0 tokens/s" and first.text["eta"] == "31s"
+    # an ended batch shows its own numbers, whatever a progress file says
+    assert second.text["progress"].strip() == "100.0%" and second.text["eta"] == "—"
+    # no live progress yet (a run still starting, or a deployment's): the committed counts' numbers
+    html = dashboard([batch], {}, "local", at=T0 + 51, live={batch["id"]: None})
+    plain = Cells(html.split('<tr class="batch"')[1].split("</tr>")[0])
+    assert plain.text["progress"].strip() == "25.5%" and plain.text["throughput"] == "5.0 lines/s"
 
 
 def test_text_a_user_chose_is_escaped_never_markup():
