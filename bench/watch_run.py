@@ -6,9 +6,10 @@
 3. `vbf serve --metrics-port P` and a real Prometheus scraping P every second; the file goes in as one
    batch through the official `openai` SDK, so the page and Prometheus watch the same run.
 4. While it runs: a headless-chromium screenshot of `/` every 10 s, Prometheus asked over its HTTP
-   API, and the batch object polled every second (the page shows its numbers). After it: every
-   scrape of the done counter, read back, gives the longest stretch the count stood still while the
-   engine answered (the issue's bar: 5 s); the main series' last values.
+   API, and every second the batch object and the page itself (its progress cell, which follows the
+   run's live progress file). After it: every scrape of the done counter, read back, and the page's
+   readings give the longest stretch progress stood still while the engine answered (the issue's
+   bar: 5 s); the main series' last values.
 5. The estimate against the real run: the counts (equal), the tokens, the engine time (with the ratio).
 
     PYTHONPATH=. nice -n 19 .venv/bin/python -m bench.watch_run [--requests 20000] [--max-tokens 16] [--out results/watch-run]
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -142,13 +144,23 @@ def dry_run(folder: Path, spec: Path, model_yaml: Path, sample: int, env: dict) 
     return json.loads((folder / "estimate.json").read_text()), time.perf_counter() - started
 
 
-def watch(client, batch_id: str, page: str, prometheus: str, shots: Path) -> tuple[list, list[Path]]:
-    """Until the batch ends: its counts every second, a screenshot and a printed line every SHOT_EVERY s."""
-    polled, taken, shooter, started, next_shot = [], [], None, time.monotonic(), 0.0
+def page_percent(page: str, batch_id: str) -> float:
+    """The progress cell of the batch's row on the page, as a browser gets it (0 before it shows one)."""
+    html = urllib.request.urlopen(page, timeout=10).read().decode()
+    row = re.search(rf'<tr class="batch" id="{batch_id}">(.*?)</tr>', html, re.S)
+    cell = re.search(r'<td class="progress">.*?([\d.]+)%</td>', row[1], re.S) if row else None
+    return float(cell[1]) if cell else 0.0
+
+
+def watch(client, batch_id: str, page: str, prometheus: str, shots: Path) -> tuple[list, list, list[Path]]:
+    """Until the batch ends: its counts and the page's progress every second, a screenshot and a printed
+    line every SHOT_EVERY s."""
+    polled, on_page, taken, shooter, started, next_shot = [], [], [], None, time.monotonic(), 0.0
     while True:
         batch = client.batches.retrieve(batch_id)
         elapsed = time.monotonic() - started
         polled.append((elapsed, batch.request_counts.completed + batch.request_counts.failed))
+        on_page.append((elapsed, page_percent(page, batch_id)))
         if batch.status in ("completed", "failed", "expired", "cancelled"):
             break
         if elapsed >= next_shot and (shooter is None or not shooter.is_alive()):
@@ -161,7 +173,8 @@ def watch(client, batch_id: str, page: str, prometheus: str, shots: Path) -> tup
             rate = value(prometheus, "rate(vbf_generated_tokens_total[10s])")
             engine = [s["metric"]["state"] for s in prom(prometheus, "last_over_time(vbf_engine_state[1m]) == 1")]
             print(
-                f"  {elapsed:5.0f} s  {batch.status:<11} page {polled[-1][1]:>6,}/{batch.request_counts.total:,}"
+                f"  {elapsed:5.0f} s  {batch.status:<11} committed {polled[-1][1]:>6,}/{batch.request_counts.total:,}"
+                f" page {on_page[-1][1]:5.1f}%"
                 f"   Prometheus: done {shown(done, ',.0f'):>6}, ETA {shown(eta, '.0f'):>4} s, {shown(rate, '.0f'):>5} tokens/s,"
                 f" engine {'/'.join(engine) or '-'}",
                 flush=True,
@@ -173,7 +186,7 @@ def watch(client, batch_id: str, page: str, prometheus: str, shots: Path) -> tup
     taken.append(shots / "page-final.png")
     screenshot(page, taken[-1], shots / "chromium")
     assert batch.status == "completed", batch
-    return polled, taken
+    return polled, on_page, taken
 
 
 def run_row(results: Path) -> dict:
@@ -236,7 +249,7 @@ def main() -> None:
         uploaded = client.files.create(file=batch_file.open("rb"), purpose="batch")
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
         print(f"batch {batch.id}: {args.requests:,} lines; the page at http://127.0.0.1:{port}/", flush=True)
-        polled, shots = watch(client, batch.id, f"http://127.0.0.1:{port}/", prometheus_url, folder / "screenshots")
+        polled, on_page, shots = watch(client, batch.id, f"http://127.0.0.1:{port}/", prometheus_url, folder / "screenshots")
         batch = client.batches.retrieve(batch.id)
         real = run_row(folder / "results.duckdb")
         scraped = prom(prometheus_url, 'vbf_requests_total{state="done"}[30m]')[0]["values"]
@@ -249,7 +262,8 @@ def main() -> None:
 
     scraped = [(float(t), float(v)) for t, v in scraped]
     gap, gap_from, gap_count = longest_still(scraped, real["engine_requests"])
-    page_gap, _, page_count = longest_still(polled, args.requests)
+    committed_gap, _, committed_count = longest_still(polled, args.requests)
+    page_gap, _, page_at = longest_still(on_page, 100.0)
     print("\nPrometheus at the end (last scraped values):")
     for name, shown in final.items():
         print(f"  {name:<46} {shown:,.1f}" if isinstance(shown, float) else f"  {name:<46} {shown}")
@@ -282,7 +296,8 @@ def main() -> None:
     print(
         f"longest stretch without progress while answering: Prometheus {gap:.1f} s ({gap_from - moments['first answer']:.0f} s"
         f" into answering, at {gap_count:,.0f} done; target <= {STALL_TARGET:.0f} s; {len(scraped)} scrapes);"
-        f" the page's counts (polled every second) {page_gap:.1f} s (at {page_count:,.0f})"
+        f" the page's progress (read every second) {page_gap:.1f} s (at {page_at:.1f}%);"
+        f" the batch object's committed counts {committed_gap:.1f} s (at {committed_count:,.0f})"
     )
     print(f"screenshots: {len(shots)} in {folder / 'screenshots'}, the last: {shots[-2].name}, {shots[-1].name}")
 
