@@ -58,7 +58,7 @@ def live_cells(progress: dict) -> tuple[float | None, str, float | None]:
     """From a running batch's live progress (its run's requests, duplicates once): percent, throughput, ETA."""
     percent = 100.0 * progress["finished"] / progress["total"] if progress["total"] else None
     rates = [
-        f"{progress[name]:.1f} {unit}/s"
+        f"{progress[name]:,.0f} {unit}/s"
         for name, unit in (("requests_per_second", "requests"), ("tokens_per_second", "tokens"))
         if progress.get(name) is not None
     ]

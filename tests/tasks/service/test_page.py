@@ -101,12 +101,12 @@ def test_a_running_batch_with_live_progress_shows_it_and_keeps_its_committed_cou
     """Commits come a shard at a time; the run's progress file moves every second: the page's progress,
     throughput and ETA follow it, its counts stay what the output file would hold."""
     batch, ended = running(250, 5), moved(running(1000), "completed", completed_at=T0 + 40)
-    live = {"finished": 612, "total": 1000, "requests_per_second": 12.5, "tokens_per_second": 800.0, "eta_seconds": 31.0}
+    live = {"finished": 612, "total": 1000, "requests_per_second": 12.4, "tokens_per_second": 1800.2, "eta_seconds": 31.0}
     html = dashboard([batch, ended], {}, "local", at=T0 + 51, live={batch["id"]: live, ended["id"]: live})
     first, second = (Cells(row.split("</tr>")[0]) for row in html.split('<tr class="batch"')[1:])
     assert (first.text["completed"], first.text["failed"]) == ("250", "5")  # committed lines
     assert first.text["progress"].strip() == "61.2%"
-    assert first.text["throughput"] == "12.5 requests/s · 800.0 tokens/s" and first.text["eta"] == "31s"
+    assert first.text["throughput"] == "12 requests/s · 1,800 tokens/s" and first.text["eta"] == "31s"
     # an ended batch shows its own numbers, whatever a progress file says
     assert second.text["progress"].strip() == "100.0%" and second.text["eta"] == "—"
     # no live progress yet (a run still starting, or a deployment's): the committed counts' numbers
