@@ -41,9 +41,10 @@ demo: tiny-model
 
 # Lint and format check first (seconds), then every test: two test processes side by side, whole files
 # each (module fixtures stay shared), since most tests wait on processes, servers and engine starts;
-# each process's vLLM engines compute on a core of their own (tests/conftest.py).
+# each process's vLLM engines compute on a core of their own (tests/conftest.py). Files go out in the
+# collection's order (the longest test first, tests/conftest.py), not xdist's largest-file-first.
 test: tiny-model system-packages lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-quick: tiny-model system-packages lint
 	$(BIN)/python -m pytest -m "not slow"
