@@ -79,19 +79,22 @@ def rewrite_model(source: Path, target: Path, model: str, lines: int | None = No
     return target
 
 
-def run_through_service(client, path: Path, poll_latencies: list[float] | None = None) -> tuple[float, dict]:
-    """Upload → create → poll until it ends → download both files; returns the wall and the batch."""
+def run_through_service(client, path: Path, polls: list[tuple] | None = None) -> tuple[float, dict]:
+    """Upload → create → poll until it ends → download both files; returns the wall and the batch.
+    With `polls`, a second thread polls at 10/s and records each poll: (seconds since the batch was
+    created, latency, the status and completed count it got)."""
     started = time.perf_counter()
     file = client.files.create(file=path.open("rb"), purpose="batch")
     batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
     stop = threading.Event()
-    if poll_latencies is not None:  # a second client polling at 10/s, as a dashboard would
+    created = time.perf_counter()
+    if polls is not None:  # a second client polling at 10/s, as a dashboard would
 
         def poll() -> None:
             while not stop.wait(0.1):
                 before = time.perf_counter()
-                client.batches.retrieve(batch.id)
-                poll_latencies.append(time.perf_counter() - before)
+                seen = client.batches.retrieve(batch.id)
+                polls.append((before - created, time.perf_counter() - before, seen.status, seen.request_counts.completed))
 
         poller = threading.Thread(target=poll)
         poller.start()
@@ -117,8 +120,8 @@ def one_round(folder: Path, batch: Path, small: Path, round_index: int) -> dict:
     server, port = start_server(service_dir, env)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0)
-        latencies: list[float] = []
-        service_wall, _ = run_through_service(client, batch, latencies)
+        polls: list[tuple] = []
+        service_wall, _ = run_through_service(client, batch, polls)
         swap_wall, _ = run_through_service(client, small)
     finally:
         server.terminate()
@@ -129,7 +132,10 @@ def one_round(folder: Path, batch: Path, small: Path, round_index: int) -> dict:
         + ["--duckdb", str(cold_dir / "results.duckdb"), "--storage", str(cold_dir / "storage")],
         env,
     )
-    latencies.sort()
+    latencies = sorted(latency for _, latency, _, _ in polls)
+    print("  the slowest polls (seconds after create, ms, status, completed):", flush=True)
+    for at, latency, status, completed in sorted(polls, key=lambda poll: -poll[1])[:12]:
+        print(f"    {at:7.1f} s  {1000 * latency:7.1f} ms  {status:<11} {completed:>6}", flush=True)
     return {
         "run_batch_wall": run_batch_wall,
         "service_wall": service_wall,
