@@ -91,6 +91,8 @@ def generate_shard(shard: Shard, job: InferenceJob) -> ShardOutput | State:
     Parts an interrupted attempt finished come from the shard's journal, not the engine."""
     done = read_manifest(job, shard)
     if reusable(done):
+        # a kill between writing the manifest and removing the journal leaves the journal behind
+        ShardJournal(job.journal_folder(shard)).remove()
         return Completed(name="Cached", data=done)  # shown as Cached, like a hit of Prefect's own cache
     key, path, journal = job.output_key(shard), job.output_path(shard), ShardJournal(job.journal_folder(shard))
     if done is not None:  # its answers stay; only its transient errors are asked again
