@@ -39,12 +39,11 @@ tiny-model: install
 demo: tiny-model
 	PREFECT_HOME=$(CURDIR)/.cache/prefect $(BIN)/vbf run
 
-# Lint and format check first (seconds), then every test: two test processes side by side, whole files
-# each (module fixtures stay shared), since most tests wait on processes, servers and engine starts;
-# each process's vLLM engines compute on a core of their own (tests/conftest.py). Files go out in the
-# collection's order (the longest test first, tests/conftest.py), not xdist's largest-file-first.
+# Lint and format check first (seconds), then every test, in one process: two (`pytest -n 2 --dist loadfile
+# --no-loadscope-reorder`, each process's engines on a core of their own, tests/conftest.py) took as long here
+# (24-27 min) and made timed fault tests flaky on the loaded machine.
 test: tiny-model system-packages lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest
 
 test-quick: tiny-model system-packages lint
 	$(BIN)/python -m pytest -m "not slow"
