@@ -239,8 +239,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return HTMLResponse(page.key_form(message), status_code=401)
         with records.service_db(db_path, write=False) as con:
             batches = records.list_batches(con, owner, None, PAGE_BATCHES)
-            running = records.models_running(con)
             in_progress = records.batches_in(con, ("in_progress",))
+        running = records.models_running(in_progress)
         shown = {batch["id"] for batch in batches}
         live = {batch["id"]: live_progress(run) for batch, run in in_progress if batch["id"] in shown}
         served = {name: name in running for name in models}

@@ -178,8 +178,7 @@ def batches_in(con: sqlite3.Connection, statuses: tuple[str, ...]) -> list[tuple
     return [(json.loads(row[0]), json.loads(row[1])) for row in cursor]
 
 
-def models_running(con: sqlite3.Connection) -> set[str]:
-    """Served models with a batch running now (any owner's): in progress, its run started."""
-    cursor = con.execute("SELECT object, run FROM batches WHERE status = 'in_progress'")
-    rows = [(json.loads(row[0]), json.loads(row[1])) for row in cursor]
-    return {batch["model"] for batch, run in rows if run.get("attempts") and batch.get("model")}
+def models_running(in_progress: list[tuple[dict, dict]]) -> set[str]:
+    """Served models with a batch running now, from the in-progress batches (`batches_in`, any owner's):
+    its run started."""
+    return {batch["model"] for batch, run in in_progress if run.get("attempts") and batch.get("model")}
